@@ -12,6 +12,18 @@ from mtrl.balancers.base import Balancer, gramian
 from mtrl.balancers.registry import build, get_class, hparam_defaults, names, register
 
 # Built-in methods register themselves on import.
-from mtrl.balancers import mean  # noqa: E402,F401  isort: skip
+from mtrl.balancers import (  # noqa: E402,F401  isort: skip
+    aligned_mtl,
+    cagrad,
+    famo,
+    fairgrad,
+    imtl_g,
+    mean,
+    mgda,
+    nash_mtl,
+    pcgrad,
+    sdmgrad,
+    upgrad,
+)
 
 __all__ = ["Balancer", "build", "get_class", "gramian", "hparam_defaults", "names", "register"]

@@ -40,6 +40,18 @@ class Balancer(nn.Module):
     #: True for methods that must see the losses after the optimiser step (FAMO).
     needs_losses_after_step: ClassVar[bool] = False
 
+    # Properties checked by :func:`mtrl.testing.check_balancer` (plug-ins declare theirs).
+    #: Permuting the task rows (and losses) leaves the output unchanged. False for
+    #: methods with random task orders or objective sampling.
+    permutation_equivariant: ClassVar[bool] = True
+    #: Scaling every gradient by ``s > 0`` scales the output by ``s ** scale_degree``;
+    #: ``None`` if the method has no such law. May be a property (FairGrad: it depends on α).
+    scale_degree: float | None = 1.0
+    #: K=1, or K identical rows, return exactly that row (mean scale). False for methods
+    #: whose published formula returns another positive multiple of it (CAGrad, Nash-MTL,
+    #: FairGrad).
+    consensus_exact: ClassVar[bool] = True
+
     def __init__(self) -> None:
         super().__init__()
         #: Diagnostics of the last call (float64 CPU tensors / Python values), e.g. the
@@ -99,6 +111,17 @@ class Balancer(nn.Module):
         self.info["weights"] = w
         return w
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # State whose size depends on K (carried weights, logits, ...) starts as an empty
+        # buffer; resize own buffers to the saved shapes so a fresh instance can load it.
+        for name, buf in self._buffers.items():
+            key = prefix + name
+            if buf is not None and key in state_dict and state_dict[key].shape != buf.shape:
+                self._buffers[name] = torch.empty(
+                    state_dict[key].shape, dtype=buf.dtype, device=buf.device
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
 
@@ -132,7 +155,8 @@ def check_inputs(grads: Tensor, losses: Tensor | None) -> None:
     if losses is not None:
         if losses.shape != (grads.shape[0],):
             raise ValueError(
-                f"losses must have shape ({grads.shape[0]},) to match grads, got {tuple(losses.shape)}"
+                f"losses must have shape ({grads.shape[0]},) to match grads, "
+                f"got {tuple(losses.shape)}"
             )
         if not torch.isfinite(losses).all():
             raise ValueError("losses contain NaN or Inf; refusing to combine them")

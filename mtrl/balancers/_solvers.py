@@ -1,0 +1,469 @@
+"""Private helpers shared by the built-in balancers.
+
+* hyper-parameter validation with messages naming the parameter and its valid range;
+* buffer and random-generator helpers (state that must survive ``state_dict()``);
+* small float64 solvers on the K×K Gramian, all solved to convergence:
+
+  - :func:`simplex_qp`: ``argmin_{w ∈ Δ} ½ wᵀAw + bᵀw`` (quadprog, then an exact
+    active-set polish);
+  - :func:`nonneg_qp`: ``argmin_{x ≥ 0} ½ xᵀAx + cᵀx`` (block principal pivoting from a
+    guessed active set, quadprog as the fallback), used by :func:`dual_cone_weights`
+    (projection onto the cone ``{d : Gd ≥ 0}``);
+  - :func:`power_fixed_point` / :func:`power_weights`: the positive solution of
+    ``A w = w^(-p)`` by damped Newton on a strictly convex potential (FairGrad, Nash-MTL).
+
+Float32 Gramians can be slightly indefinite; :func:`nearest_psd` clips their negative
+eigenvalues (rounding level) when quadprog refuses them.
+
+Everything here works on NumPy float64 arrays; callers convert from/to torch.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import quadprog
+import torch
+from torch import Tensor, nn
+
+#: Relative ridge added to a normalised Gramian (unit largest diagonal for simplex QPs,
+#: unit trace for dual-cone projections) so quadprog's Cholesky succeeds on positive
+#: semi-definite inputs; simplex-QP solutions are then polished without it.
+RIDGE = 1e-12
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    low_open: bool = False,
+    integer: bool = False,
+) -> Any:
+    """Validate a numeric hyper-parameter and return it (``int`` or ``float``).
+
+    Raises ``ValueError`` naming ``name`` and the valid range for non-numeric, NaN/Inf,
+    non-integral (when ``integer``) or out-of-range values.
+    """
+    kind = "an integer" if integer else "a finite number"
+    if low is None:
+        rng = ""
+    else:
+        rng = f" {'>' if low_open else '>='} {low:g}"
+    msg = f"{name} must be {kind}{rng}, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(msg)
+    if integer:
+        if isinstance(value, numbers.Integral):
+            value = int(value)
+        elif float(value).is_integer():
+            value = int(value)
+        else:
+            raise ValueError(msg)
+    else:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(msg)
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(msg)
+    return value
+
+
+def check_seed(seed: Any) -> int | None:
+    """``None`` or a non-negative integer."""
+    if seed is None:
+        return None
+    return check_number("seed", seed, low=0, integer=True)
+
+
+# --------------------------------------------------------------------------- buffers
+
+
+def set_buffer(module: nn.Module, name: str, value: Tensor) -> None:
+    """Replace buffer ``name`` (any shape) keeping the buffer's current device and dtype."""
+    old = getattr(module, name)
+    setattr(module, name, value.detach().to(device=old.device, dtype=old.dtype).clone())
+
+
+def get_buffer64(module: nn.Module, name: str) -> Tensor:
+    """Buffer ``name`` as a float64 CPU tensor (a copy)."""
+    return getattr(module, name).detach().to("cpu", torch.float64).clone()
+
+
+def initial_rng_state(seed: int | None) -> Tensor:
+    """State of a CPU ``torch.Generator`` seeded with ``seed``.
+
+    ``seed=None`` draws the seed from torch's global generator, so ``torch.manual_seed``
+    makes runs reproducible.
+    """
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen.get_state()
+
+
+def with_generator(module: nn.Module, fn: Callable[[torch.Generator], Any]) -> Any:
+    """Run ``fn(gen)`` with the generator stored in ``module.rng_state``, then save it back."""
+    gen = torch.Generator()
+    gen.set_state(module.rng_state.detach().to("cpu", torch.uint8).contiguous())
+    out = fn(gen)
+    set_buffer(module, "rng_state", gen.get_state())
+    return out
+
+
+# --------------------------------------------------------------------------- QPs
+
+_CONSTRAINTS_CACHE: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _simplex_constraints(k: int) -> tuple[np.ndarray, np.ndarray]:
+    if k not in _CONSTRAINTS_CACHE:
+        c = np.hstack([np.ones((k, 1)), np.eye(k)])
+        rhs = np.zeros(k + 1)
+        rhs[0] = 1.0
+        _CONSTRAINTS_CACHE[k] = (c, rhs)
+    return _CONSTRAINTS_CACHE[k]
+
+
+def _sym(a: np.ndarray) -> np.ndarray:
+    return 0.5 * (a + a.T)
+
+
+def nearest_psd(a: np.ndarray) -> np.ndarray:
+    """The nearest positive semi-definite matrix (Frobenius norm) to symmetric ``a``.
+
+    A Gramian formed in float32 can have eigenvalues of about ``-1e-7 × trace``; clipping
+    them to 0 changes it only at rounding level and lets quadprog factor it.
+    """
+    lam, vec = np.linalg.eigh(_sym(a))
+    return _sym((vec * np.clip(lam, 0.0, None)) @ vec.T)
+
+
+def _quadprog_psd(a: np.ndarray, lin: np.ndarray, c: np.ndarray, rhs: np.ndarray, meq: int):
+    """quadprog on ``a + RIDGE·I``; if that is not numerically positive definite (a float32
+    Gramian), on the nearest PSD matrix plus the ridge. Returns ``(x, matrix used)``."""
+    k = a.shape[0]
+    try:
+        return quadprog.solve_qp(a + RIDGE * np.eye(k), lin, c, rhs, meq)[0], a
+    except ValueError:
+        a = nearest_psd(a)
+        ridge = max(RIDGE, 1e-14 * k)
+        return quadprog.solve_qp(a + ridge * np.eye(k), lin, c, rhs, meq)[0], a
+
+
+def simplex_kkt_residual(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> float:
+    """KKT violation of ``w`` for ``min_{w∈Δ} ½wᵀAw + bᵀw`` (scale of ``a``, ``b``)."""
+    grad = a @ w + b
+    mu = float(w @ grad)
+    dual = max(0.0, float(mu - grad.min()))  # grad_i >= mu for all i
+    comp = float(np.max(w * np.abs(grad - mu)))  # grad_i == mu where w_i > 0
+    primal = max(0.0, float(-w.min())) + abs(float(w.sum()) - 1.0)
+    return max(dual, comp, primal)
+
+
+def _solve_on_support(a: np.ndarray, b: np.ndarray, support: np.ndarray) -> np.ndarray | None:
+    """KKT solution of the simplex QP with the given support (inactive entries = 0)."""
+    idx = np.flatnonzero(support)
+    m = idx.size
+    if m == 0:
+        return None
+    mat = np.zeros((m + 1, m + 1))
+    mat[:m, :m] = a[np.ix_(idx, idx)]
+    mat[:m, m] = 1.0
+    mat[m, :m] = 1.0
+    rhs = np.empty(m + 1)
+    rhs[:m] = -b[idx]
+    rhs[m] = 1.0
+    try:
+        sol = np.linalg.solve(mat, rhs)
+    except np.linalg.LinAlgError:
+        sol = np.linalg.lstsq(mat, rhs, rcond=None)[0]
+    if not np.all(np.isfinite(sol)) or sol[:m].min() < -1e-12:
+        return None
+    w = np.zeros(a.shape[0])
+    w[idx] = np.clip(sol[:m], 0.0, None)
+    s = w.sum()
+    if s <= 0:
+        return None
+    return w / s
+
+
+def simplex_qp(
+    a: np.ndarray, b: np.ndarray | None = None, *, guess: np.ndarray | None = None
+) -> np.ndarray:
+    """``argmin_{w ∈ Δ} ½ wᵀAw + bᵀw`` for a PSD ``A`` (K×K), solved to machine precision.
+
+    The problem is rescaled to unit largest diagonal, solved by quadprog with a relative
+    ridge of :data:`RIDGE` (quadprog needs a positive-definite matrix), then polished by
+    solving the KKT system on the active set of the unridged problem, which is kept when
+    it is feasible and has a smaller KKT residual. ``guess`` (weights from a previous
+    call) is tried first: if the KKT system on its support solves the problem, quadprog
+    is skipped.
+    """
+    k = a.shape[0]
+    if b is None:
+        b = np.zeros(k)
+    if k == 1:
+        return np.ones(1)
+    scale = float(np.max(np.diag(a)))
+    if not scale > 0.0:  # all gradients zero: the objective is linear in w
+        bmin = b.min()
+        w = (b <= bmin + 1e-15 * max(1.0, abs(bmin))).astype(np.float64)
+        return w / w.sum()
+    a_s = _sym(a) / scale
+    b_s = b / scale
+    tol = 1e-13 * (1.0 + float(np.abs(b_s).max()))
+
+    if guess is not None and guess.shape == (k,):
+        w = _solve_on_support(a_s, b_s, guess > 1e-12)
+        if w is not None and simplex_kkt_residual(a_s, b_s, w) <= tol:
+            return w
+
+    c, rhs = _simplex_constraints(k)
+    w, a_s = _quadprog_psd(a_s, -b_s, c, rhs, 1)
+    w = np.clip(w, 0.0, None)
+    w = w / w.sum()
+    res = simplex_kkt_residual(a_s, b_s, w)
+    if res > tol:
+        polished = _solve_on_support(a_s, b_s, w > 1e-10 * w.max())
+        if polished is not None and simplex_kkt_residual(a_s, b_s, polished) < res:
+            w = polished
+    return w
+
+
+def _nnqp_pivoting(
+    a: np.ndarray, c: np.ndarray, free: np.ndarray, max_iter: int = 25
+) -> np.ndarray | None:
+    """Block principal pivoting (Júdice & Pires; Kim & Park's safeguard) for
+    ``min_{x ≥ 0} ½xᵀAx + cᵀx``, ``A`` positive definite, from the guessed free set."""
+    k = a.shape[0]
+    free = free.copy()
+    tol = 1e-13 * (float(np.abs(c).max()) + 1e-300)
+    best, backup = k + 1, 3
+    for _ in range(max_iter):
+        x = np.zeros(k)
+        idx = np.flatnonzero(free)
+        if idx.size:
+            try:
+                x[idx] = np.linalg.solve(a[np.ix_(idx, idx)], -c[idx])
+            except np.linalg.LinAlgError:
+                return None
+        grad = a @ x + c
+        bad = (free & (x < 0.0)) | (~free & (grad < -tol))
+        n_bad = int(bad.sum())
+        if n_bad == 0:
+            return np.clip(x, 0.0, None)
+        if n_bad < best:
+            best, backup = n_bad, 3
+            free ^= bad
+        elif backup > 0:
+            backup -= 1
+            free ^= bad
+        else:  # single pivot on the largest infeasible index (finite termination)
+            j = int(np.flatnonzero(bad)[-1])
+            free[j] = not free[j]
+    return None
+
+
+def nonneg_qp(a: np.ndarray, c: np.ndarray, *, guess: np.ndarray | None = None) -> np.ndarray:
+    """``argmin_{x ≥ 0} ½ xᵀ(A + ridge·I)x + cᵀx`` for a PSD ``A`` (ridge :data:`RIDGE`).
+
+    With ``guess`` (a boolean mask of entries expected to be positive) the problem is
+    first solved by block principal pivoting started from that set, which needs only a
+    few small linear solves when the guess is close; quadprog is the fallback (and the
+    solver when no guess is given). Both return the exact optimum of the ridged problem.
+    """
+    k = a.shape[0]
+    if guess is not None:
+        x = _nnqp_pivoting(a + RIDGE * np.eye(k), c, guess)
+        if x is not None:
+            return x
+    x, _ = _quadprog_psd(a, -c, np.eye(k), np.zeros(k), 0)
+    return np.clip(x, 0.0, None)
+
+
+def dual_cone_weights(a: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Weights ``v`` with ``Gᵀv`` the projection of ``Gᵀu`` onto the cone ``{d : Gd ≥ 0}``.
+
+    ``u`` is one weight vector (K,) or a stack of them (M, K); the result has its shape.
+    By duality (Quinton & Rey 2024, Prop. 1) ``v = argmin_{v ≥ u} vᵀAv``; written as
+    ``v = u + x`` it is ``x = argmin_{x ≥ 0} ½xᵀAx + (Au)ᵀx``. Solved on ``A`` normalised
+    by its trace with a relative ridge :data:`RIDGE`: no QP when ``Au ≥ 0`` (already in
+    the cone), else block pivoting from the set ``{(Au)_j < 0}``, else quadprog.
+    """
+    single = u.ndim == 1
+    us = np.atleast_2d(u)
+    out = us.copy()
+    k = a.shape[0]
+    tr = float(np.trace(a))
+    if k == 1 or not tr > 0.0:
+        return out[0] if single else out
+    a_s = _sym(a) / tr
+    lins = us @ a_s
+    if lins.min() < 0.0:
+        try:  # quadprog / pivoting need a numerically PD matrix (float32 Gramians may not be)
+            np.linalg.cholesky(a_s + RIDGE * np.eye(k))
+        except np.linalg.LinAlgError:
+            a_s = nearest_psd(a_s)
+            lins = us @ a_s
+        for i, lin in enumerate(lins):
+            if lin.min() < 0.0:
+                out[i] += nonneg_qp(a_s, lin, guess=lin < 0.0)
+    return out[0] if single else out
+
+
+def min_norm_sq(a: np.ndarray) -> float:
+    """``min_{w∈Δ} wᵀAw`` relative to the largest diagonal entry (0 = 0 in the hull)."""
+    scale = float(np.max(np.diag(a)))
+    if not scale > 0.0:
+        return 0.0
+    w = simplex_qp(a)
+    return float(w @ a @ w) / scale
+
+
+# --------------------------------------------------------------------------- fixed points
+
+
+def _potential(a: np.ndarray, w: np.ndarray, p: float) -> float:
+    if p == 1.0:
+        h = np.log(w).sum()
+    else:
+        h = (w ** (1.0 - p)).sum() / (1.0 - p)
+    return 0.5 * float(w @ a @ w) - float(h)
+
+
+def power_residual(a: np.ndarray, w: np.ndarray, p: float) -> float:
+    """Relative residual ``max_i |(Aw)_i · w_i^p − 1|`` of ``A w = w^(-p)``."""
+    return float(np.max(np.abs((a @ w) * w**p - 1.0)))
+
+
+def power_fixed_point(
+    a: np.ndarray,
+    p: float,
+    *,
+    w0: np.ndarray | None = None,
+    tol: float = 1e-12,
+    accept_tol: float = 1e-9,
+    max_iter: int = 200,
+) -> tuple[np.ndarray | None, int, float, np.ndarray | None]:
+    """Positive solution of ``A w = w^(-p)`` (``p > 0``), or ``None`` if there is none.
+
+    It is the unique minimiser of the strictly convex potential
+    ``½ wᵀAw − Σ h(w_i)`` with ``h'(w) = w^(-p)`` on ``w > 0``, found by Newton's method
+    with a fraction-to-the-boundary rule and Armijo backtracking, from ``w0`` (a warm
+    start) or from the best uniform vector. The solve runs on ``A`` scaled to unit mean
+    diagonal and the solution is scaled back (``w ∝ s^(-1/(1+p))``). A minimiser exists
+    iff 0 is not in the convex hull of the gradients; otherwise the iterates diverge and
+    ``None`` is returned. Iterations stop at relative residual ``tol``, or when the
+    residual stagnates (8 iterations without halving) below ``accept_tol`` (round-off
+    floor of an ill-conditioned Gramian). Returns ``(w or None, iterations, relative
+    residual, last iterate)``; the last iterate (unscaled) can warm-start a longer run.
+    """
+    k = a.shape[0]
+    scale = float(np.mean(np.diag(a)))
+    if not scale > 0.0:
+        return None, 0, math.inf, None
+    a_s = _sym(a) / scale
+    expo = 1.0 / (1.0 + p)
+    if w0 is not None and w0.shape == (k,) and np.all(w0 > 0) and np.all(np.isfinite(w0)):
+        w = w0 * scale**expo
+    else:
+        row = float(a_s.sum()) / k
+        t = row ** (-expo) if row > 1e-12 else 1.0
+        w = np.full(k, t)
+    eye = np.eye(k)
+    res = math.inf
+    best_w, best_res, best_it = w, math.inf, 0
+    for it in range(max_iter + 1):
+        wp = w ** (-p)
+        aw = a_s @ w
+        res = float(np.max(np.abs(aw / wp - 1.0)))
+        if res <= tol:
+            return w * scale ** (-expo), it, res, None
+        if res < 0.5 * best_res:
+            best_w, best_res, best_it = w, res, it
+        if it - best_it >= 8 and best_res <= accept_tol:
+            # stagnating at round-off level of an ill-conditioned Gramian: converged
+            return best_w * scale ** (-expo), it, best_res, None
+        if it == max_iter or w.max() > 1e15 or not np.all(np.isfinite(w)):
+            break
+        grad = aw - wp
+        hess = a_s + eye * (p * wp / w)
+        try:
+            step = -np.linalg.solve(hess, grad)
+        except np.linalg.LinAlgError:
+            break
+        neg = step < 0
+        t = 1.0
+        if np.any(neg):
+            t = min(1.0, 0.995 * float(np.min(-w[neg] / step[neg])))
+        f0 = _potential(a_s, w, p)
+        slope = float(grad @ step)
+        if slope > 0:  # cannot happen for a PD Hessian; guard against round-off
+            break
+        for _ in range(60):
+            f1 = _potential(a_s, w + t * step, p)
+            if f1 <= f0 + 1e-4 * t * slope + 1e-15 * abs(f0):
+                break
+            t *= 0.5
+        w = w + t * step
+    return None, it, res, w * scale ** (-expo)
+
+
+def power_weights(
+    a: np.ndarray, p: float, w0: np.ndarray | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Weights solving ``A w = w^(-p)`` with the documented degenerate-case fallbacks.
+
+    * Zero gradient rows (diagonal entry ≤ 1e-20 × the largest) get weight 0 and the
+      equation is solved on the other rows (``info["fallback"]`` says so).
+    * If no positive solution exists on those rows (0 is in the convex hull of the
+      gradients, e.g. two opposite gradients, or K > D with such a configuration), the
+      mean weights ``1/K`` are returned and ``info["fallback"]`` says why.
+    * All rows zero: mean weights (the direction is 0 anyway).
+    """
+    k = a.shape[0]
+    info: dict[str, Any] = {}
+    diag = np.diag(a)
+    dmax = float(diag.max()) if k else 0.0
+    mean = np.full(k, 1.0 / k)
+    if not dmax > 0.0:
+        info["fallback"] = "all gradients are zero; used mean weights"
+        return mean, info
+    keep = diag > 1e-20 * dmax
+    w = np.zeros(k)
+    if not keep.all():
+        info["fallback"] = (
+            f"{int((~keep).sum())} zero gradient row(s) get weight 0; solved on the others"
+        )
+    sub = a[np.ix_(keep, keep)]
+    guess = None
+    if w0 is not None and w0.shape == (k,) and np.all(w0[keep] > 0):
+        guess = w0[keep]
+    # Newton converges in < 20 iterations unless the problem is (nearly) degenerate; only
+    # then is the degeneracy test (an MGDA solve) worth its cost.
+    sol, iters, res, last = power_fixed_point(sub, p, w0=guess, max_iter=30)
+    degenerate = False
+    if sol is None:
+        degenerate = min_norm_sq(sub) <= 1e-10
+        if not degenerate and last is not None and np.all(np.isfinite(last)):
+            sol, more, res, _ = power_fixed_point(sub, p, w0=last, max_iter=300)
+            iters += more
+    info["iterations"] = iters
+    info["residual"] = res
+    if sol is None:
+        if degenerate:
+            why = "0 is in the convex hull of the (non-zero) gradients: no positive solution"
+        else:
+            why = f"Newton solve did not converge (residual {res:.3g})"
+        info["fallback"] = f"{why}; used mean weights"
+        return mean, info
+    w[keep] = sol
+    return w, info

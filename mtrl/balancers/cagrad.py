@@ -1,0 +1,202 @@
+"""CAGrad: conflict-averse gradient descent."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mtrl.balancers._solvers import check_number, dual_cone_weights, simplex_qp
+from mtrl.balancers.base import Balancer
+from mtrl.balancers.registry import register
+
+
+def _support_path(a: np.ndarray, b: np.ndarray, support: np.ndarray):
+    """On a fixed support S, the simplex-QP solution of ``½wᵀAw + β bᵀw`` is ``u + β v``."""
+    idx = np.flatnonzero(support)
+    m = idx.size
+    mat = np.zeros((m + 1, m + 1))
+    mat[:m, :m] = a[np.ix_(idx, idx)]
+    mat[:m, m] = 1.0
+    mat[m, :m] = 1.0
+    rhs = np.zeros((m + 1, 2))
+    rhs[m, 0] = 1.0
+    rhs[:m, 1] = -b[idx]
+    try:
+        sol = np.linalg.solve(mat, rhs)
+    except np.linalg.LinAlgError:
+        sol = np.linalg.lstsq(mat, rhs, rcond=None)[0]
+    u = np.zeros(a.shape[0])
+    v = np.zeros(a.shape[0])
+    u[idx] = sol[:m, 0]
+    v[idx] = sol[:m, 1]
+    return u, v
+
+
+def cagrad_kkt_residual(a: np.ndarray, b: np.ndarray, r: float, w: np.ndarray) -> float:
+    """KKT violation of ``w`` for ``min_{w∈Δ} bᵀw + r·sqrt(wᵀAw)`` (inf if |Gᵀw| = 0)."""
+    nrm = math.sqrt(max(float(w @ a @ w), 0.0))
+    if nrm <= 1e-150:
+        return math.inf
+    grad = b + (r / nrm) * (a @ w)
+    mu = float(w @ grad)
+    dual = max(0.0, mu - float(grad.min()))
+    comp = float(np.max(w * np.abs(grad - mu)))
+    primal = max(0.0, -float(w.min())) + abs(float(w.sum()) - 1.0)
+    return max(dual, comp, primal)
+
+
+def cagrad_dual(
+    a: np.ndarray, r: float, tol: float = 1e-12, accept_tol: float = 1e-8, max_iter: int = 60
+):
+    """Solve ``min_{w∈Δ} wᵀ(A1/K) + r·sqrt(wᵀAw)`` (``A`` normalised, ``r > 0``).
+
+    ``sqrt(q) = min_{s>0} (q/s + s)/2`` turns the problem into a one-dimensional search
+    over ``β = s/r`` of simplex QPs ``w(β) = argmin ½wᵀAw + β bᵀw``; the optimum is the
+    root of the non-decreasing ``f(β) = rβ − |Gᵀw(β)|``. On the support of ``w(β)`` the
+    QP solution is affine in β, so the root on that support is a quadratic equation;
+    the candidate is accepted when it satisfies the KKT conditions of the original
+    problem, otherwise the bracket on β is updated (safeguarded by bisection).
+    Stops at KKT residual ``tol·(1+r)``, or when the residual stagnates (8 iterations
+    without halving) below ``accept_tol·(1+r)`` (round-off floor of an ill-conditioned
+    Gramian). Returns ``(w, iterations, residual)``; ``w`` is ``None`` when the optimum
+    has ``Gᵀw = 0`` (0 in the convex hull and no better point).
+    """
+    b = a.mean(axis=1)
+    scale_res = tol * (1.0 + r)
+    lo, hi = 0.0, math.inf
+    beta = math.sqrt(max(float(b.mean()), 1e-300)) / r  # |g0| / r: the uniform-w guess
+    best_w, best_res, best_it = None, math.inf, 0
+    for it in range(1, max_iter + 1):
+        w = simplex_qp(a, beta * b)
+        nrm = math.sqrt(max(float(w @ a @ w), 0.0))
+        res = cagrad_kkt_residual(a, b, r, w)
+        if res < 0.5 * best_res:
+            best_it = it
+        if res < best_res:
+            best_w, best_res = w, res
+        if res <= scale_res:
+            return w, it, res
+        if it - best_it >= 8 and best_res <= accept_tol * (1.0 + r):
+            return best_w, it, best_res  # stagnating at the round-off floor
+        # exact root on the current support
+        support = w > 1e-12
+        u, v = _support_path(a, b, support)
+        q0, q1, q2 = float(u @ a @ u), float(u @ a @ v), float(v @ a @ v)
+        c2, c1, c0 = r * r - q2, -2.0 * q1, -q0
+        roots = []
+        if abs(c2) > 1e-14 * (r * r + q2):
+            disc = c1 * c1 - 4 * c2 * c0
+            if disc >= 0:
+                sq = math.sqrt(disc)
+                roots = [(-c1 + sq) / (2 * c2), (-c1 - sq) / (2 * c2)]
+        elif c1 != 0:
+            roots = [-c0 / c1]
+        for root in sorted(x for x in roots if x > 0):
+            cand = u + root * v
+            if cand.min() < -1e-12:
+                continue
+            cand = np.clip(cand, 0.0, None)
+            cand /= cand.sum()
+            cres = cagrad_kkt_residual(a, b, r, cand)
+            if cres < 0.5 * best_res:
+                best_it = it
+            if cres < best_res:
+                best_w, best_res = cand, cres
+            if cres <= scale_res:
+                return cand, it, cres
+        # bracket update from the sign of f(beta) and the next trial point
+        if r * beta - nrm < 0:
+            lo = beta
+        else:
+            hi = beta
+        inside = [x for x in roots if lo < x < hi]
+        if inside and it < max_iter // 2:
+            beta = min(inside, key=lambda x: abs(x - beta))
+        elif math.isinf(hi):
+            beta = 4.0 * beta
+        elif lo == 0.0:
+            beta = 0.25 * beta
+            if beta < 1e-14:
+                return None, it, best_res  # root at beta -> 0: optimum has G^T w = 0
+        else:
+            beta = math.sqrt(lo * hi)
+        if math.isfinite(hi) and hi - lo <= 1e-15 * hi:
+            break
+    if best_w is not None and math.isfinite(best_res):
+        return best_w, max_iter, best_res
+    return None, max_iter, best_res
+
+
+@register
+class CAGrad(Balancer):
+    """Conflict-averse gradient descent.
+
+    Direction ``d = (g0 + (c·|g0| / |Gᵀw|) Gᵀw) / (1 + c²)`` with ``g0`` the mean gradient
+    and ``w`` the solution of the dual ``min_{w∈Δ} g_wᵀg0 + c|g0|·|g_w|`` (``g_w = Gᵀw``),
+    i.e. in Gramian terms ``wᵀ(GGᵀ1/K) + c|g0|·sqrt(wᵀGGᵀw)``. Before the ``1/(1+c²)``
+    rescale, ``d`` maximises ``min_i g_iᵀd`` over the ball ``|d − g0| ≤ c|g0|``.
+
+    Paper: Liu, Liu, Jin, Stone & Liu, "Conflict-Averse Gradient Descent for Multi-task
+    Learning", NeurIPS 2021. Authors' code: https://github.com/Cranial-XIX/CAGrad
+    (``mtrl/mtrl_files/cagrad.py``, ``rescale=1``).
+
+    Defaults: ``c=0.9`` (the authors' MT10 value; they use 0.5 on MT50). ``c=0`` is the mean.
+
+    Deviations from the authors' code: their RL code parametrises w by a softmax and runs
+    20 SGD steps (lr 25, or 50 at K=50, momentum 0.5) keeping the best iterate, with
+    ``1e-4`` stabilisers inside square roots and denominators; we solve the dual exactly
+    (a one-dimensional search over simplex QPs, quadprog, with an exact quadratic step on
+    the active set) to KKT residual ~1e-12 and use no stabilisers. When the dual optimum
+    has ``Gᵀw = 0`` (0 lies in the convex hull of the gradients, e.g. a zero gradient row,
+    and no other point is better; numerically: ``|Gᵀw| ≤ 10·sqrt(eps)`` relative to the
+    largest gradient norm, eps of the gradients' dtype) the formula divides 0 by 0. The
+    primal optimum value is then 0 and the projection ``p`` of ``g0`` onto the cone
+    ``{d : Gd ≥ 0}`` lies in the ball, so it is a primal optimum: we return
+    ``p / (1+c²)`` and set ``info["fallback"]``. Note that K=1 or identical rows return
+    ``g·(1+c)/(1+c²)``, not ``g``: that is the published formula.
+    """
+
+    name = "cagrad"
+    consensus_exact = False
+
+    def __init__(self, c: float = 0.9) -> None:
+        super().__init__()
+        self.c = check_number("c", c, low=0.0)
+        self._eps = float(torch.finfo(torch.float64).eps)
+
+    def weights_for(self, grads: Tensor | None, losses: Tensor | None) -> Tensor:
+        # The Gramian is formed in the gradients' precision: |Gᵀw| below ~sqrt(eps)
+        # (relative) is rounding noise, and dividing by it would amplify that noise.
+        if grads is not None:
+            self._eps = float(torch.finfo(grads.dtype).eps)
+        return super().weights_for(grads, losses)
+
+    def weights(self, gram: Tensor | None, losses: Tensor | None) -> Tensor:
+        self.info.pop("fallback", None)
+        a = gram.numpy()
+        k = a.shape[0]
+        mean = np.full(k, 1.0 / k)
+        rescale = 1.0 / (1.0 + self.c**2)
+        g0_sq = float(a.mean())  # |g0|² = 1ᵀA1 / K²
+        scale = float(np.max(np.diag(a)))
+        if self.c == 0.0 or not scale > 0.0 or g0_sq <= 1e-30 * scale:
+            return torch.from_numpy(mean * rescale)
+        a_s = a / scale
+        r = self.c * math.sqrt(g0_sq / scale)
+        w, iters, res = cagrad_dual(a_s, r)
+        self.info["iterations"] = iters
+        self.info["kkt_residual"] = res
+        nrm = 0.0 if w is None else math.sqrt(max(float(w @ a_s @ w), 0.0))
+        if nrm <= 10.0 * math.sqrt(self._eps):
+            # Degenerate dual (Gᵀw = 0): the primal optimum value is 0, and the projection
+            # of g0 onto {d : Gd ≥ 0} lies in the ball, so it is a primal optimum.
+            self.info["fallback"] = (
+                "dual optimum has G^T w = 0 (0 in the convex hull of the gradients); "
+                "used the projection of g0 onto the cone {d: G d >= 0}"
+            )
+            return torch.from_numpy(dual_cone_weights(a_s, mean) * rescale)
+        self.info["w"] = torch.from_numpy(w)
+        return torch.from_numpy((mean + (r / nrm) * w) * rescale)

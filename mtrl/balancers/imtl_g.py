@@ -1,0 +1,64 @@
+"""IMTL-G: impartial multi-task learning (gradient part)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mtrl.balancers.base import Balancer
+from mtrl.balancers.registry import register
+
+
+@register
+class IMTLG(Balancer):
+    """IMTL-G: the direction ``d = Gᵀα`` with ``Σα = 1`` whose projections onto all unit
+    task gradients are equal, ``d·u_i = d·u_j`` (``u_i = g_i/|g_i|``).
+
+    Gramian form: ``(Aα)_i = t·|g_i|`` for all i, so ``α ∝ A⁺ n`` with ``n_i = |g_i|``,
+    normalised to sum 1. For a full-rank Gramian this is exactly the paper's closed form
+    ``α_{2:K} = g_1 Uᵀ (D Uᵀ)⁻¹`` (D: differences ``g_1 − g_i``, U: differences of unit
+    vectors); for a singular one we take the minimum-norm least-squares solution.
+
+    Paper: Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, "Towards Impartial Multi-task
+    Learning", ICLR 2021. The authors released no code; the reference implementation is
+    ``IMTLG`` in https://github.com/AvivNavon/nash-mtl (``methods/weight_methods.py``,
+    reused by Aligned-MTL's SamsungLabs/MTL), which uses the closed form above.
+
+    Defaults: none. Scale: weights sum to 1 (mean scale); only the gradient part of IMTL
+    (no loss scaling).
+
+    Deviations from the reference implementation: it inverts ``D Uᵀ`` in D-space (adding
+    ``1e-8·I`` when that fails); we solve the equivalent K×K Gramian system in float64
+    with ``numpy.linalg.lstsq`` (minimum-norm solution when singular).
+    Degenerate inputs: zero gradient rows get weight 0 (they impose no condition); if
+    ``Σ A⁺n`` vanishes (relative 1e-12; no direction with equal projections of sum-1
+    weights) or all rows are zero, the mean weights are returned with
+    ``info["fallback"]`` set.
+    """
+
+    name = "imtl-g"
+
+    def weights(self, gram: Tensor | None, losses: Tensor | None) -> Tensor:
+        self.info.pop("fallback", None)
+        a = gram.numpy()
+        k = a.shape[0]
+        mean = np.full(k, 1.0 / k)
+        diag = np.clip(np.diag(a), 0.0, None)
+        dmax = float(diag.max())
+        if not dmax > 0.0:
+            self.info["fallback"] = "all gradients are zero; used mean weights"
+            return torch.from_numpy(mean)
+        keep = diag > 1e-20 * dmax
+        sub = a[np.ix_(keep, keep)] / dmax
+        norms = np.sqrt(diag[keep] / dmax)
+        v = np.linalg.lstsq(sub, norms, rcond=None)[0]
+        total = float(v.sum())
+        if not np.isfinite(total) or abs(total) <= 1e-12 * float(np.abs(v).sum()):
+            self.info["fallback"] = "no sum-1 weights give equal projections; used mean weights"
+            return torch.from_numpy(mean)
+        w = np.zeros(k)
+        w[keep] = v / total
+        if not keep.all():
+            self.info["fallback"] = f"{int((~keep).sum())} zero gradient row(s) get weight 0"
+        return torch.from_numpy(w)

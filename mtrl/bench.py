@@ -1,0 +1,808 @@
+"""Benchmarks: every (balancer, seed) pair as an ordinary training run, then the report.
+
+    mtrl bench --benchmark MT10 --balancers mean,cagrad,fairgrad,sdmgrad-os --seeds 5 \\
+        --steps 200000 --protocol mtrl --out benchmarks/mt10
+
+Layout: ``OUT/runs/<balancer>/seed<k>/`` is a normal run directory (``config.json``,
+``metrics.jsonl``, ``eval.jsonl``, ``checkpoint.pt``, ``result.json``) plus
+``bench_config.json`` (the config the bench asked for) and ``train.log`` (the run's
+stdout/stderr). ``OUT/bench.json`` records the invocation and each run's outcome; the
+report (``results.csv``, ``summary.md``, plots) is written to ``OUT``.
+
+Each run is a subprocess ``python -m mtrl.cli train --config RUN/bench_config.json
+[--resume RUN]`` so that a crash cannot take down the bench. Rerunning the same command
+skips finished runs (``result.json``), resumes interrupted ones (``checkpoint.pt`` without
+``result.json``) and starts the rest.
+
+Launchers: ``local`` runs ``max(1, cpus // threads_per_run)`` runs at a time (fewer when
+they share GPUs: ``1 / gpus_per_run`` runs per GPU); ``ray`` submits each run as a Ray task
+with ``num_cpus=threads_per_run`` and ``num_gpus=gpus_per_run`` on a local or remote
+cluster. With Ray on several nodes, OUT must be on a filesystem every node sees (NFS, a
+shared volume): runs write there directly and the driver reads the results from there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mtrl.checkpoint import atomic_write_json, atomic_write_text
+from mtrl.config import ConfigError, TrainConfig, from_dict, presets_dir, to_dict, validate
+
+LAUNCHERS = ("local", "ray")
+PROTOCOL_TRAIN_ENV = {
+    # The protocol decides the training env's episode length and goal mode.
+    "mtrl": {"max_episode_steps": 150, "goal_mode": "fixed"},
+    "metaworld-plus": {"max_episode_steps": 500, "goal_mode": "random"},
+}
+#: Keys the bench sets itself; ``--set`` may not override them (use the named option).
+BENCH_OWNED = {
+    "env.seed": "--seeds",
+    "total_steps": "--steps",
+    "protocol": "--protocol",
+    "balancer": "--balancers",
+    "run_dir": "--out",
+    "threads": "--threads-per-run",
+}
+#: Config keys that may differ between invocations of the same bench without making an
+#: existing run a different experiment.
+RUNTIME_KEYS = ("run_dir", "threads", "progress", "device")
+BENCH_CONFIG = "bench_config.json"
+LOG_NAME = "train.log"
+#: Files a fresh start removes from a run directory left by a run that died before its
+#: first checkpoint (the trainer appends to its logs).
+STALE_FILES = ("config.json", "metrics.jsonl", "eval.jsonl", "result.json")
+ERROR_TAIL_LINES = 15
+
+
+# ====================================================================== specification
+@dataclass(frozen=True)
+class BenchSpec:
+    """A benchmark invocation: which runs, where, and how to launch them."""
+
+    benchmark: str
+    balancers: tuple[str, ...]
+    seeds: int
+    steps: int
+    protocol: str = "mtrl"
+    out: Path = Path("benchmarks/bench")
+    launcher: str = "local"
+    address: str | None = None
+    workers: int | None = None
+    threads_per_run: int = 1
+    gpus_per_run: float = 0.25
+    overrides: tuple[str, ...] = ()
+    report: bool = True
+    reps: int = 10_000
+    poi_reps: int = 1_000
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    balancer: str
+    seed: int
+    run_dir: Path
+    config: dict[str, Any]  # to_dict(TrainConfig) as the bench wants it
+    state: str  # "done" | "resume" | "new"
+
+
+def _canonical(name: str, choices: Sequence[str], what: str) -> str:
+    for c in choices:
+        if name.lower() == c.lower():
+            return c
+    raise ConfigError(f"unknown {what} {name!r}; valid choices: {', '.join(choices)}")
+
+
+def parse_balancers(text: str | Sequence[str]) -> tuple[str, ...]:
+    from mtrl.balancers import names
+
+    items = text.split(",") if isinstance(text, str) else list(text)
+    items = [x.strip() for x in items if x.strip()]
+    if not items:
+        raise ConfigError("--balancers needs at least one balancer name")
+    valid = names()
+    bad = [x for x in items if x not in valid]
+    if bad:
+        raise ConfigError(f"unknown balancer(s) {', '.join(bad)}; valid: {', '.join(valid)}")
+    dupes = sorted({x for x in items if items.count(x) > 1})
+    if dupes:
+        raise ConfigError(f"--balancers lists {', '.join(dupes)} more than once")
+    return tuple(items)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["sac.hidden_sizes=[32,32]", "env.benchmark=toy"]`` -> nested dict.
+
+    Values are JSON (``100``, ``true``, ``[32, 32]``, ``{"c": 0.4}``, ``null``); anything
+    that is not valid JSON is taken as a string, so ``env.benchmark=toy`` works unquoted.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. warmup_steps=100), got {item!r}")
+        if key in BENCH_OWNED:
+            raise ConfigError(f"--set {key}=... is set by the bench; use {BENCH_OWNED[key]}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part!r} is already set to a value")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: nested objects merge, everything else (lists too) replaces.
+
+    ``balancer_kwargs`` is replaced as a whole only by the preset; an override adds keys.
+    """
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def preset_path(benchmark: str, balancer: str) -> Path:
+    return presets_dir() / f"{benchmark.lower()}_{balancer.replace('-', '_')}.json"
+
+
+def run_config(
+    benchmark: str,
+    balancer: str,
+    seed: int,
+    steps: int,
+    protocol: str,
+    run_dir: Path,
+    threads: int = 1,
+    overrides: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """The TrainConfig of one bench run.
+
+    Start from the preset ``configs/<bench>_<balancer>.json`` when it exists (the published
+    hyper-parameters), else the defaults with that balancer; then seed, steps, protocol
+    (which sets the training env's episode length and goal mode), run_dir, threads,
+    progress=False; then the ``--set`` overrides. Raises ConfigError for bad keys/values.
+    """
+    data = to_dict(TrainConfig())
+    preset = preset_path(benchmark, balancer)
+    if preset.is_file():
+        try:
+            preset_data = json.loads(preset.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"preset {str(preset)!r} is not valid JSON: {exc}") from exc
+        data = _merge(data, preset_data)
+        if "balancer_kwargs" in preset_data:
+            data["balancer_kwargs"] = dict(preset_data["balancer_kwargs"])
+    else:
+        data["balancer"] = balancer
+        data["balancer_kwargs"] = {}
+    if data.get("balancer") != balancer:
+        raise ConfigError(f"preset {str(preset)!r} is for balancer {data.get('balancer')!r}, "
+                          f"not {balancer!r}")
+    data = _merge(data, {
+        "env": {"benchmark": benchmark, "seed": seed, **PROTOCOL_TRAIN_ENV[protocol]},
+        "total_steps": steps,
+        "protocol": protocol,
+        "run_dir": str(run_dir),
+        "threads": threads,
+        "progress": False,
+    })
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        cfg = from_dict(TrainConfig, data)
+        validate(cfg)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # EnvConfig/SACConfig value checks
+        raise ConfigError(f"invalid run configuration ({balancer}, seed {seed}): {exc}") from exc
+    return cfg
+
+
+def run_state(run_dir: Path) -> str:
+    """``done`` (result.json), ``resume`` (checkpoint.pt, no result.json) or ``new``."""
+    if (run_dir / "result.json").is_file():
+        return "done"
+    if (run_dir / "checkpoint.pt").is_file():
+        return "resume"
+    return "new"
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    c = {k: v for k, v in config.items() if k not in RUNTIME_KEYS and k != "task_names"}
+    if isinstance(c.get("env"), dict):
+        c["env"] = {k: v for k, v in c["env"].items() if k != "device"}
+    return json.loads(json.dumps(c))
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
+
+
+def plan_runs(spec: BenchSpec) -> list[RunPlan]:
+    """Validate the spec and build every run's config; check existing runs still match."""
+    benchmark = _benchmark_name(spec.benchmark)
+    if spec.protocol not in PROTOCOL_TRAIN_ENV:
+        raise ConfigError(f"unknown protocol {spec.protocol!r}; valid choices: "
+                          f"{', '.join(PROTOCOL_TRAIN_ENV)}")
+    _check_int("--seeds", spec.seeds)
+    _check_int("--steps", spec.steps)
+    _check_int("--threads-per-run", spec.threads_per_run)
+    if spec.workers is not None:
+        _check_int("--workers", spec.workers)
+    if not spec.gpus_per_run >= 0:
+        raise ConfigError(f"--gpus-per-run must be >= 0, got {spec.gpus_per_run!r}")
+    if spec.launcher not in LAUNCHERS:
+        raise ConfigError(f"unknown launcher {spec.launcher!r}; valid: {', '.join(LAUNCHERS)}")
+    if spec.address and spec.launcher != "ray":
+        raise ConfigError("--address is only used with --launcher ray")
+    balancers = parse_balancers(spec.balancers)
+    overrides = parse_overrides(spec.overrides)
+    out = Path(spec.out).resolve()
+    plans, mismatched = [], []
+    for balancer in balancers:
+        for seed in range(spec.seeds):
+            run_dir = out / "runs" / balancer / f"seed{seed}"
+            cfg = run_config(benchmark, balancer, seed, spec.steps, spec.protocol, run_dir,
+                             spec.threads_per_run, overrides)
+            config = to_dict(cfg)
+            state = run_state(run_dir)
+            existing = run_dir / "config.json"
+            if state != "new" and existing.is_file():
+                try:
+                    old = json.loads(existing.read_text())
+                except json.JSONDecodeError:
+                    old = None
+                if isinstance(old, dict):
+                    diff = _differences(_comparable(old), _comparable(config))
+                    if diff:
+                        mismatched.append(f"{run_dir}: {'; '.join(diff[:4])}")
+            plans.append(RunPlan(balancer, seed, run_dir, config, state))
+    if mismatched:
+        raise ConfigError(
+            "existing run(s) in the output directory were made with a different "
+            "configuration (existing -> requested); use another --out or delete them:\n  "
+            + "\n  ".join(mismatched)
+        )
+    return plans
+
+
+def _benchmark_name(name: str) -> str:
+    from mtrl.envs import BENCHMARKS
+
+    return _canonical(name, BENCHMARKS, "benchmark")
+
+
+def _check_int(option: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{option} must be an integer >= 1, got {value!r}")
+
+
+# ====================================================================== one run
+@dataclass(frozen=True)
+class Job:
+    """What a worker (local thread or Ray task) needs to execute one run."""
+
+    balancer: str
+    seed: int
+    run_dir: str
+    config_text: str
+    resume: bool
+    env: dict[str, str] = field(default_factory=dict)
+    pythonpath: str = ""
+
+
+@dataclass
+class RunOutcome:
+    balancer: str
+    seed: int
+    run_dir: str
+    action: str  # "skipped" (already finished) | "resumed" | "started" | "not started" |
+    #              "cancelled" (a Ray task cancelled by Ctrl-C)
+    status: str  # "done" | "failed" | "interrupted" | "not started"
+    returncode: int | None = None
+    error: str | None = None
+    log: str | None = None
+    seconds: float = 0.0
+    node: str | None = None
+
+
+def _tail(path: Path, offset: int, lines: int = ERROR_TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    kept = [x for x in text.splitlines() if x.strip()]
+    return "\n".join(kept[-lines:])
+
+
+def _headline(tail: str, returncode: int | None) -> str:
+    lines = tail.splitlines()
+    errors = [x for x in lines if x.startswith("error:")]
+    if errors:
+        return errors[-1]
+    for x in reversed(lines):  # last line of a traceback: "SomeError: message"
+        head = x.split(":", 1)[0]
+        if head.endswith(("Error", "Exception", "Interrupt")) and " " not in head:
+            return x
+    return f"exit status {returncode}" + (f": {lines[-1]}" if lines else "")
+
+
+def _unblock_sigint() -> set[signal.Signals] | None:
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def execute_run(job: Job, on_start: Callable[[subprocess.Popen], None] | None = None) -> dict:
+    """Run one training run as a subprocess; return a RunOutcome as a dict.
+
+    Used by both launchers (inside a Ray task it runs on whichever node got the task).
+    KeyboardInterrupt (Ctrl-C, ``ray.cancel``) forwards one SIGINT to the run, which then
+    writes a checkpoint and stops; the outcome is ``interrupted``.
+    """
+    import platform
+
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / BENCH_CONFIG
+    atomic_write_text(config_path, job.config_text)
+    if not job.resume:  # files of a run that died before its first checkpoint
+        for name in STALE_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "mtrl.cli", "train", "--config", str(config_path)]
+    if job.resume:
+        cmd += ["--resume", str(run_dir)]
+    env = dict(os.environ)
+    env.update(job.env)
+    env["PYTHONUNBUFFERED"] = "1"
+    if job.pythonpath and Path(job.pythonpath).is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(
+            x for x in (job.pythonpath, env.get("PYTHONPATH", "")) if x)
+    log_path = run_dir / LOG_NAME
+    outcome = RunOutcome(job.balancer, job.seed, str(run_dir),
+                         "resumed" if job.resume else "started", "failed", log=str(log_path),
+                         node=platform.node())
+    t0 = time.monotonic()
+    with open(log_path, "ab") as log:
+        log.write(f"\n=== mtrl bench: {'resume' if job.resume else 'start'} "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.node()}: "
+                  f"{' '.join(cmd)}\n".encode())
+        log.flush()
+        offset = log.tell()
+        # The child inherits this thread's signal mask; Ray worker threads block SIGINT,
+        # which would make the run deaf to the SIGINT that asks it to checkpoint and stop.
+        old_mask = _unblock_sigint()
+        try:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env, cwd=str(run_dir),
+                                    start_new_session=True)  # Ctrl-C is forwarded once, below
+        except OSError as exc:
+            outcome.error = f"could not start the run: {exc}"
+            return asdict(outcome)
+        finally:
+            if old_mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        if on_start is not None:
+            on_start(proc)
+        interrupted = False
+        while True:
+            try:
+                # Poll, not a blocking wait: Ray's cancel raises KeyboardInterrupt
+                # asynchronously, which only lands while Python code runs.
+                proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+            except KeyboardInterrupt:
+                if interrupted:  # a second interrupt: stop the run at once
+                    proc.kill()
+                else:
+                    interrupted = True
+                    proc.send_signal(signal.SIGINT)
+    outcome.returncode = proc.returncode
+    outcome.seconds = time.monotonic() - t0
+    finished = (run_dir / "result.json").is_file()
+    if proc.returncode == 0 and finished:
+        outcome.status = "done"
+    elif proc.returncode == 130 or interrupted:
+        outcome.status = "interrupted"
+        outcome.error = "interrupted; rerun the bench to resume it from its checkpoint"
+    else:
+        tail = _tail(log_path, offset)
+        if proc.returncode == 0:
+            outcome.error = ("the run exited normally but wrote no result.json" +
+                             (f" (last log lines:\n{tail})" if tail else ""))
+        else:
+            outcome.error = f"{_headline(tail, proc.returncode)}\n{tail}"
+    return asdict(outcome)
+
+
+def _jobs(plans: Sequence[RunPlan], spec: BenchSpec) -> list[Job]:
+    threads = str(spec.threads_per_run)
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    pythonpath = str(Path(__file__).resolve().parent.parent)
+    return [
+        Job(p.balancer, p.seed, str(p.run_dir), json.dumps(p.config, indent=2) + "\n",
+            resume=p.state == "resume", env=env, pythonpath=pythonpath)
+        for p in plans if p.state != "done"
+    ]
+
+
+# ====================================================================== launchers
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _gpu_count() -> int:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and not visible.strip():
+        return 0
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
+
+
+def local_slots(spec: BenchSpec, uses_gpu: bool) -> tuple[int, list[str | None]]:
+    """(workers, per-slot CUDA_VISIBLE_DEVICES value) for the local launcher."""
+    workers = spec.workers or max(1, _cpu_count() // spec.threads_per_run)
+    gpus = _gpu_count() if uses_gpu else 0
+    if gpus and spec.gpus_per_run > 0:
+        per_gpu = max(1, int(1 / spec.gpus_per_run + 1e-9))
+        slots = [str(g) for _ in range(per_gpu) for g in range(gpus)]
+        if spec.workers is None:
+            workers = min(workers, len(slots))
+        return workers, [slots[i % len(slots)] for i in range(workers)]
+    # No GPUs, or --gpus-per-run 0: keep runs on the CPU.
+    return workers, [None if not gpus else "" for _ in range(workers)]
+
+
+class _Progress:
+    def __init__(self, total: int, initial: int, enabled: bool = True) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, unit="run", desc="bench",
+                        dynamic_ncols=True, file=sys.stderr, disable=not enabled)
+        self.failed = 0
+
+    def update(self, outcome: dict) -> None:
+        if outcome["status"] == "failed":
+            self.failed += 1
+            self.bar.write(f"FAILED {outcome['balancer']} seed {outcome['seed']}: "
+                           f"{(outcome['error'] or '').splitlines()[0]} (log: {outcome['log']})")
+        self.bar.set_postfix(failed=self.failed)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def launch_local(jobs: Sequence[Job], spec: BenchSpec, progress: _Progress,
+                 uses_gpu: bool) -> list[dict]:
+    """Run the jobs in at most ``workers`` parallel subprocesses."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    workers, devices = local_slots(spec, uses_gpu)
+    free = list(devices)
+    lock = threading.Lock()
+    running: set[subprocess.Popen] = set()
+    stopping = threading.Event()
+
+    def work(job: Job) -> dict:
+        if stopping.is_set():
+            return asdict(RunOutcome(job.balancer, job.seed, job.run_dir, "not started",
+                                     "not started"))
+        with lock:
+            device = free.pop()
+        extra = {} if device is None else {"CUDA_VISIBLE_DEVICES": device}
+        job = Job(**{**asdict(job), "env": {**job.env, **extra}})
+
+        def started(proc: subprocess.Popen) -> None:
+            with lock:
+                running.add(proc)
+                if stopping.is_set():  # Ctrl-C came while this run was being launched
+                    proc.send_signal(signal.SIGINT)
+
+        try:
+            return execute_run(job, on_start=started)
+        finally:
+            with lock:
+                free.append(device)
+                running.difference_update({p for p in running if p.poll() is not None})
+
+    results: list[dict] = []
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bench")
+    futures = {pool.submit(work, job) for job in jobs}
+    try:
+        while futures:
+            done, futures = wait(futures, return_when=FIRST_COMPLETED)
+            for f in done:
+                results.append(f.result())
+                progress.update(results[-1])
+    except KeyboardInterrupt:
+        with lock:
+            stopping.set()
+            for proc in running:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)  # the run checkpoints and exits
+        progress.bar.write("interrupted: waiting for running runs to write checkpoints ...")
+        for f in futures:
+            results.append(f.result())
+        raise _Interrupted(results) from None
+    finally:
+        pool.shutdown(wait=True)
+    return results
+
+
+class _Interrupted(Exception):
+    def __init__(self, results: list[dict]) -> None:
+        super().__init__("interrupted")
+        self.results = results
+
+
+def launch_ray(jobs: Sequence[Job], spec: BenchSpec, progress: _Progress,
+               uses_gpu: bool) -> list[dict]:
+    """Each job is a Ray task that runs the same subprocess on whichever node it lands."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError("--launcher ray needs the 'ray' package (pip install 'mtrl[bench]')"
+                          ) from exc
+    started_here = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
+        if spec.address:
+            kwargs["address"] = spec.address
+            kwargs.pop("include_dashboard")
+        else:
+            cpus = (spec.workers or max(1, _cpu_count() // spec.threads_per_run))
+            kwargs["num_cpus"] = cpus * spec.threads_per_run
+        try:
+            ray.init(**kwargs)
+        except Exception as exc:
+            where = f"the Ray cluster at {spec.address!r}" if spec.address else "local Ray"
+            raise ConfigError(f"could not start {where}: {type(exc).__name__}: {exc}") from exc
+        started_here = True
+    try:
+        cluster_gpus = ray.cluster_resources().get("GPU", 0) if uses_gpu else 0
+        num_gpus = spec.gpus_per_run if cluster_gpus else 0
+        task = ray.remote(num_cpus=spec.threads_per_run, num_gpus=num_gpus,
+                          max_retries=0)(execute_run)
+        extra = {} if num_gpus else {"CUDA_VISIBLE_DEVICES": ""}
+        refs = {task.remote(Job(**{**asdict(j), "env": {**j.env, **extra}})): j for j in jobs}
+        results: list[dict] = []
+        pending = list(refs)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    job = refs[ref]
+                    try:
+                        outcome = ray.get(ref)
+                    except Exception as exc:  # the task itself died (node lost, ...)
+                        outcome = asdict(RunOutcome(
+                            job.balancer, job.seed, job.run_dir,
+                            "resumed" if job.resume else "started", "failed",
+                            error=f"Ray task failed: {type(exc).__name__}: {exc}",
+                            log=str(Path(job.run_dir) / LOG_NAME)))
+                    outcome = _check_visible(outcome)
+                    results.append(outcome)
+                    progress.update(outcome)
+        except KeyboardInterrupt:
+            progress.bar.write("interrupted: asking running runs to write checkpoints ...")
+            for ref in pending:
+                ray.cancel(ref)  # KeyboardInterrupt inside the task -> SIGINT to the run
+            for ref in pending:
+                job = refs[ref]
+                try:
+                    results.append(ray.get(ref))
+                except Exception:  # TaskCancelledError: judge by what the run left behind
+                    status = {"done": "done", "resume": "interrupted"}.get(
+                        run_state(Path(job.run_dir)), "not started")
+                    results.append(asdict(RunOutcome(
+                        job.balancer, job.seed, job.run_dir, "cancelled", status,
+                        log=str(Path(job.run_dir) / LOG_NAME))))
+            raise _Interrupted(results) from None
+        return results
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _check_visible(outcome: dict) -> dict:
+    """A run that finished on another node must be visible here (shared filesystem)."""
+    if outcome["status"] == "done" and not (Path(outcome["run_dir"]) / "result.json").is_file():
+        outcome["status"] = "failed"
+        outcome["error"] = (
+            f"the run finished on node {outcome.get('node')!r} but its result.json is not "
+            f"visible here at {outcome['run_dir']}; with Ray on several nodes the --out "
+            "directory must be on a filesystem shared by all nodes"
+        )
+    return outcome
+
+
+# ====================================================================== the bench
+@dataclass
+class BenchResult:
+    out: Path
+    outcomes: list[dict]
+    interrupted: bool = False
+    report_files: list[Path] = field(default_factory=list)
+    report_error: str | None = None
+
+    @property
+    def failed(self) -> list[dict]:
+        return [o for o in self.outcomes if o["status"] == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 130
+        return 1 if self.failed or self.report_error else 0
+
+
+def run_bench(spec: BenchSpec, progress: bool = True) -> BenchResult:
+    """Plan, launch the missing runs, record outcomes in OUT/bench.json, write the report."""
+    plan_runs(spec)  # validate everything before creating anything
+    out = Path(spec.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        return _run_bench(spec, plan_runs(spec), out, progress)  # states under the lock
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """One bench at a time per output directory (two would launch the same runs)."""
+    try:
+        import fcntl
+    except ImportError:  # not Unix: no lock
+        yield
+        return
+    with open(out / ".bench.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(f"another mtrl bench is already running on {str(out)!r}; wait "
+                              "for it or choose another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_bench(spec: BenchSpec, plans: list[RunPlan], out: Path, progress: bool) -> BenchResult:
+    jobs = _jobs(plans, spec)
+    skipped = [
+        asdict(RunOutcome(p.balancer, p.seed, str(p.run_dir), "skipped", "done",
+                          log=str(p.run_dir / LOG_NAME)))
+        for p in plans if p.state == "done"
+    ]
+    uses_gpu = any(p.config.get("device") != "cpu" for p in plans)
+    bar = _Progress(total=len(plans), initial=len(skipped), enabled=progress)
+    interrupted = False
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def on_term(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        launch = launch_ray if spec.launcher == "ray" else launch_local
+        outcomes = launch(jobs, spec, bar, uses_gpu) if jobs else []
+    except _Interrupted as exc:
+        outcomes, interrupted = exc.results, True
+    finally:
+        bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    order = {(p.balancer, p.seed): i for i, p in enumerate(plans)}
+    outcomes = sorted(skipped + outcomes, key=lambda o: order[(o["balancer"], o["seed"])])
+    def relative(o: dict) -> dict:  # bench.json is committed with reports: no local paths
+        o = dict(o)
+        for key in ("run_dir", "log"):
+            if o.get(key):
+                p = Path(o[key])
+                o[key] = str(p.relative_to(out)) if p.is_relative_to(out) else str(p)
+        return o
+
+    record = {
+        "command": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()},
+        "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "interrupted": interrupted,
+        "runs": [relative(o) for o in outcomes],
+    }
+    atomic_write_json(out / "bench.json", record)
+    result = BenchResult(out, outcomes, interrupted)
+    if spec.report:
+        from mtrl.report import ReportError, write_report
+
+        try:
+            report = write_report(out, reps=spec.reps, poi_reps=spec.poi_reps)
+            result.report_files = report.files
+        except ReportError as exc:
+            result.report_error = str(exc)
+    return result
+
+
+def format_plan(plans: Sequence[RunPlan]) -> str:
+    """What a bench would do (``mtrl bench --dry-run``)."""
+    what = {"done": "skip (finished)", "resume": "resume from checkpoint", "new": "start"}
+    lines = []
+    for p in plans:
+        c = p.config
+        kwargs = ", ".join(f"{k}={v}" for k, v in sorted(c["balancer_kwargs"].items()))
+        preset = preset_path(c["env"]["benchmark"], p.balancer)
+        lines.append(
+            f"{what[p.state]:<24} {p.run_dir}\n"
+            f"{'':<24} {c['env']['benchmark']} {p.balancer}({kwargs}) seed {p.seed}, "
+            f"{c['total_steps']} steps, {c['protocol']} protocol "
+            f"({c['env']['max_episode_steps']}-step episodes, {c['env']['goal_mode']} goals), "
+            f"batch {c['batch_size']}, "
+            + (f"preset {preset.name}" if preset.is_file() else "no preset: defaults")
+        )
+    counts = {s: sum(p.state == s for p in plans) for s in what}
+    lines.append(f"{len(plans)} run(s): {counts['new']} to start, {counts['resume']} to resume, "
+                 f"{counts['done']} finished")
+    return "\n".join(lines)
+
+
+def format_outcomes(result: BenchResult) -> str:
+    """Human-readable end-of-bench summary (what ran, what failed and where to look)."""
+    counts: dict[str, int] = {}
+    for o in result.outcomes:
+        key = "skipped (already finished)" if o["action"] == "skipped" else o["status"]
+        counts[key] = counts.get(key, 0) + 1
+    lines = [f"bench: {len(result.outcomes)} run(s): "
+             + ", ".join(f"{n} {k}" for k, n in counts.items())]
+    for o in result.failed:
+        lines.append(f"\nFAILED {o['balancer']} seed {o['seed']} ({o['action']}, exit status "
+                     f"{o['returncode']}): {o['run_dir']}")
+        lines.append("  " + (o["error"] or "").replace("\n", "\n  "))
+        lines.append(f"  full log: {o['log']}")
+    if result.failed:
+        lines.append("\nFix the cause and rerun the same command: finished runs are skipped, a "
+                     "failed run resumes from its checkpoint (delete its run directory to start "
+                     "it over).")
+    if result.report_files:
+        lines.append("\nreport: " + ", ".join(str(p) for p in result.report_files
+                                              if p.suffix in (".md", ".csv")))
+    if result.report_error:
+        lines.append(f"\nreport not written: {result.report_error}")
+    if result.interrupted:
+        lines.append("\ninterrupted: rerun the same command to resume the unfinished runs")
+    return "\n".join(lines)

@@ -1,0 +1,251 @@
+"""The ``mtrl`` command: ``train``, ``eval``, ``balancers``, ``bench``, ``report``.
+
+This is the only place that turns names into objects. Errors a user can cause print one
+line starting with ``error:`` and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+USAGE = """usage: mtrl <command> [options]
+
+commands:
+  train       train a multi-task SAC agent       (mtrl train --help)
+  eval        evaluate a run or checkpoint       (mtrl eval --help)
+  balancers   list registered balancers with hyper-parameters and defaults
+  bench       train every (balancer, seed) pair, then report   (mtrl bench --help)
+  report      statistics, tables and plots of a benchmark dir  (mtrl report --help)
+"""
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+# ---------------------------------------------------------------------- train
+def _train(argv: list[str]) -> None:
+    import tyro
+
+    from mtrl.config import TrainConfig, from_dict, load_preset
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    pre.add_argument("--resume", default=None, metavar="RUN_DIR")
+    known, rest = pre.parse_known_args(argv)
+    if known.resume:
+        config_file = Path(known.resume) / "config.json"
+        if not config_file.is_file():
+            _fail(f"cannot resume: {str(config_file)!r} not found (is {known.resume!r} a run dir?)")
+        data = json.loads(config_file.read_text())
+        data.pop("task_names", None)
+        base = from_dict(TrainConfig, data)
+        base = dataclasses.replace(base, run_dir=str(known.resume))
+    elif known.config:
+        base = load_preset(known.config)
+    else:
+        base = TrainConfig()
+    cfg = tyro.cli(
+        TrainConfig,
+        default=base,
+        args=rest,
+        prog="mtrl train",
+        description="Train multi-task SAC. Options override --config PRESET (a JSON file or a "
+        "name in configs/); --resume RUN_DIR continues a run from its checkpoint.",
+    )
+    if known.resume and cfg.run_dir != known.resume:
+        _fail("--resume and --run-dir must name the same directory")
+
+    from mtrl.trainer import train
+
+    result = train(cfg, resume=bool(known.resume))
+    if result.final_eval is not None:
+        _print_success_table(result.final_eval)
+    state = "interrupted" if result.interrupted else "finished"
+    print(f"{state} at step {result.steps}; run directory: {result.run_dir}")
+    if result.interrupted:
+        raise SystemExit(130)
+
+
+def _print_success_table(record: dict[str, Any]) -> None:
+    success, returns = record["success"], record["return"]
+    width = max(len(t) for t in success) + 2
+    print(f"\n{'task':<{width}}{'success':>9}{'return':>11}")
+    for task in success:
+        print(f"{task:<{width}}{success[task]:>9.2f}{returns[task]:>11.1f}")
+    print(f"{'mean':<{width}}{record['mean_success']:>9.3f}"
+          f"   ({record['protocol']} protocol, {record['episodes_per_task']} episode(s)/task, "
+          f"step {record['step']})")
+
+
+# ---------------------------------------------------------------------- eval
+def _eval(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="mtrl eval", description="Evaluate a trained run and write eval_<step>.json/.csv."
+    )
+    parser.add_argument("path", help="run directory or checkpoint file")
+    parser.add_argument("--episodes-per-task", type=int, default=None)
+    parser.add_argument("--protocol", choices=["mtrl", "metaworld-plus"], default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default=None, help="output directory (default: the run dir)")
+    args = parser.parse_args(argv)
+    if args.episodes_per_task is not None and args.episodes_per_task < 1:
+        _fail("--episodes-per-task must be >= 1")
+
+    from mtrl.evaluate_run import evaluate_run
+
+    record, written = evaluate_run(
+        args.path, episodes_per_task=args.episodes_per_task, protocol=args.protocol,
+        device=args.device, out_dir=args.out,
+    )
+    _print_success_table(record)
+    for p in written:
+        print(f"wrote {p}")
+
+
+# ---------------------------------------------------------------------- balancers
+def _balancers(argv: list[str]) -> None:
+    import inspect
+
+    from mtrl.balancers import get_class, hparam_defaults, names
+
+    if argv:
+        _fail(f"mtrl balancers takes no arguments, got {' '.join(argv)}")
+    for name in names():
+        try:
+            cls = get_class(name)
+        except ValueError as exc:
+            print(f"{name:<14} (failed to load: {exc})")
+            continue
+        params = ", ".join(
+            k if v is inspect.Parameter.empty else f"{k}={v!r}"
+            for k, v in hparam_defaults(cls).items()
+        )
+        doc = (inspect.getdoc(cls) or "").splitlines()
+        summary = doc[0] if doc else ""
+        print(f"{name:<14} ({params})  {summary}")
+
+
+# ---------------------------------------------------------------------- bench
+def _bench(argv: list[str]) -> None:
+    from mtrl.bench import BenchSpec, format_outcomes, run_bench
+    from mtrl.report import DEFAULT_POI_REPS, DEFAULT_REPS
+
+    parser = argparse.ArgumentParser(
+        prog="mtrl bench",
+        description="Train every (balancer, seed) pair as its own run in OUT/runs/<balancer>/"
+        "seed<k>, then write the report to OUT. Rerunning the same command skips finished "
+        "runs, resumes interrupted ones and starts the rest.",
+    )
+    parser.add_argument("--benchmark", default="MT10", help="MT10, MT50, MT1, custom, toy")
+    parser.add_argument("--balancers", default="mean,cagrad,fairgrad,sdmgrad-os",
+                        help="comma-separated balancer names (see `mtrl balancers`)")
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    parser.add_argument("--steps", type=int, required=True,
+                        help="vector-env steps per run (each adds one transition per task)")
+    parser.add_argument("--protocol", default="mtrl", choices=["mtrl", "metaworld-plus"])
+    parser.add_argument("--out", default=None,
+                        help="output directory (default: benchmarks/<benchmark>-<protocol>)")
+    parser.add_argument("--launcher", default="local", choices=["local", "ray"])
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: start a local Ray instance)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="parallel runs (default: CPU cores // threads-per-run)")
+    parser.add_argument("--threads-per-run", type=int, default=1)
+    parser.add_argument("--gpus-per-run", type=float, default=0.25,
+                        help="GPU fraction per run when GPUs exist (0: runs use the CPU)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="config override with a JSON value, e.g. --set warmup_steps=100 "
+                        "--set sac.hidden_sizes=[256,256] (repeatable)")
+    parser.add_argument("--reps", type=int, default=DEFAULT_REPS,
+                        help="bootstrap resamples for mean/IQM confidence intervals")
+    parser.add_argument("--poi-reps", type=int, default=DEFAULT_POI_REPS,
+                        help="bootstrap resamples for probability of improvement")
+    parser.add_argument("--no-report", action="store_true", help="skip the report")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate and show what would run (skip/resume/start); launch nothing")
+    args = parser.parse_args(argv)
+    out = args.out or f"benchmarks/{args.benchmark.lower()}-{args.protocol}"
+    spec = BenchSpec(
+        benchmark=args.benchmark, balancers=tuple(args.balancers.split(",")), seeds=args.seeds,
+        steps=args.steps, protocol=args.protocol, out=Path(out), launcher=args.launcher,
+        address=args.address, workers=args.workers, threads_per_run=args.threads_per_run,
+        gpus_per_run=args.gpus_per_run, overrides=tuple(args.overrides),
+        report=not args.no_report, reps=args.reps, poi_reps=args.poi_reps,
+    )
+    if args.dry_run:
+        from mtrl.bench import format_plan, plan_runs
+
+        print(format_plan(plan_runs(spec)))
+        return
+    result = run_bench(spec, progress=not args.no_progress)
+    print(format_outcomes(result))
+    if result.exit_code == 130:
+        raise SystemExit(130)
+    if result.failed:
+        _fail(f"{len(result.failed)} of {len(result.outcomes)} run(s) failed (see above)", code=1)
+    if result.report_error:
+        _fail(f"report not written: {result.report_error}", code=1)
+
+
+# ---------------------------------------------------------------------- report
+def _report(argv: list[str]) -> None:
+    from mtrl.report import DEFAULT_POI_REPS, DEFAULT_REPS, write_report
+
+    parser = argparse.ArgumentParser(
+        prog="mtrl report",
+        description="Read every run directory below DIR (folders with config.json) and write "
+        "results.csv, summary.md, summary.json and PNG plots.",
+    )
+    parser.add_argument("dir", help="benchmark output directory (or any folder of runs)")
+    parser.add_argument("--out", default=None, help="where to write (default: DIR)")
+    parser.add_argument("--reps", type=int, default=DEFAULT_REPS,
+                        help="bootstrap resamples for mean/IQM confidence intervals")
+    parser.add_argument("--poi-reps", type=int, default=DEFAULT_POI_REPS,
+                        help="bootstrap resamples for probability of improvement")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    report = write_report(args.dir, out_dir=args.out, reps=args.reps, poi_reps=args.poi_reps,
+                          plots=not args.no_plots)
+    md = next(p for p in report.files if p.name == "summary.md")
+    print(md.read_text())
+    for p in report.files:
+        print(f"wrote {p}")
+
+
+COMMANDS = {"train": _train, "eval": _eval, "balancers": _balancers, "bench": _bench,
+            "report": _report}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        _fail(f"unknown command {command!r}; valid commands: {', '.join(COMMANDS)}")
+    from mtrl.checkpoint import CheckpointError
+    from mtrl.config import ConfigError
+    from mtrl.trainer import TrainingError
+
+    try:
+        COMMANDS[command](rest)
+    except (ConfigError, CheckpointError) as exc:
+        _fail(str(exc))
+    except TrainingError as exc:
+        _fail(str(exc), code=1)
+    except ValueError as exc:  # bad values surfacing from dataclass/env validation
+        _fail(str(exc))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Run configuration: frozen dataclasses, flat JSON presets, strict validation.
+
+A preset in ``configs/`` is a JSON object whose keys mirror :class:`TrainConfig` (nested
+objects for ``env`` and ``sac``). Unknown keys are an error that names the key and the
+valid choices; command-line overrides are applied on top by the CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mtrl.agents.sac import SACConfig
+from mtrl.envs import EnvConfig
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key and the valid choices."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs. Steps count vector-env steps: one transition per task."""
+
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """Environment: benchmark (MT10, MT50, MT1, custom, toy), seed, episode length, goals."""
+    sac: SACConfig = field(default_factory=SACConfig)
+    """Multi-task SAC: network sizes, learning rates, which losses are balanced."""
+    balancer: str = "mean"
+    """Balancer name (see `mtrl balancers`) or a 'package.module:Class' path."""
+    balancer_kwargs: dict[str, float | int | bool | str] = field(default_factory=dict)
+    """Balancer hyper-parameters, e.g. {"c": 0.9} for cagrad."""
+    total_steps: int = 1_000_000
+    """Vector-env steps to train (each adds one transition per task)."""
+    warmup_steps: int = 1_500
+    """Vector-env steps of uniformly random actions before the policy acts and updates start."""
+    updates_per_step: int = 1
+    """Gradient updates per vector-env step (update-to-data ratio)."""
+    batch_size: int = 1280
+    """Transitions per update (all tasks together; 128 per task on MT10)."""
+    stratified: bool = True
+    """Sample batch_size / K transitions per task (False: uniform over the buffer)."""
+    buffer_capacity: int = 1_000_000
+    """Replay capacity over all tasks (split evenly between tasks)."""
+    protocol: Literal["mtrl", "metaworld-plus"] = "mtrl"
+    """Evaluation protocol (see DESIGN.md)."""
+    eval_every: int = 10_000
+    """Evaluate every N vector-env steps (and at the end); 0 disables periodic evaluation."""
+    eval_episodes: int | None = None
+    """Episodes per task at each evaluation (default: the protocol's)."""
+    log_every: int = 1_000
+    """Write metrics every N vector-env steps."""
+    checkpoint_every: int = 50_000
+    """Checkpoint every N vector-env steps (and at the end)."""
+    save_buffer: bool = True
+    """Include the replay buffer in checkpoints (exact resume; costs disk)."""
+    max_consecutive_skips: int = 100
+    """Stop the run after this many consecutive updates skipped for NaN/Inf."""
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
+    threads: int = 1
+    """torch CPU threads (oversubscription is very costly on small machines)."""
+    run_dir: str | None = None
+    """Output directory (default: runs/<benchmark>-<balancer>-s<seed>)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, recursing into nested dataclasses.
+
+    Unknown keys raise :class:`ConfigError` naming the key and the valid ones.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config section {prefix or '<root>'!r} must be an object, got {data!r}")
+    types = _field_types(cls)
+    unknown = sorted(set(data) - set(types))
+    if unknown:
+        where = f" in section {prefix.rstrip('.')!r}" if prefix else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}{where}; "
+            f"valid keys: {', '.join(types)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        tp = types[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, prefix=f"{prefix}{key}.")
+        elif isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """JSON-ready dict of a (nested) config dataclass."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def load_preset(path: str | Path) -> TrainConfig:
+    """Load a JSON preset. A bare name such as ``mt10_cagrad`` is looked up in ``configs/``."""
+    p = Path(path)
+    if not p.exists() and not p.suffix:
+        p = p.with_suffix(".json")
+    if not p.exists():
+        candidate = Path(__file__).resolve().parent.parent / "configs" / p.name
+        if candidate.exists():
+            p = candidate
+    if not p.exists():
+        presets = sorted(x.stem for x in presets_dir().glob("*.json"))
+        raise ConfigError(f"config file {str(path)!r} not found; presets: {', '.join(presets)}")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid JSON: {exc}") from exc
+    return from_dict(TrainConfig, data)
+
+
+def presets_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and (
+        value >= 0 if allow_zero else value >= 1
+    )
+    if not ok:
+        bound = ">= 0" if allow_zero else ">= 1"
+        raise ConfigError(f"{name} must be an integer {bound}, got {value!r}")
+
+
+def validate(cfg: TrainConfig, num_tasks: int | None = None) -> None:
+    """Check values that the dataclasses cannot check by type; raise ConfigError."""
+    from mtrl.balancers import build
+
+    for name in ("total_steps", "updates_per_step", "batch_size", "buffer_capacity",
+                 "log_every", "checkpoint_every", "max_consecutive_skips", "threads"):
+        _positive(name, getattr(cfg, name))
+    for name in ("warmup_steps", "eval_every"):
+        _positive(name, getattr(cfg, name), allow_zero=True)
+    if cfg.eval_episodes is not None:
+        _positive("eval_episodes", cfg.eval_episodes)
+    if cfg.protocol not in ("mtrl", "metaworld-plus"):
+        raise ConfigError(f"protocol must be one of mtrl, metaworld-plus; got {cfg.protocol!r}")
+    if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")
+            or cfg.device == "mps"):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
+    valid_losses = ("critic", "actor", "alpha")
+    bad = [x for x in cfg.sac.balance if x not in valid_losses]
+    if bad:
+        raise ConfigError(
+            f"sac.balance has unknown loss(es) {', '.join(bad)}; valid: {', '.join(valid_losses)}"
+        )
+    try:
+        build(cfg.balancer, **cfg.balancer_kwargs)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if num_tasks is not None:
+        if cfg.stratified and cfg.batch_size % num_tasks:
+            raise ConfigError(
+                f"batch_size {cfg.batch_size} must be divisible by the {num_tasks} tasks "
+                "for stratified sampling"
+            )
+        if cfg.buffer_capacity < num_tasks:
+            raise ConfigError(f"buffer_capacity must be at least the {num_tasks} tasks")

@@ -1,0 +1,97 @@
+"""Evaluate a finished (or interrupted) run from its checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtrl.checkpoint import (
+    CheckpointError,
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+)
+from mtrl.config import TrainConfig, from_dict
+
+
+def _locate(path: str | Path) -> tuple[Path, Path]:
+    """(run_dir, checkpoint file) from either of them."""
+    from mtrl.trainer import CHECKPOINT_NAME
+
+    p = Path(path)
+    if p.is_dir():
+        return p, p / CHECKPOINT_NAME
+    if p.is_file():
+        return p.parent, p
+    raise CheckpointError(f"{str(p)!r} is neither a run directory nor a checkpoint file")
+
+
+def evaluate_run(
+    path: str | Path,
+    episodes_per_task: int | None = None,
+    protocol: str | None = None,
+    device: str = "auto",
+    out_dir: str | Path | None = None,
+) -> tuple[dict[str, Any], list[Path]]:
+    """Evaluate the policy in a checkpoint; write ``eval_<step>.json`` and ``.csv``."""
+    from mtrl.agents.sac import MultiTaskSAC
+    from mtrl.balancers import build
+    from mtrl.envs import PROTOCOLS, eval_env_config, evaluate, make_envs
+    from mtrl.trainer import resolve_device
+
+    run_dir, ckpt = _locate(path)
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{str(config_file)!r} not found next to the checkpoint")
+    data = json.loads(config_file.read_text())
+    data.pop("task_names", None)
+    cfg: TrainConfig = from_dict(TrainConfig, data)
+    dev = resolve_device(device)
+    torch.set_num_threads(cfg.threads)
+    protocol = protocol or cfg.protocol
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    episodes = episodes_per_task or PROTOCOLS[protocol].episodes_per_task
+    state = load_checkpoint(ckpt, map_location=dev)
+
+    envs = make_envs(replace(eval_env_config(cfg.env, protocol), device=str(dev)))
+    try:
+        agent = MultiTaskSAC(
+            envs.obs_dim, envs.act_dim, envs.num_tasks, cfg.sac,
+            lambda: build(cfg.balancer, **cfg.balancer_kwargs), device=dev,
+        )
+        try:
+            agent.load_state_dict(state["agent"])
+        except (RuntimeError, KeyError) as exc:
+            raise CheckpointError(
+                f"checkpoint {str(ckpt)!r} does not match the run's config: {exc}"
+            ) from exc
+        result = evaluate(lambda o: agent.act(o, deterministic=True), envs, episodes)
+    finally:
+        envs.close()
+
+    step = int(state["step"])
+    record = {
+        "step": step,
+        "protocol": protocol,
+        "episodes_per_task": episodes,
+        "mean_success": float(result.mean_success),
+        "success": {k: float(v) for k, v in result.success_rate.items()},
+        "return": {k: float(v) for k, v in result.mean_return.items()},
+    }
+    out = Path(out_dir) if out_dir else run_dir
+    json_path, csv_path = out / f"eval_{step}.json", out / f"eval_{step}.csv"
+    atomic_write_json(json_path, record)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["task", "success_rate", "mean_return"])
+    for task, value in record["success"].items():
+        writer.writerow([task, value, record["return"][task]])
+    atomic_write_text(csv_path, buf.getvalue())
+    return record, [json_path, csv_path]

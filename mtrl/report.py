@@ -1,0 +1,819 @@
+"""Benchmark report: statistics over seeds, Markdown/CSV tables and plots from run directories.
+
+    from mtrl.report import write_report
+    summary = write_report("benchmarks/mt10-short")   # finds every run dir below it
+
+A run directory is any folder holding a ``config.json`` written by the trainer. Runs are
+grouped by (benchmark, protocol) and reported the way the field reports each protocol:
+
+* ``mtrl`` (fixed goals, 150-step episodes, one episode per task per evaluation):
+  seed-mean learning curve, final success ± standard error over seeds, and the
+  *best-over-time* value (the maximum of the seed-mean curve; optimistic, because it picks
+  the evaluation step using the results, but it is the number the mtrl-lineage papers
+  publish).
+* ``metaworld-plus`` (random goals, 500-step episodes, 50 episodes per task): mean and
+  interquartile mean (IQM) of the final per-task success with 95% stratified-bootstrap
+  confidence intervals over seeds, and the probability of improvement between balancers
+  (both from ``rliable``).
+
+Both tables carry every column so that numbers can be compared across protocols; the notes
+under each table say which numbers are that protocol's headline. Only finished runs (those
+with ``result.json``) enter the statistics; unfinished ones are listed separately.
+
+Outputs (all written atomically): ``results.csv`` (one row per run × evaluation × task),
+``summary.md``, ``summary.json`` and PNG plots named ``<kind>_<benchmark>_<protocol>.png``
+(``learning_curves``, ``task_heatmap``, ``diagnostics_weights``, ``diagnostics_conflict``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtrl.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+CSV_COLUMNS = ("balancer", "seed", "step", "env_steps", "task", "success", "return", "protocol",
+               "benchmark")
+PROTOCOL_NOTES = {
+    "mtrl": "fixed goal per task, 150-step episodes, 1 deterministic episode per task per "
+            "evaluation",
+    "metaworld-plus": "goals resampled per episode, 500-step episodes, 50 episodes per task",
+}
+DEFAULT_REPS = 10_000
+DEFAULT_POI_REPS = 1_000
+
+
+class ReportError(ValueError):
+    """The report cannot be made (e.g. no run directories below the given folder)."""
+
+
+# ====================================================================== statistics
+def standard_error(values: Sequence[float] | np.ndarray) -> float:
+    """Standard error of the mean over seeds: sample std (ddof=1) / sqrt(n); NaN when n < 2."""
+    x = np.asarray(values, dtype=float)
+    x = x[~np.isnan(x)]
+    if x.size < 2:
+        return float("nan")
+    return float(x.std(ddof=1) / math.sqrt(x.size))
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A seed-mean learning curve: value and standard error at each evaluation step."""
+
+    steps: np.ndarray  # (T,)
+    env_steps: np.ndarray  # (T,)
+    mean: np.ndarray  # (T,)
+    se: np.ndarray  # (T,)
+    count: np.ndarray  # (T,) seeds that have an evaluation at that step
+
+
+def seed_mean_curve(
+    per_seed: Sequence[dict[int, float]], env_steps: dict[int, int] | None = None
+) -> Curve:
+    """Average per-seed curves ({step: value}) step by step over the seeds that have the step."""
+    steps = sorted({s for curve in per_seed for s in curve})
+    mean, se, count = [], [], []
+    for s in steps:
+        vals = [curve[s] for curve in per_seed if s in curve]
+        mean.append(float(np.nanmean(vals)) if vals else float("nan"))
+        se.append(standard_error(vals))
+        count.append(len(vals))
+    env = env_steps or {}
+    return Curve(
+        steps=np.asarray(steps, dtype=np.int64),
+        env_steps=np.asarray([env.get(s, s) for s in steps], dtype=np.int64),
+        mean=np.asarray(mean, dtype=float),
+        se=np.asarray(se, dtype=float),
+        count=np.asarray(count, dtype=np.int64),
+    )
+
+
+def best_over_time(curve: Curve) -> tuple[float, int, float]:
+    """(value, step, s.e.) at the maximum of the seed-mean curve.
+
+    Only steps that every seed reached are considered (a step that one lucky seed reached
+    alone would otherwise decide the number); if there are none, all steps are used.
+    """
+    if curve.steps.size == 0:
+        return float("nan"), -1, float("nan")
+    full = curve.count == curve.count.max()
+    values = np.where(full & ~np.isnan(curve.mean), curve.mean, -np.inf)
+    if not np.isfinite(values).any():
+        return float("nan"), -1, float("nan")
+    i = int(np.argmax(values))  # first step reaching the maximum
+    return float(curve.mean[i]), int(curve.steps[i]), float(curve.se[i])
+
+
+def _rliable():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from rliable import library, metrics
+    except Exception as exc:  # not installed, or arch/pandas incompatibility
+        raise ReportError(
+            "interval estimates need the 'rliable' package (pip install 'mtrl[bench]'); "
+            f"importing it failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    return library, metrics
+
+
+def interval_estimates(
+    scores: dict[str, np.ndarray], reps: int = DEFAULT_REPS, seed: int = 0
+) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """Mean and IQM of each (seeds × tasks) score matrix with 95% stratified-bootstrap CIs.
+
+    Returns {name: {"mean": (point, low, high), "iqm": (point, low, high)}} (rliable
+    ``get_interval_estimates``; the bootstrap resamples seeds independently per task).
+    """
+    library, metrics = _rliable()
+
+    def aggregate(x: np.ndarray) -> np.ndarray:
+        return np.array([metrics.aggregate_mean(x), metrics.aggregate_iqm(x)])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        point, ci = library.get_interval_estimates(
+            {k: np.asarray(v, dtype=float) for k, v in scores.items()}, aggregate,
+            reps=reps, random_state=np.random.RandomState(seed),
+        )
+    out = {}
+    for name in scores:
+        p, c = np.asarray(point[name], dtype=float), np.asarray(ci[name], dtype=float)
+        out[name] = {
+            "mean": (float(p[0]), float(c[0, 0]), float(c[1, 0])),
+            "iqm": (float(p[1]), float(c[0, 1]), float(c[1, 1])),
+        }
+    return out
+
+
+def probability_of_improvement(
+    scores: dict[str, np.ndarray], reps: int = DEFAULT_POI_REPS, seed: int = 0
+) -> dict[tuple[str, str], tuple[float, float, float]]:
+    """P(X > Y) for every ordered pair of score matrices, with 95% bootstrap CIs (rliable).
+
+    rliable computes the pairs X < Y (in ``scores`` order); the reverse pairs follow from
+    P(Y > X) = 1 - P(X > Y) (ties count one half).
+    """
+    library, metrics = _rliable()
+    names = list(scores)
+    pairs = {
+        f"{x},{y}": (np.asarray(scores[x], dtype=float), np.asarray(scores[y], dtype=float))
+        for i, x in enumerate(names) for y in names[i + 1:]
+    }
+    if not pairs:
+        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        point, ci = library.get_interval_estimates(
+            pairs, metrics.probability_of_improvement, reps=reps,
+            random_state=np.random.RandomState(seed),
+        )
+    out: dict[tuple[str, str], tuple[float, float, float]] = {}
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            key = f"{x},{y}"
+            p = float(np.asarray(point[key]))
+            c = np.asarray(ci[key], dtype=float).reshape(-1)
+            lo, hi = float(c[0]), float(c[-1])
+            out[(x, y)] = (p, lo, hi)
+            out[(y, x)] = (1.0 - p, 1.0 - hi, 1.0 - lo)
+    return out
+
+
+# ====================================================================== loading runs
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL log, as one consistent history.
+
+    A line cut short by a crash is skipped. A resumed run logs again from its checkpoint
+    step, so records at or after a step that reappears are replaced by the newer session's.
+    """
+    if not path.is_file():
+        return []
+    records: list[dict[str, Any]] = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict) or "step" not in rec:
+            continue
+        while records and records[-1]["step"] >= rec["step"]:
+            records.pop()
+        records.append(rec)
+    return records
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+@dataclass
+class Run:
+    """One training run directory, parsed."""
+
+    path: Path
+    config: dict[str, Any]
+    evals: list[dict[str, Any]]
+    metrics: list[dict[str, Any]]
+    result: dict[str, Any] | None
+    label: str = ""
+
+    @property
+    def balancer(self) -> str:
+        return str(self.config.get("balancer", "?"))
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("env", {}).get("seed", 0))
+
+    @property
+    def benchmark(self) -> str:
+        return str(self.config.get("env", {}).get("benchmark", "?"))
+
+    @property
+    def protocol(self) -> str:
+        return str(self.config.get("protocol", "?"))
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None
+
+    @property
+    def task_names(self) -> list[str]:
+        names = self.config.get("task_names")
+        if names:
+            return list(names)
+        return list(self.evals[-1]["success"]) if self.evals else []
+
+    @property
+    def final_eval(self) -> dict[str, Any] | None:
+        if self.result and isinstance(self.result.get("final_eval"), dict):
+            return self.result["final_eval"]
+        return self.evals[-1] if self.evals else None
+
+    def final_scores(self, tasks: Sequence[str]) -> np.ndarray:
+        final = self.final_eval or {"success": {}}
+        return np.array([float(final["success"].get(t, np.nan)) for t in tasks])
+
+    def success_curve(self) -> dict[int, float]:
+        return {int(r["step"]): float(np.mean(list(r["success"].values())))
+                for r in self.evals if r.get("success")}
+
+
+def load_runs(root: str | Path) -> list[Run]:
+    """Every run directory (a folder with ``config.json``) below ``root``, sorted by path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ReportError(f"{str(root)!r} is not a directory")
+    runs = []
+    for cfg_path in sorted(root.rglob("config.json")):
+        config = _read_json(cfg_path)
+        if config is None or "env" not in config or "balancer" not in config:
+            continue  # not a trainer's config.json
+        d = cfg_path.parent
+        runs.append(Run(
+            path=d, config=config, evals=read_jsonl(d / "eval.jsonl"),
+            metrics=read_jsonl(d / "metrics.jsonl"), result=_read_json(d / "result.json"),
+        ))
+    _assign_labels(runs)
+    return runs
+
+
+def _assign_labels(runs: list[Run]) -> None:
+    """Label = balancer name; with its hyper-parameters when one name ran with several."""
+    kwargs_seen: dict[str, set[str]] = {}
+    for r in runs:
+        kw = json.dumps(r.config.get("balancer_kwargs") or {}, sort_keys=True)
+        kwargs_seen.setdefault(r.balancer, set()).add(kw)
+    for r in runs:
+        kw = r.config.get("balancer_kwargs") or {}
+        if len(kwargs_seen[r.balancer]) > 1 and kw:
+            r.label = f"{r.balancer}({', '.join(f'{k}={v}' for k, v in sorted(kw.items()))})"
+        else:
+            r.label = r.balancer
+
+
+# ====================================================================== per-group summary
+@dataclass
+class MethodSummary:
+    label: str
+    seeds: list[int]
+    final_scores: np.ndarray  # (seeds, tasks)
+    final_mean: float
+    final_se: float
+    curve: Curve
+    best: float
+    best_step: int
+    best_se: float
+    env_steps: float
+    wall_clock_s: float
+    env_steps_per_s: float
+    mean_ci: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+    iqm_ci: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+
+
+@dataclass
+class GroupSummary:
+    benchmark: str
+    protocol: str
+    tasks: list[str]
+    methods: dict[str, MethodSummary]
+    poi: dict[tuple[str, str], tuple[float, float, float]] = field(default_factory=dict)
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def slug(self) -> str:
+        return f"{self.benchmark}_{self.protocol}".lower().replace("-", "_").replace(" ", "_")
+
+
+def _method_order(labels: Iterable[str]) -> list[str]:
+    """Baseline ``mean`` first, then alphabetical."""
+    return sorted(set(labels), key=lambda x: (x != "mean", x))
+
+
+def _nanmean(values: Iterable[Any]) -> float:
+    x = np.array([float(v) for v in values if isinstance(v, (int, float))], dtype=float)
+    return float(np.nanmean(x)) if x.size and not np.isnan(x).all() else float("nan")
+
+
+def summarize_group(
+    runs: list[Run], reps: int = DEFAULT_REPS, poi_reps: int = DEFAULT_POI_REPS, seed: int = 0
+) -> GroupSummary:
+    """Statistics of finished runs that share a benchmark and a protocol."""
+    first = runs[0]
+    tasks = first.task_names
+    methods: dict[str, MethodSummary] = {}
+    for label in _method_order(r.label for r in runs):
+        mruns = sorted((r for r in runs if r.label == label), key=lambda r: r.seed)
+        scores = np.stack([r.final_scores(tasks) for r in mruns])
+        finals = np.nanmean(scores, axis=1)
+        env_map = {int(e["step"]): int(e.get("env_steps", e["step"])) for r in mruns
+                   for e in r.evals}
+        curve = seed_mean_curve([r.success_curve() for r in mruns], env_map)
+        best, best_step, best_se = best_over_time(curve)
+        res = [r.result or {} for r in mruns]
+        methods[label] = MethodSummary(
+            label=label,
+            seeds=[r.seed for r in mruns],
+            final_scores=scores,
+            final_mean=float(np.nanmean(finals)),
+            final_se=standard_error(finals),
+            curve=curve,
+            best=best,
+            best_step=best_step,
+            best_se=best_se,
+            env_steps=_nanmean(x.get("env_steps") for x in res),
+            wall_clock_s=_nanmean(x.get("wall_clock_s") for x in res),
+            env_steps_per_s=_nanmean(x.get("env_steps_per_s") for x in res),
+        )
+    group = GroupSummary(first.benchmark, first.protocol, tasks, methods, runs=runs)
+    scores = {k: np.nan_to_num(m.final_scores, nan=0.0) for k, m in methods.items()}
+    for k, est in interval_estimates(scores, reps=reps, seed=seed).items():
+        methods[k].mean_ci, methods[k].iqm_ci = est["mean"], est["iqm"]
+    if group.protocol == "metaworld-plus" and len(methods) > 1:
+        group.poi = probability_of_improvement(scores, reps=poi_reps, seed=seed)
+    return group
+
+
+# ====================================================================== formatting
+def _f(x: float, digits: int = 3) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _pm(value: float, se: float) -> str:
+    return f"{_f(value)} ± {_f(se)}"
+
+
+def _ci(est: tuple[float, float, float]) -> str:
+    return f"{_f(est[0])} [{_f(est[1])}, {_f(est[2])}]"
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "n/a"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _num(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{x:,.0f}"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+SUMMARY_HEADER = (
+    "balancer", "seeds", "final success (mean ± s.e.)", "mean [95% CI]", "IQM [95% CI]",
+    "best over time ± s.e. (optimistic)", "at step", "env steps", "wall-clock", "env-steps/s",
+)
+
+
+def group_markdown(g: GroupSummary, reps: int, poi_reps: int, plots: dict[str, str]) -> list[str]:
+    lines = [f"## {g.benchmark} — `{g.protocol}` protocol", ""]
+    if g.protocol in PROTOCOL_NOTES:
+        lines += [f"Evaluation: {PROTOCOL_NOTES[g.protocol]}. {len(g.tasks)} tasks.", ""]
+    rows = []
+    for m in g.methods.values():
+        rows.append((
+            m.label, str(len(m.seeds)), _pm(m.final_mean, m.final_se), _ci(m.mean_ci),
+            _ci(m.iqm_ci), _pm(m.best, m.best_se), str(m.best_step), _num(m.env_steps),
+            _duration(m.wall_clock_s), _num(m.env_steps_per_s),
+        ))
+    lines += _table(SUMMARY_HEADER, rows)
+    headline = (
+        "Headline numbers for this protocol: **final success ± s.e.** and **best over time**."
+        if g.protocol == "mtrl" else
+        "Headline numbers for this protocol: **mean and IQM with 95% CIs** and the "
+        "probability of improvement below."
+    )
+    lines += [
+        "",
+        f"{headline} Final success: the last evaluation's success averaged over tasks, then "
+        "over seeds; s.e. is the standard error over seeds. Mean / IQM (interquartile mean "
+        "over all seed × task scores of the final evaluation) with 95% stratified-bootstrap "
+        f"confidence intervals over seeds (rliable, {reps} resamples). Best over time: the "
+        "highest point of the seed-mean learning curve, i.e. the evaluation step is chosen "
+        "with the results, so it is optimistic; it is the number the mtrl-lineage papers "
+        "(CAGrad, SDMGrad, FairGrad on MT10/MT50) publish. Wall-clock and env-steps/s are "
+        "per run, averaged over seeds.",
+        "",
+    ]
+    if g.poi:
+        names = list(g.methods)
+        lines += [f"### Probability of improvement (P(row > column), rliable, {poi_reps} "
+                  "resamples)", ""]
+        lines += _table(("", *names), (
+            (x, *("—" if x == y else _f(g.poi[(x, y)][0], 2) for y in names)) for x in names
+        ))
+        lines += [""]
+        lines += [f"- P({x} > {y}) = {_ci(g.poi[(x, y)])}"
+                  for i, x in enumerate(names) for y in names[i + 1:]]
+        lines += [""]
+    lines += ["### Final per-task success (seed mean)", ""]
+    names = list(g.methods)
+    lines += _table(("task", *names), (
+        (t, *(_f(float(np.nanmean(g.methods[n].final_scores[:, j]))) for n in names))
+        for j, t in enumerate(g.tasks)
+    ))
+    lines += [""]
+    for title, fname in plots.items():
+        lines += [f"![{title}]({fname})", ""]
+    return lines
+
+
+def group_json(g: GroupSummary) -> dict[str, Any]:
+    def ci(e: tuple[float, float, float]) -> dict[str, float | None]:
+        keys = ("point", "low", "high")
+        return {k: (v if math.isfinite(v) else None) for k, v in zip(keys, e, strict=True)}
+
+    def num(x: float) -> float | None:
+        return x if math.isfinite(x) else None
+
+    return {
+        "benchmark": g.benchmark,
+        "protocol": g.protocol,
+        "tasks": g.tasks,
+        "methods": {
+            k: {
+                "seeds": m.seeds,
+                "final_mean": num(m.final_mean),
+                "final_se": num(m.final_se),
+                "mean": ci(m.mean_ci),
+                "iqm": ci(m.iqm_ci),
+                "best_over_time": num(m.best),
+                "best_over_time_step": m.best_step,
+                "best_over_time_se": num(m.best_se),
+                "env_steps": num(m.env_steps),
+                "wall_clock_s": num(m.wall_clock_s),
+                "env_steps_per_s": num(m.env_steps_per_s),
+                "final_task_success": {
+                    t: num(float(np.nanmean(m.final_scores[:, j]))) for j, t in enumerate(g.tasks)
+                },
+                "curve": {
+                    "step": m.curve.steps.tolist(),
+                    "env_steps": m.curve.env_steps.tolist(),
+                    "mean": [num(float(v)) for v in m.curve.mean],
+                    "se": [num(float(v)) for v in m.curve.se],
+                },
+            }
+            for k, m in g.methods.items()
+        },
+        "probability_of_improvement": {f"{x} > {y}": ci(v) for (x, y), v in g.poi.items()},
+    }
+
+
+def results_csv(runs: Sequence[Run]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for r in sorted(runs, key=lambda r: (r.benchmark, r.protocol, r.label, r.seed)):
+        for e in r.evals:
+            returns = e.get("return", {})
+            for task, success in e.get("success", {}).items():
+                ret = returns.get(task, float("nan"))
+                w.writerow((r.label, r.seed, e["step"], e.get("env_steps", ""), task,
+                            repr(float(success)), repr(float(ret)), e.get("protocol", r.protocol),
+                            r.benchmark))
+    return buf.getvalue()
+
+
+# ====================================================================== plots
+def _figure(nrows: int, ncols: int, width: float, height: float):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _save(fig: Any, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _colors(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def plot_learning_curves(g: GroupSummary, path: Path) -> None:
+    fig, axes = _figure(1, 1, 7, 4.5)
+    ax = axes[0, 0]
+    for color, m in zip(_colors(len(g.methods)), g.methods.values(), strict=True):
+        c = m.curve
+        if c.steps.size == 0:
+            continue
+        se = np.nan_to_num(c.se, nan=0.0)
+        ax.plot(c.env_steps, c.mean, color=color, marker="o" if c.steps.size < 15 else None,
+                ms=3, label=f"{m.label} (n={len(m.seeds)})")
+        ax.fill_between(c.env_steps, c.mean - se, c.mean + se, color=color, alpha=0.2, lw=0)
+    ax.set_xlabel("environment steps (all tasks)")
+    ax.set_ylabel("success rate (mean over tasks)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(f"{g.benchmark}, {g.protocol} protocol: seed mean, band = ± 1 s.e. over seeds",
+                 fontsize=9)
+    _save(fig, path)
+
+
+def plot_task_heatmap(g: GroupSummary, path: Path) -> None:
+    names = list(g.methods)
+    data = np.array([np.nanmean(g.methods[n].final_scores, axis=0) for n in names])
+    width = min(4 + 0.45 * len(g.tasks), 30)
+    fig, axes = _figure(1, 1, width, 1.6 + 0.45 * len(names))
+    ax = axes[0, 0]
+    im = ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(g.tasks)), g.tasks, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    if len(g.tasks) <= 20:
+        for i in range(len(names)):
+            for j in range(len(g.tasks)):
+                v = data[i, j]
+                ax.text(j, i, "" if np.isnan(v) else f"{v:.2f}", ha="center", va="center",
+                        fontsize=7, color="white" if v < 0.6 else "black")
+    fig.colorbar(im, ax=ax, label="final success (seed mean)")
+    ax.set_title(f"{g.benchmark}, {g.protocol} protocol: final per-task success", fontsize=9)
+    _save(fig, path)
+
+
+def _metric_series(runs: Sequence[Run], key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Seed-mean of a logged metric over env steps: (env_steps (T,), values (T,) or (T, K))."""
+    by_step: dict[int, list[np.ndarray]] = {}
+    for r in runs:
+        for rec in r.metrics:
+            if key not in rec or rec[key] is None:
+                continue
+            v = np.asarray(rec[key], dtype=float)
+            by_step.setdefault(int(rec.get("env_steps", rec["step"])), []).append(v)
+    if not by_step:
+        return None
+    steps = sorted(by_step)
+    shapes = {v.shape for vs in by_step.values() for v in vs}
+    if len(shapes) != 1:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN steps (e.g. during warm-up)
+        values = np.stack([np.nanmean(np.stack(by_step[s]), axis=0) for s in steps])
+    if np.isnan(values).all():
+        return None
+    return np.asarray(steps), values
+
+
+def _balanced_losses(runs: Sequence[Run], suffix: str) -> list[str]:
+    found = {k.split("/")[0] for r in runs for rec in r.metrics for k in rec
+             if k.endswith(suffix) and "/" in k}
+    order = ["critic", "actor", "alpha"]
+    return sorted(found, key=lambda x: (order.index(x) if x in order else len(order), x))
+
+
+def plot_weights(g: GroupSummary, path: Path) -> bool:
+    losses = _balanced_losses(g.runs, "/weights")
+    if not losses:
+        return False
+    names = list(g.methods)
+    fig, axes = _figure(len(losses), len(names), 3.2 * len(names) + 1.5, 2.4 * len(losses))
+    colors = _colors(len(g.tasks))
+    any_data = False
+    for i, loss in enumerate(losses):
+        for j, name in enumerate(names):
+            ax = axes[i, j]
+            series = _metric_series([r for r in g.runs if r.label == name], f"{loss}/weights")
+            if series is not None and series[1].ndim == 2:
+                any_data = True
+                steps, values = series
+                for k in range(values.shape[1]):
+                    task = g.tasks[k] if k < len(g.tasks) else str(k)
+                    ax.plot(steps, values[:, k], color=colors[k % len(colors)], lw=1,
+                            label=task)
+            else:
+                ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(f"{loss} task weights", fontsize=8)
+            if i == len(losses) - 1:
+                ax.set_xlabel("environment steps", fontsize=8)
+    if not any_data:
+        return False
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    for ax in axes.flat:
+        if len(ax.get_legend_handles_labels()[1]) > len(labels):
+            handles, labels = ax.get_legend_handles_labels()
+    if labels and len(labels) <= 20:
+        fig.legend(handles, labels, loc="outside right center", fontsize=7)
+    fig.suptitle(f"{g.benchmark}, {g.protocol}: per-task balancer weights (seed mean)",
+                 fontsize=10)
+    _save(fig, path)
+    return True
+
+
+def plot_conflict(g: GroupSummary, path: Path) -> bool:
+    losses = _balanced_losses(g.runs, "/conflict_fraction")
+    if not losses:
+        return False
+    names = list(g.methods)
+    fig, axes = _figure(2, len(losses), 4 * len(losses) + 1.5, 5.2)
+    colors = _colors(len(names))
+    any_data = False
+    for j, loss in enumerate(losses):
+        for i, (metric, ylabel, ylim) in enumerate((
+            ("conflict_fraction", "fraction of task pairs in conflict", (-0.02, 1.02)),
+            ("mean_cosine", "mean pairwise cosine", (-1.02, 1.02)),
+        )):
+            ax = axes[i, j]
+            ax.set_ylim(*ylim)
+            for color, name in zip(colors, names, strict=True):
+                series = _metric_series([r for r in g.runs if r.label == name],
+                                        f"{loss}/{metric}")
+                if series is not None and series[1].ndim == 1:
+                    any_data = True
+                    ax.plot(series[0], series[1], color=color, lw=1.2, label=name)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+            if i == 0:
+                ax.set_title(f"{loss} gradients", fontsize=9)
+            else:
+                ax.set_xlabel("environment steps", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(ylabel, fontsize=8)
+    if not any_data:
+        return False
+    handles, labels = [], []
+    for ax in axes.flat:
+        h, lab = ax.get_legend_handles_labels()
+        if len(lab) > len(labels):
+            handles, labels = h, lab
+    fig.legend(handles, labels, loc="outside right center", fontsize=8)
+    fig.suptitle(f"{g.benchmark}, {g.protocol}: gradient conflict between tasks (seed mean)",
+                 fontsize=10)
+    _save(fig, path)
+    return True
+
+
+# ====================================================================== entry point
+def _rel(path: Path, root: Path) -> str:
+    """``path`` relative to the report root (committed reports should not hold local paths)."""
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+
+@dataclass
+class Report:
+    out_dir: Path
+    groups: list[GroupSummary]
+    skipped: list[tuple[Run, str]]  # unfinished runs (and runs that fit no group), with why
+    files: list[Path]
+
+
+def write_report(
+    root: str | Path,
+    out_dir: str | Path | None = None,
+    reps: int = DEFAULT_REPS,
+    poi_reps: int = DEFAULT_POI_REPS,
+    seed: int = 0,
+    plots: bool = True,
+) -> Report:
+    """Read every run below ``root``; write results.csv, summary.md/json and plots."""
+    root = Path(root)
+    out = Path(out_dir) if out_dir is not None else root
+    if reps < 1 or poi_reps < 1:
+        raise ReportError("bootstrap repetitions must be >= 1")
+    runs = load_runs(root)
+    if not runs:
+        raise ReportError(f"no run directories (folders with config.json) below {str(root)!r}")
+    finished = [r for r in runs if r.finished]
+    incomplete = [r for r in runs if not r.finished]
+    skipped: list[tuple[Run, str]] = [
+        (r, "checkpoint, no result.json (resume it)" if (r.path / "checkpoint.pt").exists()
+         else "no checkpoint, no result.json")
+        for r in incomplete
+    ]
+    keys = sorted({(r.benchmark, r.protocol) for r in finished})
+    groups: list[GroupSummary] = []
+    for bench, proto in keys:
+        members = [r for r in finished if (r.benchmark, r.protocol) == (bench, proto)]
+        tasks = members[0].task_names
+        same = [r for r in members if r.task_names == tasks]
+        for r in members:
+            if r.task_names != tasks:  # e.g. custom benchmarks with other task lists
+                skipped.append((r, f"task list differs from {_rel(members[0].path, root)}"))
+        groups.append(summarize_group(same, reps=reps, poi_reps=poi_reps, seed=seed))
+
+    files: list[Path] = []
+    csv_path = out / "results.csv"
+    atomic_write_text(csv_path, results_csv(finished))
+    files.append(csv_path)
+
+    md = ["# Benchmark report", "",
+          f"{len(finished)} finished run(s) under `{root.name or root}`"
+          + (f"; {len(skipped)} run(s) not in the statistics, listed at the end."
+             if skipped else "."),
+          ""]
+    for g in groups:
+        plot_files: dict[str, str] = {}
+        if plots:
+            candidates = (
+                ("learning curves", "learning_curves", plot_learning_curves),
+                ("final per-task success", "task_heatmap", plot_task_heatmap),
+                ("balancer weights", "diagnostics_weights", plot_weights),
+                ("gradient conflict", "diagnostics_conflict", plot_conflict),
+            )
+            for title, stem, fn in candidates:
+                p = out / f"{stem}_{g.slug}.png"
+                if fn(g, p) is not False:
+                    plot_files[title] = p.name
+                    files.append(p)
+        md += group_markdown(g, reps, poi_reps, plot_files)
+    if skipped:
+        md += ["## Runs not in the statistics", ""]
+        md += _table(("run directory", "balancer", "seed", "last logged step", "state"), (
+            (_rel(r.path, root), r.label, str(r.seed),
+             str(max([x["step"] for x in r.metrics + r.evals], default=0)), why)
+            for r, why in skipped
+        ))
+        md += [""]
+    md_path = out / "summary.md"
+    atomic_write_text(md_path, "\n".join(md))
+    files.append(md_path)
+    json_path = out / "summary.json"
+    atomic_write_json(json_path, {
+        "groups": [group_json(g) for g in groups],
+        "runs_not_in_statistics": {_rel(r.path, root): why for r, why in skipped},
+        "bootstrap_reps": reps,
+        "poi_bootstrap_reps": poi_reps,
+    })
+    files.append(json_path)
+    return Report(out, groups, skipped, files)

@@ -1,0 +1,219 @@
+"""Property checks every balancer should pass, for built-ins and plug-ins alike.
+
+Usage (in a plug-in's own test suite)::
+
+    from mtrl.testing import check_balancer
+
+    def test_my_balancer():
+        check_balancer(MyBalancer)              # a class or any zero-argument factory
+        check_balancer(lambda: MyBalancer(x=2))
+        check_balancer("my-balancer")           # a registered / entry-point name
+
+A failed property raises ``AssertionError`` with a message naming the balancer and the
+property. Each check runs on a fresh balancer (a new instance from the factory, or a
+deep copy of a given instance), so state such as carried weights or a sampler's generator
+never leaks from one check into another.
+
+Properties whose truth depends on the method are declared by class attributes of
+:class:`mtrl.balancers.Balancer`:
+
+* ``permutation_equivariant`` (default True): permuting the task rows and losses leaves
+  the output unchanged. Set it to False for random task orders or objective sampling.
+* ``scale_degree`` (default 1.0): scaling every gradient by ``s > 0`` scales the output by
+  ``s ** scale_degree``; ``None`` skips the check.
+* ``consensus_exact`` (default True): K=1, or K identical rows, return that row exactly
+  (mean scale). When False only a positive multiple of the row is required.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtrl.balancers.base import Balancer
+
+__all__ = ["check_balancer"]
+
+
+def _factory(obj: Any) -> tuple[Callable[[], Balancer], str]:
+    if isinstance(obj, str):
+        from mtrl.balancers import build
+
+        build(obj)  # fail early with the registry's message
+        return (lambda: build(obj)), obj
+    if isinstance(obj, Balancer):
+        template = copy.deepcopy(obj)
+        return (lambda: copy.deepcopy(template)), obj.name or type(obj).__name__
+    if callable(obj):
+        return obj, getattr(obj, "name", "") or getattr(obj, "__name__", repr(obj))
+    raise TypeError(
+        "check_balancer expects a Balancer instance, a zero-argument factory (e.g. the "
+        f"class) or a registered name, got {obj!r}"
+    )
+
+
+def _fail(label: str, what: str) -> AssertionError:
+    return AssertionError(f"check_balancer[{label}]: {what}")
+
+
+def _close(a: Tensor, b: Tensor, rtol: float, scale: float) -> bool:
+    return bool(torch.allclose(a, b, rtol=rtol, atol=rtol * max(scale, 1e-30)))
+
+
+def check_balancer(
+    balancer_or_factory: Any,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> None:
+    """Check the balancer contract and its declared properties; raise ``AssertionError``.
+
+    ``balancer_or_factory``: a :class:`~mtrl.balancers.Balancer` instance, a zero-argument
+    callable returning a fresh one (e.g. the class), or a registered name. ``seed`` seeds
+    the random test matrices; ``device`` is where they live.
+    """
+    make, label = _factory(balancer_or_factory)
+    gen = torch.Generator().manual_seed(seed)
+
+    def fresh() -> Balancer:
+        b = make()
+        if not isinstance(b, Balancer):
+            raise _fail(label, f"factory returned {type(b).__name__}, not a Balancer")
+        return b
+
+    proto = fresh()
+    label = proto.name or label
+
+    def rand(*shape: int, dtype: torch.dtype = torch.float64) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device, dtype)
+
+    def losses_for(k: int, dtype: torch.dtype = torch.float64) -> Tensor:
+        x = 0.5 + torch.rand(k, generator=gen, dtype=torch.float64)
+        return x.to(device, dtype)
+
+    def run(b: Balancer, grads: Tensor, losses: Tensor, what: str) -> Tensor:
+        before = grads.clone()
+        try:
+            out = b.combine(grads, losses)
+        except Exception as exc:  # report which property crashed
+            raise _fail(label, f"{what}: combine raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(out, Tensor):
+            raise _fail(label, f"{what}: combine returned {type(out).__name__}, not a Tensor")
+        if out.shape != (grads.shape[1],):
+            raise _fail(label, f"{what}: output shape {tuple(out.shape)} != ({grads.shape[1]},)")
+        if out.dtype != grads.dtype or out.device != grads.device:
+            raise _fail(
+                label,
+                f"{what}: output {out.dtype}/{out.device} != input {grads.dtype}/{grads.device}",
+            )
+        if not bool(torch.isfinite(out).all()):
+            raise _fail(label, f"{what}: output is not finite: {out}")
+        if not torch.equal(before, grads):
+            raise _fail(label, f"{what}: combine modified its input gradients in place")
+        return out
+
+    # 1. shape / dtype / device / finiteness, float32 and float64
+    k, d = 4, 12
+    base = rand(k, d) + 0.3
+    losses = losses_for(k)
+    for dtype in (torch.float32, torch.float64):
+        run(fresh(), base.to(dtype), losses.to(dtype), f"random {k}x{d} {dtype}")
+
+    def consensus(grads: Tensor, row: Tensor, what: str) -> None:
+        out = run(fresh(), grads, losses_for(grads.shape[0]), what)
+        scale = float(row.norm())
+        if getattr(proto, "consensus_exact", True):
+            if not _close(out, row, 1e-6, scale):
+                raise _fail(label, f"{what}: expected that row {row}, got {out}")
+        else:
+            coef = float(out @ row) / scale**2
+            if not (coef > 0 and _close(out, coef * row, 1e-6, scale * max(coef, 1.0))):
+                raise _fail(label, f"{what}: expected a positive multiple of {row}, got {out}")
+
+    # 2. one task returns (a positive multiple of) its gradient
+    g1 = rand(1, d)
+    consensus(g1, g1[0], "K=1")
+    # 3. identical rows
+    row = rand(d)
+    consensus(row.expand(3, d).clone(), row, "3 identical rows")
+
+    # 4. a zero row: finite output
+    zrow = rand(4, d) + 0.3
+    zrow[2] = 0.0
+    run(fresh(), zrow, losses_for(4), "one zero gradient row")
+    # all rows zero: finite output
+    run(fresh(), torch.zeros(3, d, dtype=torch.float64, device=device), losses_for(3), "all-zero")
+
+    # 5. more tasks than parameters
+    run(fresh(), rand(7, 3), losses_for(7), "K=7 > D=3")
+    run(fresh(), rand(7, 3) + 1.0, losses_for(7), "K=7 > D=3 (aligned)")
+
+    # 6. permutation equivariance
+    if getattr(proto, "permutation_equivariant", True):
+        perm = torch.randperm(k, generator=gen).to(device)
+        out = run(fresh(), base, losses, "unpermuted")
+        outp = run(fresh(), base[perm], losses[perm], "permuted")
+        if not _close(out, outp, 1e-6, float(out.norm())):
+            raise _fail(
+                label,
+                f"permuting the tasks changed the output ({out} vs {outp}); set "
+                "permutation_equivariant = False if that is intended",
+            )
+
+    # 7. positive scaling
+    degree = getattr(proto, "scale_degree", 1.0)
+    if degree is not None:
+        b0 = fresh()
+        out = run(copy.deepcopy(b0), base, losses, "unscaled")
+        for s in (0.01, 7.0):
+            outs = run(copy.deepcopy(b0), base * s, losses, f"grads scaled by {s}")
+            want = out * s**degree
+            if not _close(outs, want, 1e-5, float(want.norm())):
+                raise _fail(
+                    label,
+                    f"scaling the gradients by {s} should scale the output by s**{degree}: "
+                    f"got {outs}, expected {want} (declare scale_degree = None if there is "
+                    "no such law)",
+                )
+
+    # 8. NaN / Inf input raises ValueError
+    for bad in (float("nan"), float("inf")):
+        g = base.clone()
+        g[1, 3] = bad
+        try:
+            fresh().combine(g, losses)
+        except ValueError:
+            pass
+        except Exception as exc:
+            raise _fail(
+                label, f"{bad} in grads raised {type(exc).__name__}, not ValueError"
+            ) from exc
+        else:
+            raise _fail(label, f"{bad} in grads did not raise ValueError")
+
+    # 9. state_dict round trip: a fresh instance loaded with the state continues identically
+    b1 = fresh()
+    run(b1, base, losses, "first call")
+    if getattr(b1, "needs_losses_after_step", False):
+        b1.after_step(losses * 0.9)
+    b2 = fresh()
+    try:
+        b2.load_state_dict(b1.state_dict())
+    except Exception as exc:
+        raise _fail(
+            label, f"load_state_dict of a used instance failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    out1 = run(b1, base, losses, "second call")
+    out2 = run(b2, base, losses, "second call after load_state_dict")
+    if not _close(out1, out2, 1e-9, float(out1.norm())):
+        raise _fail(label, f"state_dict did not capture the state: {out1} vs {out2}")
+
+    # 10. hyper-parameters are visible in repr
+    text = repr(proto)
+    for key in proto.hparams():
+        if f"{key}=" not in text:
+            raise _fail(label, f"repr {text!r} does not show hyper-parameter {key!r}")

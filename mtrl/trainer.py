@@ -1,0 +1,333 @@
+"""The training loop. It reads top to bottom:
+
+warm-up with random actions -> act -> step the vector env -> store -> sample -> update
+-> log -> evaluate -> checkpoint, with resume, Ctrl-C and NaN handling around it.
+
+Steps count vector-env steps: each adds one transition per task (K env-steps).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtrl.agents.sac import MultiTaskSAC
+from mtrl.balancers import build
+from mtrl.buffers import MultiTaskReplayBuffer
+from mtrl.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from mtrl.config import ConfigError, TrainConfig, to_dict, validate
+from mtrl.envs import PROTOCOLS, evaluate, eval_env_config, make_envs
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingError(RuntimeError):
+    """The run had to stop (e.g. repeated NaN updates); the message says why and what is kept."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final_eval: dict[str, Any] | None
+    skipped_updates: int
+    interrupted: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use cpu or auto")
+    return dev
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    return Path("runs") / f"{cfg.env.benchmark.lower()}-{cfg.balancer}-s{cfg.env.seed}"
+
+
+class _MetricsLog:
+    """JSONL always (``metrics.jsonl``, ``eval.jsonl``); TensorBoard when it is installed."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        except Exception:  # tensorboard not installed: JSONL is enough
+            self.tb = None
+
+    def write(self, name: str, record: dict[str, Any]) -> None:
+        with open(self.run_dir / name, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _to_python(metrics: dict[str, Tensor]) -> dict[str, Any]:
+    """Tensors to numbers/lists: done only at log intervals (it syncs with the device)."""
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        v = value.detach().float().cpu()
+        out[key] = v.item() if v.numel() == 1 else [round(x, 6) for x in v.tolist()]
+    return out
+
+
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    env_factory: Callable[..., Any] = make_envs,
+) -> TrainResult:
+    """Run (or resume) a training run described by ``cfg``; returns where it wrote."""
+    # ------------------------------------------------------------------ set-up
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    ckpt_path = run_dir / CHECKPOINT_NAME
+    if not resume and ckpt_path.exists():
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} already holds a checkpoint; "
+            "resume it with --resume or choose another --run-dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.env.seed)
+
+    env_cfg = replace(cfg.env, device=str(device))
+    envs = env_factory(env_cfg)
+    num_tasks = envs.num_tasks
+    validate(cfg, num_tasks=num_tasks)
+    atomic_write_json(run_dir / "config.json", to_dict(cfg) | {"task_names": envs.task_names})
+
+    agent = MultiTaskSAC(
+        envs.obs_dim,
+        envs.act_dim,
+        num_tasks,
+        cfg.sac,
+        lambda: build(cfg.balancer, **cfg.balancer_kwargs),
+        device=device,
+    )
+    buffer = MultiTaskReplayBuffer(
+        max(1, cfg.buffer_capacity // num_tasks), num_tasks, envs.obs_dim, envs.act_dim,
+        device=device, seed=cfg.env.seed,
+    )
+    action_gen = torch.Generator(device=device).manual_seed(cfg.env.seed + 1)
+    protocol = PROTOCOLS[cfg.protocol]
+    eval_episodes = cfg.eval_episodes or protocol.episodes_per_task
+    eval_envs = None
+    log = _MetricsLog(run_dir)
+
+    # Training-episode statistics, kept on the device; read at log intervals only.
+    ep_return = torch.zeros(num_tasks, device=device)
+    ep_success = torch.zeros(num_tasks, dtype=torch.bool, device=device)
+    done_return = torch.zeros(num_tasks, device=device)
+    done_success = torch.zeros(num_tasks, device=device)
+    done_count = torch.zeros(num_tasks, device=device)
+
+    start_step, skipped_total, consecutive_skips = 0, 0, 0
+    best_success, last_eval = -1.0, None
+    wall_before = 0.0  # wall-clock seconds spent in earlier sessions of a resumed run
+    obs = envs.reset(seed=cfg.env.seed)
+    if resume:
+        state = load_checkpoint(ckpt_path, map_location=device)
+        agent.load_state_dict(state["agent"])
+        agent.load_optimizer_state_dict(state["optim"])
+        if "buffer" in state:
+            buffer.load_state_dict(state["buffer"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
+        action_gen.set_state(state["rng"]["actions"].cpu())
+        if "env" in state and hasattr(envs, "load_state_dict"):
+            envs.load_state_dict(state["env"])
+            obs = state["obs"].to(device)
+        else:  # Meta-World simulators cannot be restored: start fresh episodes.
+            obs = envs.reset(seed=cfg.env.seed + int(state["step"]))
+        start_step = int(state["step"])
+        skipped_total = int(state["skipped_total"])
+        best_success = float(state["best_success"])
+        wall_before = float(state.get("wall_clock_s", 0.0))
+
+    def checkpoint(step: int) -> None:
+        rng = {"torch": torch.get_rng_state(), "actions": action_gen.get_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        state: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "agent": agent.state_dict(),
+            "optim": agent.optimizer_state_dict(),
+            "rng": rng,
+            "obs": obs.cpu(),
+            "skipped_total": skipped_total,
+            "best_success": best_success,
+            "wall_clock_s": wall_before + time.perf_counter() - t_start,
+        }
+        if cfg.save_buffer:
+            state["buffer"] = buffer.state_dict()
+        if hasattr(envs, "state_dict"):
+            state["env"] = envs.state_dict()
+        save_checkpoint(ckpt_path, state)
+
+    def run_eval(step: int) -> dict[str, Any]:
+        nonlocal eval_envs, best_success
+        if eval_envs is None:
+            eval_envs = env_factory(replace(eval_env_config(cfg.env, cfg.protocol),
+                                            device=str(device)))
+        with torch.random.fork_rng(devices=[]):  # evaluation must not shift training RNG
+            result = evaluate(lambda o: agent.act(o, deterministic=True), eval_envs,
+                              eval_episodes)
+        mean = float(result.mean_success)
+        best_success = max(best_success, mean)
+        record = {
+            "step": step,
+            "env_steps": step * num_tasks,
+            "protocol": cfg.protocol,
+            "episodes_per_task": eval_episodes,
+            "mean_success": mean,
+            "best_success": best_success,
+            "success": {k: float(v) for k, v in result.success_rate.items()},
+            "return": {k: float(v) for k, v in result.mean_return.items()},
+        }
+        log.write("eval.jsonl", record)
+        return record
+
+    # Ctrl-C: finish the current step, write a checkpoint, then stop. A second Ctrl-C
+    # interrupts at once.
+    interrupted = False
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted = True
+
+    try:
+        previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread (e.g. inside a worker): keep default handling
+        previous_handler = None
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    t_last, step_last = t_start, start_step
+    step = start_step
+    metrics: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ the loop
+    try:
+        for step in range(start_step + 1, cfg.total_steps + 1):
+            # Act: uniform random during warm-up, then the stochastic policy.
+            if step <= cfg.warmup_steps:
+                u = torch.rand(num_tasks, envs.act_dim, generator=action_gen, device=device)
+                action = envs.action_low + u * (envs.action_high - envs.action_low)
+            else:
+                action = agent.act(obs)
+
+            # Step all tasks; store the true final observation, bootstrap through time limits.
+            out = envs.step(action)
+            buffer.add(obs, action, out.reward, out.next_obs, out.terminated.float())
+            obs = out.obs
+            ep_return += out.reward
+            ep_success |= out.success
+            ended = (out.terminated | out.truncated).float()
+            done_return += ended * ep_return
+            done_success += ended * ep_success.float()
+            done_count += ended
+            ep_return *= 1 - ended
+            ep_success &= ~ended.bool()
+
+            # Update: one (or updates_per_step) SAC update(s) per vector-env step.
+            if step > cfg.warmup_steps:
+                for _ in range(cfg.updates_per_step):
+                    metrics = agent.update(buffer.sample(cfg.batch_size, cfg.stratified))
+                    skipped = bool(metrics["skipped"])
+                    skipped_total += skipped
+                    consecutive_skips = consecutive_skips + 1 if skipped else 0
+                    if consecutive_skips >= cfg.max_consecutive_skips:
+                        raise TrainingError(
+                            f"stopped at step {step}: {consecutive_skips} consecutive updates "
+                            "had NaN/Inf losses or gradients and were skipped; the last good "
+                            f"checkpoint is kept at {ckpt_path}"
+                        )
+
+            # Log: the only place where update metrics become host numbers.
+            if step % cfg.log_every == 0 or step == cfg.total_steps:
+                now = time.perf_counter()
+                sps = (step - step_last) * num_tasks / max(now - t_last, 1e-9)
+                t_last, step_last = now, step
+                finished = done_count.clamp(min=1)
+                record = {
+                    "step": step,
+                    "env_steps": step * num_tasks,
+                    "env_steps_per_s": sps,
+                    "skipped_updates": skipped_total,
+                    "train_return": (done_return / finished).mean().item(),
+                    "train_success": (done_success / finished).mean().item(),
+                    "train_episodes": int(done_count.sum().item()),
+                } | _to_python(metrics)
+                done_return.zero_(), done_success.zero_(), done_count.zero_()
+                log.write("metrics.jsonl", record)
+                if bar is not None:
+                    bar.set_postfix(env_sps=f"{sps:.0f}", success=f"{best_success:.2f}"
+                                    if last_eval is None else f"{last_eval['mean_success']:.2f}")
+
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                last_eval = run_eval(step)
+            if step % cfg.checkpoint_every == 0:
+                checkpoint(step)
+            if bar is not None:
+                bar.update(1)
+            if interrupted:
+                break
+
+        # ------------------------------------------------------------------ wrap-up
+        if not interrupted and (last_eval is None or last_eval["step"] != step):
+            last_eval = run_eval(step)
+        checkpoint(step)
+        if interrupted and bar is not None:
+            bar.write(f"interrupted: checkpoint written at step {step} to {ckpt_path}")
+        if not interrupted:
+            # result.json marks a finished run (benchmarks skip runs that have one).
+            wall = time.perf_counter() - t_start
+            atomic_write_json(run_dir / "result.json", {
+                "step": step,
+                "env_steps": step * num_tasks,
+                "wall_clock_s": wall_before + wall,
+                "env_steps_per_s": (step - start_step) * num_tasks / max(wall, 1e-9),
+                "resumed_from_step": start_step if resume else None,
+                "skipped_updates": skipped_total,
+                "final_eval": last_eval,
+            })
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+        if bar is not None:
+            bar.close()
+        log.close()
+        envs.close()
+        if eval_envs is not None:
+            eval_envs.close()
+    return TrainResult(run_dir, step, last_eval, skipped_total, interrupted)

@@ -1,0 +1,317 @@
+"""Each balancer solves its sub-problem to convergence: KKT conditions, fixed-point
+residuals, primal/dual certificates, and hand-checked FAMO updates."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import quadprog
+import torch
+from scipy.optimize import minimize
+
+from mtrl.balancers import build
+from mtrl.balancers.cagrad import cagrad_kkt_residual
+
+
+def problem(k: int, d: int, seed: int, offset: float = 0.0) -> torch.Tensor:
+    """Random gradients with different norms; ``offset`` > 0 makes them agree more."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(k, d, generator=gen, dtype=torch.float64)
+    g = g * (0.2 + 3 * torch.rand(k, 1, generator=gen, dtype=torch.float64))
+    return g + offset * torch.randn(1, d, generator=gen, dtype=torch.float64).abs()
+
+
+CASES = [(2, 5, 0), (3, 10, 1), (10, 40, 2), (10, 40, 3), (50, 120, 4), (8, 4, 5), (50, 20, 6)]
+
+
+def project_simplex(v: np.ndarray) -> np.ndarray:
+    u = np.sort(v)[::-1]
+    css = np.cumsum(u) - 1.0
+    rho = np.nonzero(u - css / np.arange(1, v.size + 1) > 0)[0][-1]
+    return np.maximum(v - css[rho] / (rho + 1.0), 0.0)
+
+
+# --------------------------------------------------------------------------- MGDA
+
+
+@pytest.mark.parametrize("k, d, seed", CASES)
+def test_mgda_kkt(k, d, seed):
+    g = problem(k, d, seed)
+    b = build("mgda")
+    out = b.combine(g)
+    w = b.info["weights"].numpy()
+    a = (g @ g.T).numpy()
+    scale = a.diagonal().max()
+    assert w.min() >= 0 and abs(w.sum() - 1) < 1e-12
+    aw = a @ w
+    val = w @ aw
+    # (A w)_i >= wᵀAw for all i, with equality where w_i > 0
+    assert (aw - val).min() >= -1e-8 * scale
+    assert np.abs((aw - val)[w > 1e-9]).max() <= 1e-8 * scale
+    assert torch.allclose(out, torch.from_numpy(w) @ g)
+
+
+# --------------------------------------------------------------------------- CAGrad
+
+
+def cagrad_parts(g: torch.Tensor, c: float):
+    b = build("cagrad", c=c)
+    out = b.combine(g)
+    d = out * (1 + c**2)  # undo the 1/(1+c²) rescale
+    g0 = g.mean(0)
+    r = c * float(g0.norm())
+    return b, d, g0, r
+
+
+@pytest.mark.parametrize("k, d, seed", CASES)
+@pytest.mark.parametrize("c", [0.2, 0.5, 0.9, 2.0])
+def test_cagrad_primal_dual_certificate(k, d, seed, c):
+    g = problem(k, d, seed, offset=0.3)
+    b, dvec, g0, r = cagrad_parts(g, c)
+    assert "fallback" not in b.info
+    w = b.info["w"].numpy()
+    a = (g @ g.T).numpy()
+    # primal feasibility: |d − g0| <= c|g0|
+    assert float((dvec - g0).norm()) <= r * (1 + 1e-9)
+    # weak duality: min_i g_iᵀd <= F(w) for every feasible d and w ∈ Δ; equality certifies
+    # that d maximises the primal and w minimises the dual
+    primal = float((g @ dvec).min())
+    dual = float(w @ a.mean(axis=1) + r * math.sqrt(w @ a @ w))
+    scale = float(a.diagonal().max())
+    assert abs(primal - dual) <= 1e-8 * scale
+    # dual KKT (on the normalised problem the solver sees)
+    assert cagrad_kkt_residual(a / scale, a.mean(axis=1) / scale, r / math.sqrt(scale), w) < 1e-9
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cagrad_matches_scipy_primal(seed):
+    k, dim, c = 4, 5, 0.6
+    g = problem(k, dim, seed, offset=0.2)
+    _, dvec, g0, r = cagrad_parts(g, c)
+    gn, g0n = g.numpy(), g0.numpy()
+
+    # max t  s.t.  g_iᵀd >= t,  |d − g0|² <= r²  over x = (d, t)
+    cons = [
+        {"type": "ineq", "fun": lambda x: gn @ x[:dim] - x[dim]},
+        {"type": "ineq", "fun": lambda x: r**2 - np.sum((x[:dim] - g0n) ** 2)},
+    ]
+    x0 = np.append(g0n, float((gn @ g0n).min()))
+    res = minimize(
+        lambda x: -x[dim],
+        x0,
+        constraints=cons,
+        method="SLSQP",
+        options={"ftol": 1e-12, "maxiter": 500},
+    )
+    # scipy's point is (nearly) feasible and no better than ours
+    assert r**2 - np.sum((res.x[:dim] - g0n) ** 2) >= -1e-8
+    scipy_value = float((gn @ res.x[:dim]).min())
+    ours = float((g @ dvec).min())
+    assert ours >= scipy_value - 1e-9
+    if res.success:
+        assert abs(ours - scipy_value) <= 1e-6
+        assert np.allclose(dvec.numpy(), res.x[:dim], atol=1e-4)
+
+
+# --------------------------------------------------------------------------- SDMGrad
+
+
+@pytest.mark.parametrize("k, d, seed", CASES)
+@pytest.mark.parametrize("lam", [0.0, 0.3, 0.6, 3.0])
+def test_sdmgrad_projected_gradient_fixed_point(k, d, seed, lam):
+    g = problem(k, d, seed)
+    b = build("sdmgrad", lam=lam)
+    out = b.combine(g)
+    w = b.info["w"].numpy()
+    a = (g @ g.T).numpy()
+    grad = a @ w + lam * a.mean(axis=1)  # ∇ ½|Gᵀw + λ g0|²
+    step = 1.0 / np.linalg.eigvalsh(a).max()
+    moved = project_simplex(w - step * grad)
+    assert np.abs(moved - w).max() <= 1e-9
+    expect = (torch.from_numpy(w) @ g + lam * g.mean(0)) / (1 + lam)
+    assert torch.allclose(out, expect, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- fixed points
+
+
+@pytest.mark.parametrize("k, d", [(10, 60), (50, 300)])
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(
+    "name, alpha",
+    [
+        ("nash-mtl", 1.0),
+        ("fairgrad", 2.0),
+        ("fairgrad", 0.5),
+        ("fairgrad", 1.0),
+        ("fairgrad", 10.0),
+    ],
+)
+def test_fixed_point_residual(k, d, seed, name, alpha):
+    g = problem(k, d, seed, offset=0.5)  # well conditioned: 0 far from the convex hull
+    b = build(name) if name == "nash-mtl" else build(name, alpha=alpha)
+    out = b.combine(g)
+    assert "fallback" not in b.info
+    w = b.info["weights"].numpy()
+    a = (g @ g.T).numpy()
+    assert w.min() > 0
+    residual = np.abs((a @ w) * w ** (1.0 / alpha) - 1.0).max()
+    assert residual < 1e-8
+    assert torch.allclose(out, torch.from_numpy(w) @ g)
+
+
+def test_nash_warm_start_same_answer():
+    g = problem(10, 60, 0, offset=0.5)
+    b = build("nash-mtl")
+    b.combine(g)
+    first = b.info["weights"].clone()
+    g2 = g + 0.01 * problem(10, 60, 1)
+    cold = build("nash-mtl")
+    cold.combine(g2)
+    b.combine(g2)  # warm-started from `first`
+    assert torch.allclose(b.info["weights"], cold.info["weights"], rtol=1e-10)
+    assert not torch.allclose(first, cold.info["weights"])
+
+
+# --------------------------------------------------------------------------- UPGrad
+
+
+def _reference_projection(a: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """quadprog only, on the same normalisation: min vᵀAv s.t. v >= u."""
+    k = a.shape[0]
+    a_s = a / np.trace(a) + 1e-12 * np.eye(k)
+    return quadprog.solve_qp(a_s, np.zeros(k), np.eye(k), u, 0)[0]
+
+
+@pytest.mark.parametrize("k, d, seed", CASES)
+def test_upgrad_non_conflicting_and_kkt(k, d, seed):
+    g = problem(k, d, seed)
+    b = build("upgrad")
+    out = b.combine(g)
+    a = (g @ g.T).numpy()
+    scale = float(np.trace(a))
+    # never conflicts with any task
+    assert float((g @ out).min()) >= -1e-9 * scale
+    proj = b.info["projections"].numpy()
+    for i in range(k):
+        u = np.eye(k)[i] / k
+        v = proj[i]
+        mu = a @ v  # multipliers of v >= u: μ >= 0, μ ⊙ (v − u) = 0
+        assert (v - u).min() >= -1e-12
+        assert mu.min() >= -1e-9 * scale
+        assert np.abs(mu * (v - u)).max() <= 1e-9 * scale * max(1.0, float(v.max()))
+        ref = _reference_projection(a, u)
+        assert np.allclose(a @ v, a @ ref, atol=1e-8 * scale)
+    assert np.allclose(b.info["weights"].numpy(), proj.sum(axis=0))
+
+
+# --------------------------------------------------------------------------- IMTL-G, Aligned
+
+
+@pytest.mark.parametrize("k, d, seed", [(2, 5, 0), (3, 10, 1), (10, 40, 2), (50, 120, 4)])
+def test_imtl_g_equal_projections(k, d, seed):
+    g = problem(k, d, seed)
+    b = build("imtl-g")
+    out = b.combine(g)
+    w = b.info["weights"]
+    assert abs(float(w.sum()) - 1) < 1e-10
+    proj = (g / g.norm(dim=1, keepdim=True)) @ out
+    assert float(proj.max() - proj.min()) <= 1e-8 * float(proj.abs().max())
+
+
+@pytest.mark.parametrize("k, d, seed", [(2, 5, 0), (3, 10, 1), (10, 40, 2), (50, 120, 4)])
+def test_aligned_mtl_balanced_components(k, d, seed):
+    g = problem(k, d, seed)
+    a = g @ g.T
+    lam, vec = torch.linalg.eigh(a)
+    # Gᵀ B: orthogonal components of equal norm σ_min  ⇔  B A B = λ_min I
+    bmat = (vec * (lam.min() / lam).sqrt()) @ vec.T
+    assert torch.allclose(bmat @ a @ bmat, lam.min() * torch.eye(k, dtype=a.dtype), atol=1e-8)
+    b = build("aligned-mtl")
+    b.combine(g)
+    assert torch.allclose(b.info["weights"], bmat.mean(dim=1), rtol=1e-8, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- PCGrad
+
+
+def _pcgrad_dspace(g: torch.Tensor, orders: np.ndarray) -> torch.Tensor:
+    out = []
+    for i in range(g.shape[0]):
+        gi = g[i].clone()
+        for j in orders[i]:
+            dot = gi @ g[j]
+            if dot < 0:
+                gi = gi - dot / (g[j] @ g[j]) * g[j]
+        out.append(gi)
+    return torch.stack(out).mean(0)
+
+
+@pytest.mark.parametrize("k, d, seed", [(3, 4, 0), (5, 10, 1), (10, 40, 2), (8, 3, 5)])
+def test_pcgrad_matches_d_space(k, d, seed):
+    g = problem(k, d, seed)
+    b = build("pcgrad", seed=seed)
+    out = b.combine(g)
+    orders = b.info["orders"].numpy()
+    for i in range(k):  # each row visits every other task exactly once
+        assert sorted(orders[i].tolist()) == [j for j in range(k) if j != i]
+    assert torch.allclose(out, _pcgrad_dspace(g, orders), rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- FAMO
+
+
+def test_famo_weights_formula():
+    b = build("famo")
+    losses = torch.tensor([0.5, 2.0, 1.0, 4.0], dtype=torch.float64)
+    b.logits = torch.tensor([0.3, -0.2, 0.0, 0.5], dtype=torch.float64)
+    g = problem(4, 7, 0)
+    out = b.combine(g, losses)
+    z = torch.softmax(b.logits, 0)
+    shifted = losses + 1e-8
+    w = (z / shifted) / (z / shifted).sum()
+    assert torch.allclose(b.info["weights"], w, rtol=1e-14)
+    assert torch.allclose(out, w @ g)
+    # the direction is the gradient of Σ z_i log ℓ_i divided by c = Σ z_j/ℓ_j
+    assert torch.allclose(out, ((z / shifted) @ g) / (z / shifted).sum())
+
+
+def test_famo_first_update_by_hand():
+    gamma, lr = 0.01, 0.025
+    b = build("famo", gamma=gamma, lr=lr)
+    before = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    after = torch.tensor([0.5, 1.9, 4.2], dtype=torch.float64)  # task 0 improved most
+    b.combine(problem(3, 5, 0), before)
+    b.after_step(after)
+    delta = torch.log(before + 1e-8) - torch.log(after + 1e-8)
+    z = torch.full((3,), 1 / 3, dtype=torch.float64)
+    grad = z * (delta - (z * delta).sum())  # softmax VJP; ξ = 0 so no weight decay term
+    # first Adam step: m̂ = grad, v̂ = grad², ξ = −lr·grad / (|grad| + eps)
+    expected = -lr * grad / (grad.abs() + 1e-8)
+    assert torch.allclose(b.logits, expected, rtol=1e-12, atol=1e-15)
+    # the task that improved most loses weight, the one that got worse gains
+    assert b.logits[0] < 0 < b.logits[2]
+    w = b.weights(None, before)
+    assert w[0] < 4 / 7  # its weight at equal logits is (1/1)/(1 + 1/2 + 1/4)
+
+
+def test_famo_matches_torch_adam_reference():
+    """Same updates as the authors' loop: softmax VJP + torch.optim.Adam(weight_decay)."""
+    gamma, lr, k = 0.01, 0.025, 5
+    b = build("famo", gamma=gamma, lr=lr)
+    xi = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([xi], lr=lr, weight_decay=gamma)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        loss = torch.rand(k, generator=gen, dtype=torch.float64) + 0.1
+        loss_after = loss * (0.8 + 0.4 * torch.rand(k, generator=gen, dtype=torch.float64))
+        b.combine(torch.randn(k, 3, generator=gen, dtype=torch.float64), loss)
+        b.after_step(loss_after)
+        delta = (loss + 1e-8).log() - (loss_after + 1e-8).log()
+        opt.zero_grad()
+        xi.grad = torch.autograd.grad(torch.softmax(xi, -1), xi, grad_outputs=delta)[0]
+        opt.step()
+        assert torch.allclose(b.logits, xi.detach(), rtol=1e-10, atol=1e-13)
+    assert int(b.adam_step) == 25

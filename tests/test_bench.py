@@ -1,0 +1,251 @@
+"""``mtrl bench``: run configs, validation, local and Ray launchers on the toy env, resume,
+and failed runs."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import mtrl.bench
+from mtrl.bench import BenchSpec, local_slots, parse_overrides, plan_runs, run_config
+from mtrl.cli import main
+from mtrl.config import ConfigError
+
+TINY = [
+    "--benchmark", "toy", "--balancers", "mean,cagrad", "--seeds", "2", "--steps", "40",
+    "--set", "sac.hidden_sizes=[16,16]", "--set", "batch_size=16", "--set", "warmup_steps=20",
+    "--set", "eval_every=20", "--set", "log_every=10", "--set", "buffer_capacity=400",
+    "--reps", "200", "--poi-reps", "20", "--no-progress",
+]
+RUNS = [("mean", 0), ("mean", 1), ("cagrad", 0), ("cagrad", 1)]
+
+
+def bench(out: Path, *extra: str) -> int:
+    try:
+        main(["bench", *TINY, "--out", str(out), *extra])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def run_dir(out: Path, balancer: str, seed: int) -> Path:
+    return out / "runs" / balancer / f"seed{seed}"
+
+
+def mtimes(d: Path) -> dict[str, int]:
+    return {str(p.relative_to(d)): p.stat().st_mtime_ns for p in d.rglob("*") if p.is_file()}
+
+
+def check_finished_bench(out: Path) -> None:
+    for balancer, seed in RUNS:
+        d = run_dir(out, balancer, seed)
+        result = json.loads((d / "result.json").read_text())
+        assert result["step"] == 40, (d, result)
+        config = json.loads((d / "config.json").read_text())
+        assert config["env"]["seed"] == seed and config["balancer"] == balancer
+        assert config["protocol"] == "mtrl" and config["env"]["max_episode_steps"] == 150
+        assert config["env"]["goal_mode"] == "fixed" and config["sac"]["hidden_sizes"] == [16, 16]
+        assert config["threads"] == 1 and config["progress"] is False
+        assert "mtrl bench: start" in (d / "train.log").read_text()
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 * 2 * 4  # runs x evaluations (steps 20, 40) x toy tasks
+    assert {(r["balancer"], r["seed"]) for r in rows} == {(b, str(s)) for b, s in RUNS}
+    md = (out / "summary.md").read_text()
+    assert "## toy — `mtrl` protocol" in md
+    assert "| mean | 2 |" in md and "| cagrad | 2 |" in md
+    assert (out / "learning_curves_toy_mtrl.png").is_file()
+    record = json.loads((out / "bench.json").read_text())
+    assert [r["status"] for r in record["runs"]] == ["done"] * 4
+
+
+# ---------------------------------------------------------------------- configs
+def test_run_config_uses_preset_then_protocol_then_overrides(tmp_path):
+    cfg = run_config("MT10", "cagrad", 3, 1000, "mtrl", tmp_path / "r", threads=2,
+                     overrides=parse_overrides(["sac.hidden_sizes=[32,32]", "warmup_steps=10",
+                                                "balancer_kwargs.c=0.5"]))
+    assert cfg.balancer == "cagrad" and cfg.balancer_kwargs == {"c": 0.5}  # preset c=0.9
+    assert cfg.batch_size == 1280 and cfg.eval_every == 10_000  # from configs/mt10_cagrad.json
+    assert (cfg.env.benchmark, cfg.env.seed, cfg.total_steps) == ("MT10", 3, 1000)
+    assert (cfg.env.max_episode_steps, cfg.env.goal_mode) == (150, "fixed")
+    assert cfg.sac.hidden_sizes == (32, 32) and cfg.warmup_steps == 10
+    assert (cfg.threads, cfg.progress, cfg.run_dir) == (2, False, str(tmp_path / "r"))
+
+    plus = run_config("MT10", "sdmgrad-os", 0, 1000, "metaworld-plus", tmp_path / "r")
+    assert plus.balancer_kwargs["num_sampled"] == 4  # configs/mt10_sdmgrad_os.json
+    assert (plus.env.max_episode_steps, plus.env.goal_mode, plus.protocol) == (
+        500, "random", "metaworld-plus")
+
+    no_preset = run_config("MT10", "mgda", 0, 1000, "mtrl", tmp_path / "r")
+    assert no_preset.balancer == "mgda" and no_preset.balancer_kwargs == {}
+    assert no_preset.batch_size == 1280  # TrainConfig default
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--benchmark", "MT11"], "unknown benchmark 'MT11'; valid choices: MT10, MT50"),
+    (["--balancers", "mean,nope"], "unknown balancer(s) nope; valid: "),
+    (["--seeds", "0"], "--seeds must be an integer >= 1, got 0"),
+    (["--steps", "-5"], "--steps must be an integer >= 1, got -5"),
+    (["--set", "nope=1"], "unknown config key(s) nope; valid keys: env, sac, balancer"),
+    (["--set", "sac.widths=[3]"], "unknown config key(s) sac.widths in section 'sac'"),
+    (["--set", "env.seed=3"], "--set env.seed=... is set by the bench; use --seeds"),
+    (["--set", "warmup_steps"], "--set expects KEY=VALUE"),
+    (["--set", "env.goal_mode=sometimes"], "unknown goal_mode 'sometimes'"),
+    (["--launcher", "local", "--address", "ray://x:1"], "--address is only used with"),
+])
+def test_bad_arguments_give_one_clear_error(tmp_path, capsys, args, message):
+    base = ["bench", "--benchmark", "toy", "--balancers", "mean", "--seeds", "1", "--steps",
+            "10", "--out", str(tmp_path / "out"), "--no-progress"]
+    with pytest.raises(SystemExit) as exc:
+        main(base + args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "runs").exists()  # nothing was launched
+
+
+def test_existing_runs_with_another_config_are_refused(tmp_path):
+    spec = BenchSpec(benchmark="toy", balancers=("mean",), seeds=1, steps=40, out=tmp_path)
+    (plan,) = plan_runs(spec)
+    plan.run_dir.mkdir(parents=True)
+    (plan.run_dir / "config.json").write_text(json.dumps({**plan.config, "total_steps": 10}))
+    (plan.run_dir / "result.json").write_text("{}")
+    with pytest.raises(ConfigError, match="total_steps: 10 -> 40"):
+        plan_runs(spec)
+    # threads/device/progress may change between invocations
+    (plan.run_dir / "config.json").write_text(json.dumps({**plan.config, "threads": 4}))
+    assert plan_runs(spec)[0].state == "done"
+
+
+# ---------------------------------------------------------------------- launchers
+def test_local_bench_resume_and_failed_run(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert bench(out, "--workers", "2") == 0
+    check_finished_bench(out)
+    assert "bench: 4 run(s): 4 done" in capsys.readouterr().out
+
+    # Simulate: mean/1 stopped after its last checkpoint (no result.json), cagrad/0 never
+    # started, cagrad/1 has a corrupt checkpoint (fails inside the run); mean/0 is finished.
+    untouched = mtimes(run_dir(out, "mean", 0))
+    (run_dir(out, "mean", 1) / "result.json").unlink()
+    for p in sorted(run_dir(out, "cagrad", 0).rglob("*"), reverse=True):
+        p.rmdir() if p.is_dir() else p.unlink()
+    broken = run_dir(out, "cagrad", 1)
+    (broken / "result.json").unlink()
+    (broken / "checkpoint.pt").write_bytes(b"garbage, not a zip file")
+
+    assert bench(out, "--workers", "2") == 1
+    captured = capsys.readouterr()
+    assert "1 skipped (already finished)" in captured.out and "2 done" in captured.out
+    assert "FAILED cagrad seed 1" in captured.out
+    assert "is corrupt or not an mtrl checkpoint" in captured.out  # the run's error line
+    assert str(broken / "train.log") in captured.out
+    assert "1 of 4 run(s) failed" in captured.err
+
+    assert mtimes(run_dir(out, "mean", 0)) == untouched  # finished run not touched
+    resumed = json.loads((run_dir(out, "mean", 1) / "result.json").read_text())
+    assert resumed["resumed_from_step"] == 40
+    assert "mtrl bench: resume" in (run_dir(out, "mean", 1) / "train.log").read_text()
+    fresh = json.loads((run_dir(out, "cagrad", 0) / "result.json").read_text())
+    assert fresh["step"] == 40 and fresh["resumed_from_step"] is None
+    assert not (broken / "result.json").exists()
+    record = json.loads((out / "bench.json").read_text())
+    status = {(r["balancer"], r["seed"]): (r["action"], r["status"]) for r in record["runs"]}
+    assert status == {("mean", 0): ("skipped", "done"), ("mean", 1): ("resumed", "done"),
+                      ("cagrad", 0): ("started", "done"), ("cagrad", 1): ("resumed", "failed")}
+    md = (out / "summary.md").read_text()
+    assert "| mean | 2 |" in md and "| cagrad | 1 |" in md  # the failed run is left out
+    assert "Runs not in the statistics" in md and "| runs/cagrad/seed1 | cagrad | 1 |" in md
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3 * 2 * 4  # resumed run's duplicate dropped
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
+def test_ray_launcher_with_a_local_ray_instance(tmp_path, capsys):
+    out = tmp_path / "ray-bench"
+    assert bench(out, "--launcher", "ray") == 0
+    check_finished_bench(out)
+    record = json.loads((out / "bench.json").read_text())
+    assert {r["action"] for r in record["runs"]} == {"started"}
+    assert all(r["node"] for r in record["runs"])  # ran inside Ray tasks
+    # rerunning skips everything (Ray is not even needed then)
+    before = {k: mtimes(run_dir(out, b, s)) for k, (b, s) in enumerate(RUNS)}
+    assert bench(out, "--launcher", "ray") == 0
+    assert {k: mtimes(run_dir(out, b, s)) for k, (b, s) in enumerate(RUNS)} == before
+    assert "4 skipped (already finished)" in capsys.readouterr().out
+
+
+def test_interrupted_bench_checkpoints_and_resumes(tmp_path):
+    """SIGINT to the bench: the running run checkpoints and stops, the bench exits 130; the
+    same command then resumes it to the end."""
+    out = tmp_path / "int"
+    args = [*TINY, "--balancers", "mean", "--seeds", "1", "--steps", "1500",
+            "--set", "eval_every=500", "--set", "log_every=25", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "mtrl.cli", "bench", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    d = run_dir(out, "mean", 0)
+    deadline = time.monotonic() + 90
+    while not ((d / "metrics.jsonl").is_file() and (d / "metrics.jsonl").stat().st_size):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    text = proc.communicate(timeout=90)[0]
+    assert proc.returncode == 130, text
+    assert "1 interrupted" in text and "rerun the same command" in text
+    assert (d / "checkpoint.pt").is_file() and not (d / "result.json").exists()
+    assert "interrupted at step" in (d / "train.log").read_text()
+
+    assert bench(out, "--balancers", "mean", "--seeds", "1", "--steps", "1500",
+                 "--set", "eval_every=500", "--set", "log_every=25") == 0
+    result = json.loads((d / "result.json").read_text())
+    assert result["step"] == 1500 and 0 < result["resumed_from_step"] < 1500
+    with open(out / "results.csv") as f:
+        steps = sorted({int(r["step"]) for r in csv.DictReader(f)})
+    assert steps == [500, 1000, 1500]
+
+
+def test_local_slots_share_gpus_by_fraction(monkeypatch):
+    monkeypatch.setattr(mtrl.bench, "_cpu_count", lambda: 16)
+    spec = BenchSpec(benchmark="toy", balancers=("mean",), seeds=1, steps=1)
+    monkeypatch.setattr(mtrl.bench, "_gpu_count", lambda: 0)
+    assert local_slots(spec, uses_gpu=True) == (16, [None] * 16)  # CPU only: cores decide
+    monkeypatch.setattr(mtrl.bench, "_gpu_count", lambda: 1)
+    assert local_slots(spec, uses_gpu=True) == (4, ["0"] * 4)  # 0.25 GPU per run
+    assert local_slots(spec, uses_gpu=False) == (16, [None] * 16)  # device=cpu runs
+    monkeypatch.setattr(mtrl.bench, "_gpu_count", lambda: 2)
+    two = BenchSpec(benchmark="toy", balancers=("mean",), seeds=1, steps=1, gpus_per_run=0.5,
+                    threads_per_run=4)
+    assert local_slots(two, uses_gpu=True) == (4, ["0", "1", "0", "1"])
+    cpu = BenchSpec(benchmark="toy", balancers=("mean",), seeds=1, steps=1, gpus_per_run=0)
+    assert local_slots(cpu, uses_gpu=True) == (16, [""] * 16)  # GPUs hidden from the runs
+
+
+def test_dry_run_shows_the_plan_and_launches_nothing(tmp_path, capsys):
+    out = tmp_path / "dry"
+    main(["bench", "--benchmark", "MT10", "--balancers", "cagrad,mgda", "--seeds", "2",
+          "--steps", "100", "--protocol", "metaworld-plus", "--out", str(out), "--dry-run"])
+    text = capsys.readouterr().out
+    assert "MT10 cagrad(c=0.9) seed 1, 100 steps, metaworld-plus protocol (500-step " in text
+    assert "preset mt10_cagrad.json" in text and "no preset: defaults" in text
+    assert "4 run(s): 4 to start, 0 to resume, 0 finished" in text
+    assert not out.exists()
+
+
+def test_one_bench_at_a_time_per_output_directory(tmp_path, capsys):
+    fcntl = pytest.importorskip("fcntl")
+    out = tmp_path / "locked"
+    out.mkdir()
+    with open(out / ".bench.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "another bench" holds the lock
+        assert bench(out) == 2
+    assert "another mtrl bench is already running on" in capsys.readouterr().err
+    assert not (out / "runs").exists()

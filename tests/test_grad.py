@@ -1,0 +1,385 @@
+"""Tests of the per-task gradient plumbing (mtrl/grad.py): exactness, .grad, statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from mtrl.balancers import Balancer, build, names
+from mtrl.grad import (
+    BalanceStats,
+    balanced_backward,
+    balanced_backward_from_losses,
+    gram_stats,
+    task_gradients,
+    task_losses,
+)
+
+K, B_PER_TASK, OBS, ACT = 4, 5, 3, 2
+
+
+# ------------------------------------------------------------------ fixtures / helpers
+class Twin(nn.Module):
+    """A small twin critic like SAC's: two ReLU MLPs on [obs, one-hot task, action]."""
+
+    def __init__(self, in_dim: int, hidden: int = 8) -> None:
+        super().__init__()
+
+        def mlp() -> nn.Sequential:
+            return nn.Sequential(
+                nn.Linear(in_dim, hidden), nn.ReLU(),
+                nn.Linear(hidden, hidden), nn.ReLU(),
+                nn.Linear(hidden, 1),
+            )  # fmt: skip
+
+        self.q1, self.q2 = mlp(), mlp()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+
+def make_problem(k: int = K, seed: int = 0):
+    """A twin critic (float64) and a task-major batch (obs+one-hot, action, target)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = Twin(OBS + k + ACT).double()
+    obs = torch.randn(k, B_PER_TASK, OBS, generator=gen, dtype=torch.float64)
+    onehot = torch.eye(k, dtype=torch.float64)[:, None, :].expand(k, B_PER_TASK, k)
+    x = torch.cat([obs, onehot, torch.randn(k, B_PER_TASK, ACT, generator=gen).double()], -1)
+    target = torch.randn(k, B_PER_TASK, generator=gen, dtype=torch.float64)
+
+    def loss_fn(params: dict[str, Tensor], x: Tensor, target: Tensor) -> Tensor:
+        q1, q2 = functional_call(net, params, (x,))
+        return ((q1 - target) ** 2).mean() + ((q2 - target) ** 2).mean()
+
+    return net, loss_fn, (x, target)
+
+
+def loop_gradients(net: nn.Module, loss_fn, batch) -> tuple[Tensor, Tensor]:
+    """Reference: K separate forward + torch.autograd.grad calls."""
+    params = dict(net.named_parameters())
+    losses, rows = [], []
+    for k in range(batch[0].shape[0]):
+        loss = loss_fn(params, *(t[k] for t in batch))
+        grads = torch.autograd.grad(loss, list(params.values()))
+        losses.append(loss.detach())
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(losses), torch.stack(rows)
+
+
+def flat_grad(net: nn.Module) -> Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+
+
+class FixedWeights(Balancer):
+    """Gramian-based test balancer: fixed weights, records the rows it was given."""
+
+    name = "test-fixed"
+
+    def __init__(self, w, sample: list[int] | None = None) -> None:
+        super().__init__()
+        self.w = torch.as_tensor(w, dtype=torch.float64)
+        self.sample = sample
+        self.seen_grads: Tensor | None = None
+        self.seen_losses: Tensor | None = None
+        self.seen_gram: Tensor | None = None
+
+    def weights(self, gram, losses):
+        self.seen_gram = gram
+        return self.w.clone()
+
+    def select(self, num_tasks):
+        return None if self.sample is None else torch.tensor(self.sample)
+
+    def combine_rows(self, grads, losses=None):
+        self.seen_grads, self.seen_losses = grads.clone(), losses
+        return super().combine_rows(grads, losses)
+
+
+# ------------------------------------------------------------------ exactness
+def test_task_gradients_match_python_loop():
+    net, loss_fn, batch = make_problem()
+    ref_losses, ref_grads = loop_gradients(net, loss_fn, batch)
+    losses, grads = task_gradients(loss_fn, dict(net.named_parameters()), batch)
+    d = sum(p.numel() for p in net.parameters())
+    assert grads.shape == (K, d) and grads.dtype == torch.float64
+    assert not grads.requires_grad and not losses.requires_grad
+    torch.testing.assert_close(losses, ref_losses, atol=1e-10, rtol=0)
+    torch.testing.assert_close(grads, ref_grads, atol=1e-10, rtol=0)
+    # no .grad written by task_gradients
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_task_gradients_subset_rows_in_given_order():
+    net, loss_fn, batch = make_problem()
+    ref_losses, ref_grads = loop_gradients(net, loss_fn, batch)
+    tasks = torch.tensor([3, 0])
+    losses, grads = task_gradients(loss_fn, dict(net.named_parameters()), batch, tasks)
+    torch.testing.assert_close(grads, ref_grads[tasks], atol=1e-10, rtol=0)
+    torch.testing.assert_close(losses, ref_losses[tasks], atol=1e-10, rtol=0)
+
+
+def test_task_losses_one_vmapped_forward_is_differentiable():
+    net, loss_fn, batch = make_problem()
+    ref_losses, ref_grads = loop_gradients(net, loss_fn, batch)
+    losses = task_losses(loss_fn, dict(net.named_parameters()), batch)
+    torch.testing.assert_close(losses.detach(), ref_losses, atol=1e-10, rtol=0)
+    losses[1].backward()
+    torch.testing.assert_close(flat_grad(net), ref_grads[1], atol=1e-10, rtol=0)
+
+
+def test_from_losses_batched_backward_matches_python_loop():
+    net, loss_fn, batch = make_problem()
+    _, ref_grads = loop_gradients(net, loss_fn, batch)
+    # a non-separable style computation: one full-batch forward, a (K,) loss vector
+    x, target = (t.reshape(K * B_PER_TASK, *t.shape[2:]) for t in batch)
+    q1, q2 = net(x)
+    per_sample = (q1 - target) ** 2 + (q2 - target) ** 2
+    losses = per_sample.view(K, B_PER_TASK).mean(1)
+    w = [0.4, 0.3, 0.2, 0.1]
+    bal = FixedWeights(w)
+    stats = balanced_backward_from_losses(losses, list(net.parameters()), bal)
+    torch.testing.assert_close(bal.seen_grads, ref_grads, atol=1e-10, rtol=0)
+    expected = torch.tensor(w, dtype=torch.float64) @ ref_grads
+    torch.testing.assert_close(flat_grad(net), expected, atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        stats.grad_norms, ref_grads.norm(dim=1).float(), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_from_losses_sampling_and_loss_only():
+    net, loss_fn, batch = make_problem()
+    ref_losses, ref_grads = loop_gradients(net, loss_fn, batch)
+    params = dict(net.named_parameters())
+
+    bal = FixedWeights([0.5, 0.5], sample=[2, 1])
+    losses = task_losses(loss_fn, params, batch)
+    stats = balanced_backward_from_losses(losses, list(params.values()), bal)
+    torch.testing.assert_close(bal.seen_grads, ref_grads[[2, 1]], atol=1e-10, rtol=0)
+    torch.testing.assert_close(bal.seen_losses, ref_losses[[2, 1]], atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        flat_grad(net), 0.5 * (ref_grads[2] + ref_grads[1]), atol=1e-10, rtol=0
+    )
+    assert stats.weights.tolist() == [0.0, 0.5, 0.5, 0.0]
+    assert torch.isnan(stats.grad_norms[[0, 3]]).all()
+    assert torch.isfinite(stats.grad_norms[[1, 2]]).all()
+
+    net.zero_grad(set_to_none=True)
+    losses = task_losses(loss_fn, params, batch)
+    stats = balanced_backward_from_losses(losses, list(params.values()), build("mean"))
+    torch.testing.assert_close(flat_grad(net), ref_grads.mean(0), atol=1e-10, rtol=0)
+    assert torch.isnan(stats.grad_norms).all() and torch.isnan(stats.mean_cosine)
+
+
+# ------------------------------------------------------------------ balanced_backward
+def test_mean_writes_gradient_of_mean_loss():
+    net, loss_fn, batch = make_problem()
+    ref_losses, ref_grads = loop_gradients(net, loss_fn, batch)
+    stats = balanced_backward(loss_fn, dict(net.named_parameters()), batch, build("mean"))
+    assert isinstance(stats, BalanceStats)
+    torch.testing.assert_close(flat_grad(net), ref_grads.mean(0), atol=1e-10, rtol=0)
+    torch.testing.assert_close(stats.losses, ref_losses, atol=1e-10, rtol=0)
+    assert stats.weights.dtype == torch.float32
+    torch.testing.assert_close(stats.weights, torch.full((K,), 1 / K))
+    # loss-only: no Jacobian, so the gradient statistics are NaN
+    assert torch.isnan(stats.grad_norms).all()
+    assert torch.isnan(stats.mean_cosine) and torch.isnan(stats.conflict_fraction)
+
+
+def test_gramian_balancer_writes_weighted_sum_of_rows():
+    net, loss_fn, batch = make_problem(k=3)
+    ref_losses, ref_grads = loop_gradients(net, loss_fn, batch)
+    w = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
+    bal = FixedWeights(w)
+    stats = balanced_backward(loss_fn, dict(net.named_parameters()), batch, bal)
+    torch.testing.assert_close(flat_grad(net), w @ ref_grads, atol=1e-10, rtol=0)
+    torch.testing.assert_close(bal.seen_losses, ref_losses, atol=1e-10, rtol=0)
+    torch.testing.assert_close(bal.seen_gram, ref_grads @ ref_grads.T, atol=1e-10, rtol=0)
+    torch.testing.assert_close(stats.weights, w.float())
+    torch.testing.assert_close(stats.grad_norms, ref_grads.norm(dim=1).float())
+    # each parameter's .grad has its own shape and dtype
+    for p in net.parameters():
+        assert p.grad.shape == p.shape and p.grad.dtype == p.dtype
+
+
+def test_objective_sampling_differentiates_only_sampled_blocks():
+    net, loss_fn, batch = make_problem()
+    ref_losses, ref_grads = loop_gradients(net, loss_fn, batch)
+    # Poison task 1's block: any gradient through it (and its loss) is NaN, so finite
+    # results prove that only the sampled rows [3, 0] were differentiated.
+    x, target = (t.clone() for t in batch)
+    x[1] = float("nan")
+    bal = FixedWeights([0.25, 0.75], sample=[3, 0])
+    stats = balanced_backward(loss_fn, dict(net.named_parameters()), (x, target), bal)
+    assert bal.seen_grads.shape[0] == 2
+    torch.testing.assert_close(bal.seen_grads, ref_grads[[3, 0]], atol=1e-10, rtol=0)
+    torch.testing.assert_close(bal.seen_losses, ref_losses[[3, 0]], atol=1e-10, rtol=0)
+    expected = 0.25 * ref_grads[3] + 0.75 * ref_grads[0]
+    torch.testing.assert_close(flat_grad(net), expected, atol=1e-10, rtol=0)
+    # all losses are reported (task 1 is NaN only because its input is)
+    torch.testing.assert_close(stats.losses[[0, 2, 3]], ref_losses[[0, 2, 3]], atol=1e-10, rtol=0)
+    assert torch.isnan(stats.losses[1])
+    torch.testing.assert_close(stats.weights, torch.tensor([0.75, 0.0, 0.0, 0.25]))
+    assert torch.isnan(stats.grad_norms[[1, 2]]).all()
+    torch.testing.assert_close(stats.grad_norms[[3, 0]], ref_grads[[3, 0]].norm(dim=1).float())
+    cos = torch.nn.functional.cosine_similarity(ref_grads[3], ref_grads[0], dim=0)
+    torch.testing.assert_close(stats.mean_cosine, cos.float())
+
+
+def linear_problem(rows: list[list[float]]):
+    """loss_k = w · x_k, so task k's gradient is exactly rows[k]."""
+    w = nn.Parameter(torch.zeros(len(rows[0]), dtype=torch.float64))
+    x = torch.tensor(rows, dtype=torch.float64)[:, None, :].expand(-1, 3, -1)  # (K, 3, d)
+
+    def loss_fn(params, xb):
+        return (xb @ params["w"]).mean()
+
+    return w, loss_fn, (x,)
+
+
+def test_statistics_by_hand():
+    # pairs: (0,1) inner -1 -> cos -1/sqrt2, conflict; (0,2) inner 0 -> cos 0;
+    #        (1,2) inner 2 -> cos 1/sqrt2.  mean cos 0, conflict fraction 1/3.
+    w, loss_fn, batch = linear_problem([[1.0, 0.0], [-1.0, 1.0], [0.0, 2.0]])
+    stats = balanced_backward(loss_fn, {"w": w}, batch, FixedWeights([1 / 3] * 3))
+    torch.testing.assert_close(stats.grad_norms, torch.tensor([1.0, math.sqrt(2), 2.0]))
+    torch.testing.assert_close(stats.mean_cosine, torch.tensor(0.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(stats.conflict_fraction, torch.tensor(1 / 3))
+    torch.testing.assert_close(w.grad, torch.tensor([0.0, 1.0], dtype=torch.float64))
+
+    # two exactly opposing tasks: cosine -1, every pair conflicts
+    w, loss_fn, batch = linear_problem([[1.0, 2.0], [-2.0, -4.0]])
+    stats = balanced_backward(loss_fn, {"w": w}, batch, FixedWeights([0.5, 0.5]))
+    torch.testing.assert_close(stats.mean_cosine, torch.tensor(-1.0))
+    assert stats.conflict_fraction.item() == 1.0
+    for t in stats:
+        assert t.dtype in (torch.float32, torch.float64) and t.device.type == "cpu"
+
+    # zero gradient: cosine 0, not NaN; a single row: pair statistics NaN
+    norms, mean_cos, conflict = gram_stats(torch.tensor([[0.0, 0.0], [0.0, 4.0]]))
+    assert norms.tolist() == [0.0, 2.0] and mean_cos.item() == 0.0 and conflict.item() == 0.0
+    norms, mean_cos, conflict = gram_stats(torch.tensor([[9.0]]))
+    assert norms.tolist() == [3.0] and torch.isnan(mean_cos) and torch.isnan(conflict)
+
+
+def test_diagnostics_off_and_gram_reused_from_balancer_info():
+    w, loss_fn, batch = linear_problem([[1.0, 0.0], [0.0, 1.0]])
+    stats = balanced_backward(loss_fn, {"w": w}, batch, FixedWeights([0.5, 0.5]), diagnostics=False)
+    assert torch.isnan(stats.grad_norms).all() and torch.isnan(stats.mean_cosine)
+    torch.testing.assert_close(stats.weights, torch.tensor([0.5, 0.5]))
+
+    class RecordsGram(FixedWeights):
+        def weights(self, gram, losses):
+            self.info["gram"] = torch.tensor([[4.0, -1.0], [-1.0, 9.0]], dtype=torch.float64)
+            return super().weights(gram, losses)
+
+    stats = balanced_backward(loss_fn, {"w": w}, batch, RecordsGram([0.5, 0.5]))
+    torch.testing.assert_close(stats.grad_norms, torch.tensor([2.0, 3.0]))  # the reused one
+    assert stats.conflict_fraction.item() == 1.0
+
+
+def test_grad_accumulates_like_backward():
+    net, loss_fn, batch = make_problem()
+    _, ref_grads = loop_gradients(net, loss_fn, batch)
+    params = dict(net.named_parameters())
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    balanced_backward(loss_fn, params, batch, FixedWeights([0.25] * K))
+    torch.testing.assert_close(flat_grad(net), 1 + ref_grads.mean(0), atol=1e-10, rtol=0)
+    # twice in a row (grad set by the first call) and on the loss-only path
+    balanced_backward(loss_fn, params, batch, build("mean"))
+    torch.testing.assert_close(flat_grad(net), 1 + 2 * ref_grads.mean(0), atol=1e-10, rtol=0)
+    net.zero_grad(set_to_none=True)
+    balanced_backward(loss_fn, params, batch, FixedWeights([0.25] * K))
+    balanced_backward(loss_fn, params, batch, FixedWeights([0.25] * K))
+    torch.testing.assert_close(flat_grad(net), 2 * ref_grads.mean(0), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("balancer", ["mean", "gram"])
+def test_captured_constants_get_no_gradient(balancer):
+    """Actor-style loss: the critic is a captured constant (requires_grad=True)."""
+    torch.manual_seed(0)
+    critic = nn.Linear(3, 1).double()
+    actor = nn.Linear(2, 3).double()
+    obs = torch.randn(K, 5, 2, dtype=torch.float64)
+
+    def loss_fn(params, o):
+        a = functional_call(actor, params, (o,))
+        return -critic(torch.tanh(a)).mean()
+
+    bal = build("mean") if balancer == "mean" else FixedWeights([0.25] * K)
+    balanced_backward(loss_fn, dict(actor.named_parameters()), (obs,), bal)
+    assert all(p.grad is None for p in critic.parameters())
+    assert all(p.grad is not None for p in actor.parameters())
+    # and the actor gradient is the one of the mean loss
+    actor.zero_grad(set_to_none=True)
+    loss_fn(dict(actor.named_parameters()), obs).backward(inputs=list(actor.parameters()))
+    expected = torch.cat([p.grad.reshape(-1) for p in actor.parameters()])
+    actor.zero_grad(set_to_none=True)
+    balanced_backward(loss_fn, dict(actor.named_parameters()), (obs,), bal)
+    torch.testing.assert_close(flat_grad(actor), expected, atol=1e-10, rtol=0)
+
+
+def test_weights_nan_when_balancer_reports_none():
+    class NoWeights(Balancer):
+        name = "test-no-weights"
+
+        def combine_rows(self, grads, losses=None):
+            return grads.sum(0)
+
+    net, loss_fn, batch = make_problem()
+    _, ref_grads = loop_gradients(net, loss_fn, batch)
+    bal = NoWeights()
+    bal.info["weights"] = torch.ones(K, dtype=torch.float64)  # stale: must not be reported
+    stats = balanced_backward(loss_fn, dict(net.named_parameters()), batch, bal)
+    assert torch.isnan(stats.weights).all()
+    torch.testing.assert_close(flat_grad(net), ref_grads.sum(0), atol=1e-10, rtol=0)
+    assert torch.isfinite(stats.grad_norms).all()
+
+
+def test_clear_errors():
+    net, loss_fn, batch = make_problem()
+    params = dict(net.named_parameters())
+    with pytest.raises(ValueError, match="leading task dimension"):
+        balanced_backward(loss_fn, params, (batch[0], batch[1][:2]), build("mean"))
+    with pytest.raises(ValueError, match="sequence of tensors"):
+        task_gradients(loss_fn, params, batch[0])
+    with pytest.raises(ValueError, match="non-empty dict"):
+        task_gradients(loss_fn, {}, batch)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 4\)"):
+        balanced_backward(loss_fn, params, batch, FixedWeights([1.0], sample=[7]))
+    with pytest.raises(ValueError, match="must not repeat"):
+        task_gradients(loss_fn, params, batch, torch.tensor([1, 1]))
+
+
+@pytest.mark.parametrize("name", names())
+def test_registered_balancers_run_through_the_plumbing(name):
+    """Every registered balancer (defaults) runs end to end and writes finite grads."""
+    try:
+        bal = build(name)
+    except ValueError:
+        pytest.skip(f"{name} has required hyper-parameters")
+    net, loss_fn, batch = make_problem()
+    stats = balanced_backward(loss_fn, dict(net.named_parameters()), batch, bal)
+    assert torch.isfinite(flat_grad(net)).all()
+    assert stats.losses.shape == stats.weights.shape == stats.grad_norms.shape == (K,)
+
+
+@pytest.mark.parametrize("balancer", ["mean", "gram"])
+def test_frozen_params_are_left_alone(balancer):
+    net, loss_fn, batch = make_problem()
+    _, ref_grads = loop_gradients(net, loss_fn, batch)
+    frozen = net.q1[0].weight
+    frozen.requires_grad_(False)
+    keep = torch.cat(
+        [torch.full((p.numel(),), p is not frozen, dtype=torch.bool) for p in net.parameters()]
+    )
+    bal = build("mean") if balancer == "mean" else FixedWeights([0.25] * K)
+    balanced_backward(loss_fn, dict(net.named_parameters()), batch, bal)
+    assert frozen.grad is None
+    got = torch.cat([p.grad.reshape(-1) for p in net.parameters() if p is not frozen])
+    torch.testing.assert_close(got, ref_grads.mean(0)[keep], atol=1e-10, rtol=0)

@@ -1,0 +1,290 @@
+"""Report statistics and files, checked against values computed by hand on fixed run logs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtrl.report import (
+    ReportError,
+    best_over_time,
+    interval_estimates,
+    probability_of_improvement,
+    read_jsonl,
+    seed_mean_curve,
+    standard_error,
+    write_report,
+)
+
+TASKS = ["task-a", "task-b", "task-c", "task-d"]
+REPS, POI_REPS = 300, 40
+
+
+def write_run(
+    run_dir: Path,
+    balancer: str,
+    seed: int,
+    evals: dict[int, list[float]],
+    protocol: str = "mtrl",
+    finished: bool = True,
+    stale: dict[int, list[float]] | None = None,
+    wall_clock_s: float = 100.0,
+) -> None:
+    """A run directory as the trainer writes it (4 tasks, K=4 env steps per vector step).
+
+    ``stale``: eval records logged after the last checkpoint of a session that crashed; the
+    resumed session logs those steps again (``evals``), so the report must drop them.
+    """
+    run_dir.mkdir(parents=True)
+    config = {"env": {"benchmark": "MT10", "seed": seed}, "balancer": balancer,
+              "balancer_kwargs": {}, "protocol": protocol, "task_names": TASKS}
+    (run_dir / "config.json").write_text(json.dumps(config))
+
+    def record(step: int, success: list[float]) -> dict:
+        return {"step": step, "env_steps": 4 * step, "protocol": protocol,
+                "episodes_per_task": 1, "mean_success": float(np.mean(success)),
+                "success": dict(zip(TASKS, success, strict=True)),
+                "return": {t: 10.0 * s + step for t, s in zip(TASKS, success, strict=True)}}
+
+    lines = []
+    steps = sorted(evals)
+    for step in steps:
+        if stale and step == min(stale):
+            lines += [json.dumps(record(s, v)) for s, v in sorted(stale.items())]
+        lines.append(json.dumps(record(step, evals[step])))
+    lines.append('{"step": 99, "env_steps": 3')  # a line cut short by a crash
+    (run_dir / "eval.jsonl").write_text("\n".join(lines) + "\n")
+    metrics = []
+    for step in steps:
+        w = [0.25 + 0.01 * seed * (i - 1.5) for i in range(4)]
+        metrics.append({"step": step, "env_steps": 4 * step, "env_steps_per_s": 50.0,
+                        "critic/weights": w, "actor/weights": w,
+                        "critic/conflict_fraction": 0.1 * seed,
+                        "critic/mean_cosine": 0.5, "actor/conflict_fraction": float("nan")})
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in metrics) + "\n")
+    (run_dir / "checkpoint.pt").write_bytes(b"not read by the report")
+    if finished:
+        last = max(steps)
+        (run_dir / "result.json").write_text(json.dumps({
+            "step": last, "env_steps": 4 * last, "wall_clock_s": wall_clock_s,
+            "env_steps_per_s": 4 * last / wall_clock_s, "final_eval": record(last, evals[last]),
+        }))
+
+
+# Per-seed success vectors over TASKS at steps 10, 20, 30 (hand-computed below).
+MEAN_RUNS = {
+    0: {10: [1, 0, 0, 0], 20: [1, 1, 1, 0], 30: [1, 1, 0, 0]},  # .25 .75 .50
+    1: {10: [1, 1, 0, 0], 20: [1, 1, 1, 1], 30: [1, 1, 1, 0]},  # .50 1.0 .75
+    2: {10: [0, 1, 0, 0], 20: [1, 1, 0, 0], 30: [1, 0, 0, 0]},  # .25 .50 .25
+}
+CAGRAD_RUNS = {
+    0: {10: [0, 0, 0, 0], 20: [1, 1, 1, 1], 30: [1, 1, 1, 0]},  # 0   1.0 .75
+    1: {10: [1, 0, 0, 0], 20: [1, 1, 1, 0], 30: [1, 1, 1, 1]},  # .25 .75 1.0
+}
+
+
+@pytest.fixture
+def mtrl_bench(tmp_path: Path) -> Path:
+    root = tmp_path / "bench"
+    for seed, evals in MEAN_RUNS.items():
+        stale = {30: [0, 0, 0, 0]} if seed == 0 else None  # crashed after step 20's checkpoint
+        write_run(root / "runs" / "mean" / f"seed{seed}", "mean", seed,
+                  {k: [float(x) for x in v] for k, v in evals.items()}, stale=stale,
+                  wall_clock_s=100.0 + 10 * seed)
+    for seed, evals in CAGRAD_RUNS.items():
+        write_run(root / "runs" / "cagrad" / f"seed{seed}", "cagrad", seed,
+                  {k: [float(x) for x in v] for k, v in evals.items()}, wall_clock_s=4000.0)
+    # An interrupted run: checkpoint, no result.json -> listed, not in the statistics.
+    write_run(root / "runs" / "cagrad" / "seed2", "cagrad", 2, {10: [1.0, 1.0, 1.0, 1.0]},
+              finished=False)
+    return root
+
+
+# ---------------------------------------------------------------------- statistics
+def test_standard_error_by_hand():
+    # std(ddof=1) of 1,2,3,4 is sqrt(5/3); / sqrt(4)
+    assert standard_error([1, 2, 3, 4]) == pytest.approx(math.sqrt(5 / 3) / 2)
+    assert standard_error([0.5, 0.75, 0.25]) == pytest.approx(0.25 / math.sqrt(3))
+    assert math.isnan(standard_error([0.7]))
+
+
+def test_seed_mean_curve_and_best_over_time():
+    curve = seed_mean_curve([{10: 0.25, 20: 0.75, 30: 0.5}, {10: 0.5, 20: 1.0, 30: 0.75},
+                             {10: 0.25, 20: 0.5, 30: 0.25, 40: 1.0}])
+    assert curve.steps.tolist() == [10, 20, 30, 40]
+    np.testing.assert_allclose(curve.mean, [1 / 3, 0.75, 0.5, 1.0])
+    assert curve.count.tolist() == [3, 3, 3, 1]
+    value, step, se = best_over_time(curve)
+    # step 40 was reached by one seed only, so it cannot be the best-over-time point
+    assert (value, step) == (pytest.approx(0.75), 20)
+    assert se == pytest.approx(0.25 / math.sqrt(3))
+
+
+def test_iqm_and_mean_of_a_known_matrix_with_bracketing_cis():
+    # sorted: 0 .1 .2 .3 .4 .5 .8 .9 -> IQM drops 2 at each end: mean(.2,.3,.4,.5) = .35
+    scores = {"x": np.array([[0.0, 0.1, 0.2, 0.3], [0.4, 0.5, 0.8, 0.9]]),
+              "y": np.full((3, 4), 0.6)}
+    est = interval_estimates(scores, reps=REPS)
+    assert est["x"]["mean"][0] == pytest.approx(0.4)
+    assert est["x"]["iqm"][0] == pytest.approx(0.35)
+    for name in scores:
+        for kind in ("mean", "iqm"):
+            point, low, high = est[name][kind]
+            assert low <= point + 1e-12 and point <= high + 1e-12, (name, kind, est[name])
+    assert est["y"]["iqm"] == pytest.approx((0.6, 0.6, 0.6))
+
+
+def test_probability_of_improvement_of_separated_scores():
+    rng = np.random.default_rng(0)
+    good, bad = 0.9 + 0.05 * rng.random((5, 4)), 0.1 * rng.random((5, 4))
+    poi = probability_of_improvement({"bad": bad, "good": good}, reps=POI_REPS)
+    assert poi[("good", "bad")][0] == pytest.approx(1.0)
+    assert poi[("bad", "good")][0] == pytest.approx(0.0)
+    assert poi[("good", "bad")][1] >= 0.99  # lower CI bound
+    tie = probability_of_improvement({"a": np.full((3, 4), 0.5), "b": np.full((3, 4), 0.5)},
+                                     reps=POI_REPS)
+    assert tie[("a", "b")][0] == pytest.approx(0.5)
+
+
+def test_read_jsonl_keeps_one_history_after_resume(tmp_path):
+    p = tmp_path / "eval.jsonl"
+    p.write_text("\n".join([
+        '{"step": 10, "v": 1}', '{"step": 20, "v": 2}', '{"step": 30, "v": "stale"}',
+        '{"step": 30, "v": 3}', '{"step": 40, "v": 4}', '{"step": 50, "v"',
+    ]) + "\n")
+    assert [(r["step"], r["v"]) for r in read_jsonl(p)] == [(10, 1), (20, 2), (30, 3), (40, 4)]
+    p.write_text('{"step": 10}\n{"step": 20}\n{"step": 30}\n{"step": 20}\n{"step": 30}\n')
+    assert [r["step"] for r in read_jsonl(p)] == [10, 20, 30]
+
+
+# ---------------------------------------------------------------------- report files
+def parse_table(md: str, first_header: str) -> list[dict[str, str]]:
+    lines = md.splitlines()
+    start = next(i for i, x in enumerate(lines) if x.startswith(f"| {first_header} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")),
+                             strict=True)))
+    return rows
+
+
+def numbers(cell: str) -> list[float]:
+    return [float(x) for x in re.findall(r"-?\d+\.\d+|-?\d+", cell.replace(",", ""))]
+
+
+def test_mtrl_protocol_report(mtrl_bench):
+    report = write_report(mtrl_bench, reps=REPS, poi_reps=POI_REPS)
+    names = {p.name for p in report.files}
+    for expected in ("results.csv", "summary.md", "summary.json", "learning_curves_mt10_mtrl.png",
+                     "task_heatmap_mt10_mtrl.png", "diagnostics_weights_mt10_mtrl.png",
+                     "diagnostics_conflict_mt10_mtrl.png"):
+        assert expected in names
+        path = mtrl_bench / expected
+        assert path.is_file() and path.stat().st_size > 0
+    assert (mtrl_bench / "learning_curves_mt10_mtrl.png").read_bytes()[:4] == b"\x89PNG"
+
+    # results.csv: one row per finished run x evaluation x task, stale records dropped.
+    with open(mtrl_bench / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["balancer", "seed", "step", "env_steps", "task", "success",
+                             "return", "protocol", "benchmark"]
+    assert len(rows) == (3 + 2) * 3 * 4
+    assert {r["protocol"] for r in rows} == {"mtrl"}
+    mean0_final = {r["task"]: float(r["success"]) for r in rows
+                   if r["balancer"] == "mean" and r["seed"] == "0" and r["step"] == "30"}
+    assert mean0_final == {"task-a": 1.0, "task-b": 1.0, "task-c": 0.0, "task-d": 0.0}
+    row = next(r for r in rows if r["balancer"] == "cagrad" and r["seed"] == "1"
+               and r["step"] == "20" and r["task"] == "task-d")
+    assert (float(row["success"]), float(row["return"]), row["env_steps"]) == (0.0, 20.0, "80")
+
+    md = (mtrl_bench / "summary.md").read_text()
+    table = {r["balancer"]: r for r in parse_table(md, "balancer")}
+    assert list(table) == ["mean", "cagrad"]  # the baseline first
+    # mean: finals .5 .75 .25 -> 0.5 ± 0.25/sqrt(3); curve .333 .75 .5 -> best .75 at 20
+    m = table["mean"]
+    assert m["seeds"] == "3"
+    assert numbers(m["final success (mean ± s.e.)"]) == [0.5, 0.144]
+    assert numbers(m["best over time ± s.e. (optimistic)"]) == [0.75, 0.144]
+    assert m["at step"] == "20"
+    assert numbers(m["IQM [95% CI]"])[0] == 0.5  # six 0s and six 1s
+    assert m["wall-clock"] == "0:01:50"  # mean of 100, 110, 120 s
+    assert m["env steps"] == "120"
+    # cagrad: finals .75 1.0 -> .875 ± .125; curve .125 .875 .875 -> best .875 first at 20
+    c = table["cagrad"]
+    assert c["seeds"] == "2"
+    assert numbers(c["final success (mean ± s.e.)"]) == [0.875, 0.125]
+    assert numbers(c["best over time ± s.e. (optimistic)"]) == [0.875, 0.125]
+    assert c["at step"] == "20"
+    assert c["wall-clock"] == "1:06:40"
+    for r in table.values():  # CI bounds bracket the point estimate
+        for col in ("mean [95% CI]", "IQM [95% CI]"):
+            point, low, high = numbers(r[col])
+            assert low <= point <= high
+    assert "optimistic" in md and "Probability of improvement" not in md  # mtrl protocol
+
+    per_task = {r["task"]: r for r in parse_table(md, "task")}
+    assert numbers(per_task["task-c"]["mean"]) == [0.333]
+    assert numbers(per_task["task-d"]["cagrad"]) == [0.5]
+    # the interrupted run is listed, not counted
+    assert "Runs not in the statistics" in md and "seed2" in md and "resume it" in md
+
+    summary = json.loads((mtrl_bench / "summary.json").read_text())
+    (group,) = summary["groups"]
+    assert group["protocol"] == "mtrl" and group["tasks"] == TASKS
+    assert group["methods"]["mean"]["final_se"] == pytest.approx(0.25 / math.sqrt(3))
+    assert group["methods"]["mean"]["curve"]["mean"] == pytest.approx([1 / 3, 0.75, 0.5])
+    assert group["methods"]["cagrad"]["seeds"] == [0, 1]
+    assert len(summary["runs_not_in_statistics"]) == 1
+
+
+def test_metaworld_plus_report_has_iqm_cis_and_probability_of_improvement(tmp_path):
+    root = tmp_path / "mwp"
+    mean_final = [[0.0, 0.1, 0.2, 0.3], [0.4, 0.5, 0.8, 0.9]]
+    for seed, final in enumerate(mean_final):
+        write_run(root / "runs" / "mean" / f"seed{seed}", "mean", seed,
+                  {100: [0.0] * 4, 200: final}, protocol="metaworld-plus")
+    for seed in range(2):
+        write_run(root / "runs" / "fairgrad" / f"seed{seed}", "fairgrad", seed,
+                  {100: [0.5] * 4, 200: [1.0] * 4}, protocol="metaworld-plus")
+    write_report(root, reps=REPS, poi_reps=POI_REPS, plots=False)
+    md = (root / "summary.md").read_text()
+    assert "`metaworld-plus` protocol" in md
+    table = {r["balancer"]: r for r in parse_table(md, "balancer")}
+    mean_point, low, high = numbers(table["mean"]["mean [95% CI]"])
+    assert mean_point == 0.4 and low <= 0.4 <= high
+    iqm_point, low, high = numbers(table["mean"]["IQM [95% CI]"])
+    assert iqm_point == 0.35 and low <= 0.35 <= high
+    assert numbers(table["fairgrad"]["IQM [95% CI]"]) == [1.0, 1.0, 1.0]
+    poi = {r[""]: r for r in parse_table(md, "")}
+    assert numbers(poi["fairgrad"]["mean"]) == [1.0]
+    assert numbers(poi["mean"]["fairgrad"]) == [0.0]
+    assert "P(mean > fairgrad) = 0.000 [0.000, 0.000]" in md
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["groups"][0]["probability_of_improvement"]["fairgrad > mean"]["point"] == 1.0
+    assert not list(root.glob("*.png"))
+
+
+def test_report_cli(mtrl_bench, capsys):
+    from mtrl.cli import main
+
+    main(["report", str(mtrl_bench), "--reps", "100", "--no-plots"])
+    out = capsys.readouterr().out
+    assert "# Benchmark report" in out and "wrote" in out
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(mtrl_bench / "runs" / "nope")])
+    assert exc.value.code == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_report_without_runs_is_a_clear_error(tmp_path):
+    with pytest.raises(ReportError, match="no run directories"):
+        write_report(tmp_path)

@@ -1,0 +1,167 @@
+"""Training loop on the toy environment: every balancer trains, exact resume, NaN guard,
+Ctrl-C, and configuration errors."""
+
+import json
+import os
+import signal
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mtrl.agents.sac import SACConfig
+from mtrl.balancers import names
+from mtrl.checkpoint import load_checkpoint
+from mtrl.config import ConfigError, TrainConfig, from_dict, load_preset
+from mtrl.envs import EnvConfig, make_envs
+from mtrl.trainer import TrainingError, train
+
+
+def toy_config(tmp_path, **overrides) -> TrainConfig:
+    base = TrainConfig(
+        env=EnvConfig(benchmark="toy", max_episode_steps=20, seed=3),
+        sac=SACConfig(hidden_sizes=(32, 32)),
+        total_steps=120,
+        warmup_steps=40,
+        batch_size=32,
+        buffer_capacity=4000,
+        eval_every=0,
+        eval_episodes=1,
+        log_every=20,
+        checkpoint_every=60,
+        progress=False,
+        run_dir=str(tmp_path / "run"),
+    )
+    return replace(base, **overrides)
+
+
+def flat_params(state: dict) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("balancer", names())
+def test_every_balancer_trains_on_toy_env(tmp_path, balancer):
+    cfg = toy_config(tmp_path, balancer=balancer, total_steps=90, warmup_steps=30)
+    # Parameters before training: same seed, same initialisation as inside train().
+    torch.manual_seed(cfg.env.seed)
+    from mtrl.agents.sac import MultiTaskSAC
+    from mtrl.balancers import build
+
+    env = make_envs(cfg.env)
+    init = MultiTaskSAC(env.obs_dim, env.act_dim, env.num_tasks, cfg.sac,
+                        lambda: build(balancer)).state_dict()
+    result = train(cfg)
+    assert result.steps == 90 and result.skipped_updates == 0
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = lines[-1]
+    for key in ("critic/loss", "actor/loss", "alpha/loss"):
+        assert key in last, f"{key} missing from metrics: {sorted(last)}"
+        values = last[key] if isinstance(last[key], list) else [last[key]]
+        assert all(torch.isfinite(torch.tensor(values))), (key, values)
+    final = load_checkpoint(result.run_dir / "checkpoint.pt")["agent"]
+    changed = [k for k, v in flat_params(init).items()
+               if v.is_floating_point() and not torch.equal(v, final[k])]
+    assert any("actor" in k for k in changed) and any("critic" in k for k in changed)
+
+
+def test_resume_from_checkpoint_is_exact(tmp_path):
+    full = train(toy_config(tmp_path / "a", balancer="cagrad"))
+    part_cfg = toy_config(tmp_path / "b", balancer="cagrad", total_steps=60)
+    train(part_cfg)
+    resumed = train(replace(part_cfg, total_steps=120), resume=True)
+    assert resumed.steps == 120
+    a = load_checkpoint(full.run_dir / "checkpoint.pt")
+    b = load_checkpoint(resumed.run_dir / "checkpoint.pt")
+    for key, value in a["agent"].items():
+        assert torch.equal(value, b["agent"][key]), f"{key} differs after resume"
+    assert torch.equal(a["buffer"]["obs"], b["buffer"]["obs"])
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
+    cfg = toy_config(tmp_path, total_steps=45)
+    train(cfg)
+    with pytest.raises(ConfigError, match="already holds a checkpoint"):
+        train(cfg)
+
+
+class NaNRewardAfter:
+    """Wraps the toy env; rewards become NaN from a given step on."""
+
+    def __init__(self, cfg, start: int, signal_at: int | None = None):
+        self.env = make_envs(cfg)
+        self.start, self.signal_at, self.t = start, signal_at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def step(self, action):
+        out = self.env.step(action)
+        self.t += 1
+        if self.signal_at is not None and self.t == self.signal_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        if self.t >= self.start:
+            out = out._replace(reward=torch.full_like(out.reward, float("nan")))
+        return out
+
+
+def test_nan_updates_are_skipped_and_the_run_stops_with_good_checkpoint(tmp_path):
+    cfg = toy_config(tmp_path, total_steps=200, checkpoint_every=50, max_consecutive_skips=5)
+    # From step 50 on, NaN rewards enter the buffer; updates that sample them are skipped.
+    with pytest.raises(TrainingError, match="consecutive updates had NaN/Inf"):
+        train(cfg, env_factory=lambda c: NaNRewardAfter(c, start=51))
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["step"] == 50
+    for key, value in state["agent"].items():
+        if value.is_floating_point():
+            assert torch.isfinite(value).all(), key
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path):
+    cfg = toy_config(tmp_path, total_steps=100, checkpoint_every=1000)
+    result = train(cfg, env_factory=lambda c: NaNRewardAfter(c, start=10**9, signal_at=70))
+    assert result.interrupted and result.steps == 70
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 70
+    done = train(cfg, resume=True)
+    assert done.steps == 100 and not done.interrupted
+
+
+def test_unknown_config_key_names_key_and_valid_choices(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) sac\.hiden_sizes.*valid keys:.*"
+                       r"hidden_sizes"):
+        from_dict(TrainConfig, {"sac": {"hiden_sizes": [3]}})
+    with pytest.raises(ConfigError, match="unknown config key.*bogus.*valid keys: env, sac"):
+        from_dict(TrainConfig, {"bogus": 1})
+    p = tmp_path / "bad.json"
+    p.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_preset(p)
+    with pytest.raises(ConfigError, match="not found; presets: .*mt10_cagrad"):
+        load_preset(tmp_path / "missing.json")
+
+
+def test_invalid_values_are_rejected_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="unknown balancer 'nope'; valid choices: .*cagrad"):
+        train(toy_config(tmp_path, balancer="nope"))
+    with pytest.raises(ConfigError, match="unknown hyper-parameter.*cc.*valid hyper-parameters: c"):
+        train(toy_config(tmp_path, balancer="cagrad", balancer_kwargs={"cc": 1.0}))
+    with pytest.raises(ConfigError, match="batch_size 30 must be divisible by the 4 tasks"):
+        train(toy_config(tmp_path, batch_size=30))
+    with pytest.raises(ConfigError, match="total_steps must be an integer >= 1"):
+        train(toy_config(tmp_path, total_steps=0))
+    with pytest.raises(ConfigError, match="sac.balance has unknown loss.*valid: critic, actor"):
+        train(toy_config(tmp_path, sac=SACConfig(balance=("critic", "policy"))))
+
+
+def test_presets_load_with_published_hyper_parameters():
+    assert load_preset("mt10_cagrad").balancer_kwargs == {"c": 0.9}
+    assert load_preset("mt50_cagrad").balancer_kwargs == {"c": 0.5}
+    assert load_preset("mt10_sdmgrad").balancer_kwargs == {"lam": 0.6}
+    assert load_preset("mt10_sdmgrad_os").balancer_kwargs["num_sampled"] == 4
+    assert load_preset("mt50_sdmgrad_os").balancer_kwargs["num_sampled"] == 8
+    assert load_preset("mt10_fairgrad").balancer_kwargs == {"alpha": 2.0}
+    famo = load_preset("mt10_famo")
+    assert famo.balancer_kwargs == {"gamma": 0.01, "lr": 0.025}
+    assert famo.sac.balance == ("critic",)
+    mt10 = load_preset("mt10_mean")
+    assert mt10.batch_size == 1280 and mt10.sac.hidden_sizes == (400, 400, 400)
+    assert mt10.env.max_episode_steps == 150 and mt10.env.goal_mode == "fixed"
