@@ -22,6 +22,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
+	# A fresh short run each time (the demo's run dir is replaced).
+	rm -rf runs/mt10-demo
 	$(BIN)/mtrl train --config configs/mt10_demo.json
 
 test: setup

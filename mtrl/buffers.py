@@ -142,30 +142,54 @@ class MultiTaskReplayBuffer:
         )
 
     # ------------------------------------------------------------------ persistence
+    _FIELDS = ("obs", "action", "reward", "next_obs", "done")
+
     def state_dict(self) -> dict[str, Any]:
-        """Tensors only (so it loads with ``weights_only=True``); the generator state too."""
-        return {
-            "obs": self.obs,
-            "action": self.action,
-            "reward": self.reward,
-            "next_obs": self.next_obs,
-            "done": self.done,
+        """Tensors only (so it loads with ``weights_only=True``); the generator state too.
+
+        Only the filled part of the rings is saved (slots ``[0, max size)``): a checkpoint
+        early in a run with the default 1M capacity stays small.
+        """
+        filled = int(self.size.max())
+        state: dict[str, Any] = {name: getattr(self, name)[:, :filled] for name in self._FIELDS}
+        return state | {
+            "capacity": torch.tensor(self.capacity),
             "pos": self.pos,
             "size": self.size,
             "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in ("obs", "action", "reward", "next_obs", "done", "pos", "size"):
-            current: Tensor = getattr(self, name)
-            if name not in state:
-                raise ValueError(f"replay buffer state is missing {name!r}")
-            if tuple(state[name].shape) != tuple(current.shape):
+        missing = [n for n in (*self._FIELDS, "capacity", "pos", "size", "generator")
+                   if n not in state]
+        if missing:
+            raise ValueError(f"replay buffer state is missing {', '.join(map(repr, missing))}")
+        if int(state["capacity"]) != self.capacity:
+            raise ValueError(
+                f"replay buffer state has capacity {int(state['capacity'])} per task, this "
+                f"buffer has {self.capacity}; resume with the same buffer_capacity"
+            )
+        for name in ("pos", "size"):
+            if tuple(state[name].shape) != (self.num_tasks,):
                 raise ValueError(
                     f"replay buffer state {name!r} has shape {tuple(state[name].shape)}, "
-                    f"this buffer expects {tuple(current.shape)}"
+                    f"this buffer expects ({self.num_tasks},)"
                 )
-            current.copy_(state[name])
+        for name in self._FIELDS:
+            current: Tensor = getattr(self, name)
+            saved: Tensor = state[name]
+            expected = (self.num_tasks, saved.shape[1] if saved.dim() > 1 else -1,
+                        *current.shape[2:])
+            if (saved.dim() != current.dim() or tuple(saved.shape) != expected
+                    or saved.shape[1] > self.capacity):
+                raise ValueError(
+                    f"replay buffer state {name!r} has shape {tuple(saved.shape)}, this buffer "
+                    f"holds {tuple(current.shape)} (tasks, capacity per task, ...)"
+                )
+            current.zero_()
+            current[:, : saved.shape[1]].copy_(saved)
+        self.pos.copy_(state["pos"])
+        self.size.copy_(state["size"])
         self.generator.set_state(state["generator"].cpu())
 
     def nbytes(self) -> int:

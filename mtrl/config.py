@@ -100,7 +100,11 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
             kwargs[key] = tuple(value)
         else:
             kwargs[key] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # __post_init__ checks of the dataclass
+        where = f" in section {prefix.rstrip('.')!r}" if prefix else ""
+        raise ConfigError(f"invalid config{where}: {exc}") from exc
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -163,9 +167,24 @@ def validate(cfg: TrainConfig, num_tasks: int | None = None) -> None:
             f"sac.balance has unknown loss(es) {', '.join(bad)}; valid: {', '.join(valid_losses)}"
         )
     try:
-        build(cfg.balancer, **cfg.balancer_kwargs)
+        balancer = build(cfg.balancer, **cfg.balancer_kwargs)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    from mtrl.agents.sac import NONNEGATIVE_LOSSES
+
+    signed = [x for x in cfg.sac.balance if x not in NONNEGATIVE_LOSSES]
+    if balancer.needs_nonnegative_losses and signed:
+        raise ConfigError(
+            f"balancer {cfg.balancer!r} needs non-negative task losses, but sac.balance includes "
+            f"{', '.join(signed)} (can be negative); set sac.balance to "
+            f"{list(NONNEGATIVE_LOSSES)} (the famo presets do)"
+        )
+    if cfg.sac.balance and not cfg.stratified:
+        raise ConfigError(
+            "stratified=False (uniform sampling) gives no task-major batch to balance per-task "
+            "losses on; use stratified=True, or set sac.balance=[] to train on the plain "
+            "batch mean (the original mtrl setting)"
+        )
     if num_tasks is not None:
         if cfg.stratified and cfg.batch_size % num_tasks:
             raise ConfigError(

@@ -25,7 +25,7 @@ from mtrl.balancers import build
 from mtrl.buffers import MultiTaskReplayBuffer
 from mtrl.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from mtrl.config import ConfigError, TrainConfig, to_dict, validate
-from mtrl.envs import PROTOCOLS, evaluate, eval_env_config, make_envs
+from mtrl.envs import PROTOCOLS, eval_env_config, evaluate, make_envs
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -90,6 +90,8 @@ def _to_python(metrics: dict[str, Tensor]) -> dict[str, Any]:
     for key, value in metrics.items():
         v = value.detach().float().cpu()
         out[key] = v.item() if v.numel() == 1 else [round(x, 6) for x in v.tolist()]
+        if key.endswith("/losses"):  # the task-mean as a scalar, for TensorBoard and plots
+            out[key[: -len("es")]] = v.mean().item()  # critic/losses -> critic/loss
     return out
 
 
@@ -260,7 +262,10 @@ def train(
             ep_success &= ~ended.bool()
 
             # Update: one (or updates_per_step) SAC update(s) per vector-env step.
+            log_now = step % cfg.log_every == 0 or step == cfg.total_steps
             if step > cfg.warmup_steps:
+                # Gradient statistics (cosines, conflicts) cost a Gramian: only when logged.
+                agent.diagnostics = log_now
                 for _ in range(cfg.updates_per_step):
                     metrics = agent.update(buffer.sample(cfg.batch_size, cfg.stratified))
                     skipped = bool(metrics["skipped"])
@@ -274,7 +279,7 @@ def train(
                         )
 
             # Log: the only place where update metrics become host numbers.
-            if step % cfg.log_every == 0 or step == cfg.total_steps:
+            if log_now:
                 now = time.perf_counter()
                 sps = (step - step_last) * num_tasks / max(now - t_last, 1e-9)
                 t_last, step_last = now, step

@@ -106,8 +106,23 @@ def test_state_dict_round_trip_restores_contents_and_sampler():
     fill(b, 1, start=9)
     assert torch.equal(a.obs, b.obs)
     wrong = MultiTaskReplayBuffer(7, K, OBS, ACT)
-    with pytest.raises(ValueError, match="has shape"):
+    with pytest.raises(ValueError, match="capacity 6 per task, this buffer has 7"):
         wrong.load_state_dict(state)
+    with pytest.raises(ValueError, match="missing 'generator'"):
+        b.load_state_dict({k: v for k, v in state.items() if k != "generator"})
+
+
+def test_state_dict_saves_only_the_filled_part():
+    a = MultiTaskReplayBuffer(1000, K, OBS, ACT, seed=1)
+    fill(a, 5)
+    state = a.state_dict()
+    assert state["obs"].shape == (K, 5, OBS) and state["reward"].shape == (K, 5)
+    b = MultiTaskReplayBuffer(1000, K, OBS, ACT, seed=2)
+    b.obs.fill_(7.0)  # stale contents beyond the filled part are cleared on load
+    b.load_state_dict(state)
+    assert torch.equal(a.obs, b.obs) and torch.equal(a.next_obs, b.next_obs)
+    for x, y in zip(a.sample(8), b.sample(8), strict=True):
+        assert torch.equal(x, y)
 
 
 def test_state_dict_loads_with_weights_only(tmp_path):

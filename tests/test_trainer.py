@@ -2,6 +2,7 @@
 Ctrl-C, and configuration errors."""
 
 import json
+import math
 import os
 import signal
 from dataclasses import replace
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from mtrl.agents.sac import SACConfig
-from mtrl.balancers import names
+from mtrl.balancers import build, names
 from mtrl.checkpoint import load_checkpoint
 from mtrl.config import ConfigError, TrainConfig, from_dict, load_preset
 from mtrl.envs import EnvConfig, make_envs
@@ -42,10 +43,11 @@ def flat_params(state: dict) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("balancer", names())
 def test_every_balancer_trains_on_toy_env(tmp_path, balancer):
     cfg = toy_config(tmp_path, balancer=balancer, total_steps=90, warmup_steps=30)
+    if build(balancer).needs_nonnegative_losses:  # FAMO: critic only, as its presets
+        cfg = replace(cfg, sac=replace(cfg.sac, balance=("critic",)))
     # Parameters before training: same seed, same initialisation as inside train().
     torch.manual_seed(cfg.env.seed)
     from mtrl.agents.sac import MultiTaskSAC
-    from mtrl.balancers import build
 
     env = make_envs(cfg.env)
     init = MultiTaskSAC(env.obs_dim, env.act_dim, env.num_tasks, cfg.sac,
@@ -148,8 +150,15 @@ def test_invalid_values_are_rejected_before_training(tmp_path):
         train(toy_config(tmp_path, batch_size=30))
     with pytest.raises(ConfigError, match="total_steps must be an integer >= 1"):
         train(toy_config(tmp_path, total_steps=0))
-    with pytest.raises(ConfigError, match="sac.balance has unknown loss.*valid: critic, actor"):
-        train(toy_config(tmp_path, sac=SACConfig(balance=("critic", "policy"))))
+    with pytest.raises(ValueError, match="balance has unknown loss.*valid: critic, actor"):
+        SACConfig(balance=("critic", "policy"))
+    with pytest.raises(ConfigError, match="section 'sac'.*unknown loss.*policy"):
+        from_dict(TrainConfig, {"sac": {"balance": ["critic", "policy"]}})
+    with pytest.raises(ConfigError, match="'famo' needs non-negative task losses.*actor, alpha"):
+        train(toy_config(tmp_path, balancer="famo"))
+    with pytest.raises(ConfigError, match="stratified=False.*sac.balance=\\[\\]"):
+        train(toy_config(tmp_path, stratified=False))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 def test_presets_load_with_published_hyper_parameters():
@@ -165,3 +174,15 @@ def test_presets_load_with_published_hyper_parameters():
     mt10 = load_preset("mt10_mean")
     assert mt10.batch_size == 1280 and mt10.sac.hidden_sizes == (400, 400, 400)
     assert mt10.env.max_episode_steps == 150 and mt10.env.goal_mode == "fixed"
+
+
+def test_uniform_sampling_and_multihead_train(tmp_path):
+    """The original mtrl setting (uniform batches, plain mean loss) with the multi-head SAC."""
+    cfg = toy_config(tmp_path, stratified=False, batch_size=30, total_steps=80,
+                     sac=SACConfig(hidden_sizes=(32, 32), multihead=True, balance=()))
+    result = train(cfg)
+    assert result.steps == 80 and result.skipped_updates == 0
+    last = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(last["critic/loss"]) and len(last["critic/losses"]) == 4
+    saved = json.loads((result.run_dir / "config.json").read_text())
+    assert saved["stratified"] is False and saved["sac"]["multihead"] is True

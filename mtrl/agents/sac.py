@@ -69,6 +69,8 @@ __all__ = ["LOSS_NAMES", "MultiTaskSAC", "SACConfig"]
 
 #: The losses a balancer can be put on, in update order.
 LOSS_NAMES = ("critic", "actor", "alpha")
+#: Losses that are >= 0 by construction (squared TD errors); the others can be negative.
+NONNEGATIVE_LOSSES = ("critic",)
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,12 @@ class MultiTaskSAC(nn.Module):
                 raise ValueError(f"balancer_factory must return a Balancer, got {type(b).__name__}")
             if any(b is other for other in balancers.values()):
                 raise ValueError("balancer_factory must return a new balancer on every call")
+            if b.needs_nonnegative_losses and name not in NONNEGATIVE_LOSSES:
+                raise ValueError(
+                    f"balancer {b.name!r} needs non-negative task losses, but the SAC {name} "
+                    f"loss can be negative; balance only {', '.join(NONNEGATIVE_LOSSES)} with "
+                    "it (e.g. sac.balance=['critic'], as the famo presets do)"
+                )
             balancers[name] = b
         self.balancers = nn.ModuleDict(balancers)
 

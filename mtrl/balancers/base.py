@@ -39,6 +39,10 @@ class Balancer(nn.Module):
     needs_grads: ClassVar[bool] = True
     #: True for methods that must see the losses after the optimiser step (FAMO).
     needs_losses_after_step: ClassVar[bool] = False
+    #: True for methods defined on non-negative losses only (FAMO balances log-losses).
+    #: Agents refuse to route a loss that can be negative (SAC's actor and temperature
+    #: losses) through such a balancer, with a message, before training starts.
+    needs_nonnegative_losses: ClassVar[bool] = False
 
     # Properties checked by :func:`mtrl.testing.check_balancer` (plug-ins declare theirs).
     #: Permuting the task rows (and losses) leaves the output unchanged. False for

@@ -50,6 +50,7 @@ class FAMO(Balancer):
     name = "famo"
     needs_grads = False
     needs_losses_after_step = True
+    needs_nonnegative_losses = True
 
     def __init__(self, gamma: float = 0.01, lr: float = 0.025) -> None:
         super().__init__()
