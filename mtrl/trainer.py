@@ -296,8 +296,8 @@ def train(
                 done_return.zero_(), done_success.zero_(), done_count.zero_()
                 log.write("metrics.jsonl", record)
                 if bar is not None:
-                    bar.set_postfix(env_sps=f"{sps:.0f}", success=f"{best_success:.2f}"
-                                    if last_eval is None else f"{last_eval['mean_success']:.2f}")
+                    success = "n/a" if last_eval is None else f"{last_eval['mean_success']:.2f}"
+                    bar.set_postfix(env_sps=f"{sps:.0f}", success=success)
 
             if cfg.eval_every and step % cfg.eval_every == 0:
                 last_eval = run_eval(step)

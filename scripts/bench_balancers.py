@@ -4,7 +4,8 @@
     id, action 4, batch 1280 split task-major into K blocks of ``1280 // K``):
     the actor loss (through a constant twin critic) and the twin-critic loss, the latter
     both as two ``nn.Linear`` MLPs and as stacked ``[2, in, out]`` weights evaluated with
-    ``baddbmm`` (like ``mtrl.agents.networks.TwinCritic``). Compared with ONE plain
+    ``baddbmm`` or with one ``addmm`` per member (what ``mtrl.agents.networks.TwinCritic``
+    does, chosen from this comparison). Compared with ONE plain
     backward of the mean loss:
 
     * ``mean path``: ``balanced_backward`` with ``mean`` (vmapped forward, one backward);
@@ -70,10 +71,11 @@ class TwinMLP(nn.Module):
 class StackedTwin(nn.Module):
     """Both Q networks as stacked ``[2, in, out]`` weights.
 
-    ``per_member=False``: one ``baddbmm`` per layer (like ``mtrl.agents.networks``).
-    ``per_member=True``: one ``addmm`` per member and layer. Same parameters and FLOPs,
-    but under ``vmap`` (weights unbatched, input batched) ``bmm``'s batching rule expands
-    the weight to ``[K, 2, in, out]`` while ``mm``'s folds K into the rows.
+    ``per_member=False``: one ``baddbmm`` per layer.
+    ``per_member=True``: one ``addmm`` per member and layer (as ``EnsembleLinear`` does).
+    Same parameters and FLOPs, but under ``vmap`` (weights unbatched, input batched)
+    ``bmm``'s batching rule expands the weight to ``[K, 2, in, out]`` while ``mm``'s
+    folds K into the rows.
     """
 
     def __init__(self, in_dim: int, hidden: int, per_member: bool = False) -> None:

@@ -2,8 +2,8 @@
 
 * :func:`mlp` builds a plain ReLU MLP.
 * :class:`EnsembleLinear` holds ``E`` independent linear layers as one stacked weight
-  ``[E, in, out]`` and evaluates them with a single ``torch.baddbmm``; the
-  :class:`TwinCritic` is an MLP of these, so both Q functions are **one** forward pass.
+  ``[E, in, out]`` and evaluates them in one call; the :class:`TwinCritic` is an MLP of
+  these, so both Q functions are **one** module with stacked parameters.
 * :class:`SquashedGaussianActor` is the tanh-squashed Gaussian policy.
 * Both networks take ``num_heads``: with ``num_heads = K > 1`` the hidden trunk is shared
   and the last layer has one output head per task, picked by the task id (MTMH-SAC).
@@ -52,7 +52,7 @@ class EnsembleLinear(nn.Module):
 
     ``weight`` is ``[E, in, out]`` and ``bias`` ``[E, 1, out]``; ``forward`` maps
     ``x`` of shape ``(E, N, in)`` (or ``(N, in)``, shared by all members) to
-    ``(E, N, out)`` with one ``baddbmm``. Each member is initialised like ``nn.Linear``
+    ``(E, N, out)`` (one ``addmm`` per member). Each member is initialised like ``nn.Linear``
     (uniform in ``±1/sqrt(in)``), and member ``e`` computes exactly
     ``x[e] @ weight[e] + bias[e]``, i.e. ``nn.Linear`` with weight ``weight[e].T``.
     """
@@ -70,9 +70,15 @@ class EnsembleLinear(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.ndim == 2:
-            x = x.unsqueeze(0).expand(self.num_members, -1, -1)
-        return torch.baddbmm(self.bias, x, self.weight)
+        # One addmm per member rather than one baddbmm: the same FLOPs, but under
+        # ``torch.func.vmap`` (per-task gradients) mm's batching rule folds the task
+        # dimension into the rows, while bmm's copies the weight once per task
+        # (measured in scripts/bench_balancers.py: the critic's batched gradients at K=50).
+        shared = x.ndim == 2
+        return torch.stack([
+            torch.addmm(self.bias[e], x if shared else x[e], self.weight[e])
+            for e in range(self.num_members)
+        ])
 
     def extra_repr(self) -> str:
         return f"num_members={self.num_members}, in_dim={self.in_dim}, out_dim={self.out_dim}"

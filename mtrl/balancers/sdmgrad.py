@@ -38,11 +38,12 @@ class SDMGrad(Balancer):
     Provable Stochastic Algorithms", NeurIPS 2023. Authors' code:
     https://github.com/ml-opt-lab/sdmgrad (``mtrl/mtrl_files/sdmgrad.py``).
 
-    Defaults: ``lam=0.6`` (the authors' MT10 and MT50 setting); ``restart=True``.
+    Defaults: ``lam=0.6`` (the authors' MT10 and MT50 setting); ``restart=False``.
 
-    State: the last solution ``w`` is kept in the buffer ``w``. The paper's algorithm carries
-    w across steps and takes one projected stochastic-gradient step per iteration; the
-    authors' RL code restarts from uniform weights every call (``restart=True``). Because
+    State: the last solution ``w`` is kept in the buffer ``w`` and carried to the next step,
+    as the paper's stochastic algorithm does (it takes one projected stochastic-gradient
+    step per iteration from the previous w); the authors' RL code restarts from uniform
+    weights every call, available as ``restart=True``. Because
     we solve the sub-problem to convergence (it is a convex QP whose direction is unique),
     the start only affects speed: with ``restart=False`` the carried w's support is tried
     first as the active set, and quadprog runs only when that guess fails its KKT check.
@@ -56,7 +57,7 @@ class SDMGrad(Balancer):
 
     name = "sdmgrad"
 
-    def __init__(self, lam: float = 0.6, restart: bool = True) -> None:
+    def __init__(self, lam: float = 0.6, restart: bool = False) -> None:
         super().__init__()
         self.lam = check_number("lam", lam, low=0.0)
         if not isinstance(restart, bool):

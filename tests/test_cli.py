@@ -1,0 +1,108 @@
+"""The ``mtrl`` command: train / eval / balancers, error messages, and an MT10 smoke run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mtrl.balancers import names
+from mtrl.cli import main
+
+TINY = ["--sac.hidden-sizes", "32", "32", "--batch-size", "40", "--buffer-capacity", "4000",
+        "--log-every", "10", "--no-progress"]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_balancers_lists_every_registered_name_with_defaults(capsys):
+    code, out, _ = run_cli(["balancers"], capsys)
+    assert code == 0
+    listed = [line.split()[0] for line in out.splitlines() if line.strip()]
+    assert listed == names()
+    assert "cagrad         (c=0.9)" in out
+    assert "sdmgrad-os     (lam=0.6, num_sampled=4" in out
+    assert "famo           (gamma=0.01, lr=0.025)" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nope"], "unknown command 'nope'; valid commands: train, eval, balancers"),
+    (["train", "--balancer", "nope", "--env.benchmark", "toy"],
+     "unknown balancer 'nope'; valid choices: "),
+    (["train", "--balancer", "cagrad", "--balancer-kwargs", "cc", "1.0", "--env.benchmark",
+      "toy"], "unknown hyper-parameter"),
+    (["train", "--config", "no_such_preset"], "not found; presets: "),
+    (["train", "--env.benchmark", "MT11"], "unknown benchmark 'MT11'; valid choices: MT10, MT50"),
+    (["train", "--env.benchmark", "toy", "--total-steps", "0"],
+     "total_steps must be an integer >= 1"),
+    (["train", "--resume", "/no/such/run"], "cannot resume"),
+    (["eval", "/no/such/run"], "neither a run directory nor a checkpoint file"),
+    (["balancers", "extra"], "takes no arguments"),
+])
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, args, message):
+    if args[0] == "train" and "--resume" not in args and "--config" not in args:
+        args = [*args, "--run-dir", str(tmp_path / "run"), *TINY]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    # Our errors start with "error: "; tyro's (bad values of typed options) come in a box.
+    assert "error" in err.lower() and message in " ".join(err.split()), err
+    assert "Traceback" not in err
+
+
+def test_unknown_option_names_the_option(capsys):
+    code, _, err = run_cli(["train", "--total-stepz", "5"], capsys)
+    assert code == 2 and "--total-stepz" in err
+
+
+def test_train_resume_extends_a_toy_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["train", "--env.benchmark", "toy", "--env.max-episode-steps", "20",
+            "--warmup-steps", "20", "--eval-every", "0", "--eval-episodes", "1",
+            "--run-dir", str(run), *TINY]
+    code, out, _ = run_cli([*base, "--total-steps", "40"], capsys)
+    assert code == 0 and "finished at step 40" in out and "mean" in out
+    code, _, err = run_cli([*base, "--total-steps", "60"], capsys)
+    assert code == 2 and "already holds a checkpoint" in err
+    code, out, _ = run_cli(["train", "--resume", str(run), "--total-steps", "60"], capsys)
+    assert code == 0 and "finished at step 60" in out
+    result = json.loads((run / "result.json").read_text())
+    assert result["step"] == 60 and result["resumed_from_step"] == 40
+
+
+@pytest.mark.metaworld
+def test_mt10_smoke_run_writes_logs_checkpoint_and_eval_table(tmp_path, capsys):
+    run = tmp_path / "mt10"
+    code, out, err = run_cli(
+        ["train", "--env.benchmark", "MT10", "--env.max-episode-steps", "20",
+         "--env.goal-mode", "fixed", "--total-steps", "30", "--warmup-steps", "20",
+         "--eval-every", "0", "--balancer", "cagrad", "--run-dir", str(run), *TINY],
+        capsys,
+    )
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if "-v3" in line]
+    assert len(rows) == 10  # the per-task success table
+    assert "finished at step 30" in out
+    for name in ("config.json", "metrics.jsonl", "eval.jsonl", "checkpoint.pt", "result.json"):
+        assert (run / name).is_file(), name
+    assert any((run / "tb").iterdir())  # TensorBoard events
+    config = json.loads((run / "config.json").read_text())
+    assert config["balancer"] == "cagrad" and len(config["task_names"]) == 10
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [10, 20, 30]
+    assert len(metrics[-1]["critic/weights"]) == 10
+
+    code, out, err = run_cli(["eval", str(run), "--episodes-per-task", "1"], capsys)
+    assert code == 0, err
+    table = json.loads((run / "eval_30.json").read_text())
+    assert len(table["success"]) == 10 and table["episodes_per_task"] == 1
+    assert 0.0 <= table["mean_success"] <= 1.0
+    csv_lines = (run / "eval_30.csv").read_text().splitlines()
+    assert csv_lines[0] == "task,success_rate,mean_return" and len(csv_lines) == 11
