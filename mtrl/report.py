@@ -665,16 +665,23 @@ def plot_weights(g: GroupSummary, path: Path) -> bool:
                 ax.set_xlabel("environment steps", fontsize=8)
     if not any_data:
         return False
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    for ax in axes.flat:
-        if len(ax.get_legend_handles_labels()[1]) > len(labels):
-            handles, labels = ax.get_legend_handles_labels()
+    handles, labels = _fullest_legend(axes)
     if labels and len(labels) <= 20:
         fig.legend(handles, labels, loc="outside right center", fontsize=7)
     fig.suptitle(f"{g.benchmark}, {g.protocol}: per-task balancer weights (seed mean)",
                  fontsize=10)
     _save(fig, path)
     return True
+
+
+def _fullest_legend(axes) -> tuple[list, list]:
+    """Legend handles and labels of the panel that shows the most series."""
+    handles, labels = [], []
+    for ax in axes.flat:
+        h, lab = ax.get_legend_handles_labels()
+        if len(lab) > len(labels):
+            handles, labels = h, lab
+    return handles, labels
 
 
 def plot_conflict(g: GroupSummary, path: Path) -> bool:
@@ -708,11 +715,7 @@ def plot_conflict(g: GroupSummary, path: Path) -> bool:
                 ax.set_ylabel(ylabel, fontsize=8)
     if not any_data:
         return False
-    handles, labels = [], []
-    for ax in axes.flat:
-        h, lab = ax.get_legend_handles_labels()
-        if len(lab) > len(labels):
-            handles, labels = h, lab
+    handles, labels = _fullest_legend(axes)
     fig.legend(handles, labels, loc="outside right center", fontsize=8)
     fig.suptitle(f"{g.benchmark}, {g.protocol}: gradient conflict between tasks (seed mean)",
                  fontsize=10)

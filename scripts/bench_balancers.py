@@ -94,9 +94,11 @@ class StackedTwin(nn.Module):
         n = len(self.weights)
         if self.per_member:
             qs = []
+            members = [(w.unbind(0), b.unbind(0)) for w, b in zip(self.weights, self.biases,
+                                                                   strict=True)]
             for e in range(2):
                 x = h
-                for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+                for i, (w, b) in enumerate(members):
                     x = torch.addmm(b[e], x, w[e])
                     if i < n - 1:
                         x = F.relu(x)

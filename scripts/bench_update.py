@@ -1,7 +1,8 @@
 """Milliseconds per full multi-task SAC update, per balancer, at K=10 and K=50.
 
 One update = critic step + actor step + temperature step + Polyak update, on a stratified
-batch of 1280 transitions (task-major, 1280 // K per task), 3×400 MLPs, observation
+batch of about 1280 transitions (task-major, 1280 // K per task: 1280 at K=10, 1250 at
+K=50 as in the MT50 presets), 3×400 MLPs, observation
 39 + K (Meta-World state + task one-hot), action 4, all three losses balanced (the
 published setups). The batch comes from a replay buffer filled with random transitions,
 so the numbers measure compute, not learning. The agent runs with ``diagnostics=False``
@@ -68,7 +69,7 @@ def time_updates(name: str, k: int, buf: MultiTaskReplayBuffer, repeats: int, wa
     kwargs = hparams(name, k)
     agent = MultiTaskSAC(OBS_BASE + k, ACT, k, SACConfig(), lambda: build(name, **kwargs))
     agent.diagnostics = diagnostics
-    batches = [buf.sample(BATCH) for _ in range(warmup + repeats)]
+    batches = [buf.sample((BATCH // k) * k) for _ in range(warmup + repeats)]
     times = []
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
@@ -102,8 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"- torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
           f"Python {platform.python_version()}")
-    print(f"- batch {BATCH}, 3×400 MLPs, all three losses balanced, diagnostics="
-          f"{args.diagnostics}, median of {args.repeats} updates (IQR in brackets)")
+    print(f"- batch (1280 // K) × K (1280 at K=10, 1250 at K=50), 3×400 MLPs, all three "
+          f"losses balanced, diagnostics={args.diagnostics}, median of {args.repeats} "
+          "updates (IQR in brackets)")
     print(f"- load average at start: {os.getloadavg()[0]:.2f}\n")
     print("| K | balancer | ms / update | × mean | target |")
     print("|---|---|---|---|---|")

@@ -74,10 +74,12 @@ class EnsembleLinear(nn.Module):
         # ``torch.func.vmap`` (per-task gradients) mm's batching rule folds the task
         # dimension into the rows, while bmm's copies the weight once per task
         # (measured in scripts/bench_balancers.py: the critic's batched gradients at K=50).
-        shared = x.ndim == 2
+        # ``unbind`` (not ``weight[e]``): its backward stacks the members' gradients into
+        # one tensor, where indexing would zero-fill a full-size gradient per member.
+        xs = [x] * self.num_members if x.ndim == 2 else x.unbind(0)
         return torch.stack([
-            torch.addmm(self.bias[e], x if shared else x[e], self.weight[e])
-            for e in range(self.num_members)
+            torch.addmm(b, xe, w)
+            for b, xe, w in zip(self.bias.unbind(0), xs, self.weight.unbind(0), strict=True)
         ])
 
     def extra_repr(self) -> str:

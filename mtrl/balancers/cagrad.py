@@ -69,14 +69,21 @@ def cagrad_dual(
     lo, hi = 0.0, math.inf
     beta = math.sqrt(max(float(b.mean()), 1e-300)) / r  # |g0| / r: the uniform-w guess
     best_w, best_res, best_it = None, math.inf, 0
-    for it in range(1, max_iter + 1):
-        w = simplex_qp(a, beta * b)
-        nrm = math.sqrt(max(float(w @ a @ w), 0.0))
-        res = cagrad_kkt_residual(a, b, r, w)
+
+    def consider(cand: np.ndarray, it: int) -> float:
+        """KKT residual of ``cand``; keeps the best iterate and when it last halved."""
+        nonlocal best_w, best_res, best_it
+        res = cagrad_kkt_residual(a, b, r, cand)
         if res < 0.5 * best_res:
             best_it = it
         if res < best_res:
-            best_w, best_res = w, res
+            best_w, best_res = cand, res
+        return res
+
+    for it in range(1, max_iter + 1):
+        w = simplex_qp(a, beta * b)
+        nrm = math.sqrt(max(float(w @ a @ w), 0.0))
+        res = consider(w, it)
         if res <= scale_res:
             return w, it, res
         if it - best_it >= 8 and best_res <= accept_tol * (1.0 + r):
@@ -100,11 +107,7 @@ def cagrad_dual(
                 continue
             cand = np.clip(cand, 0.0, None)
             cand /= cand.sum()
-            cres = cagrad_kkt_residual(a, b, r, cand)
-            if cres < 0.5 * best_res:
-                best_it = it
-            if cres < best_res:
-                best_w, best_res = cand, cres
+            cres = consider(cand, it)
             if cres <= scale_res:
                 return cand, it, cres
         # bracket update from the sign of f(beta) and the next trial point
