@@ -550,7 +550,11 @@ def launch_local(jobs: Sequence[Job], spec: BenchSpec, progress: _Progress,
     futures = {pool.submit(work, job) for job in jobs}
     try:
         while futures:
-            done, futures = wait(futures, return_when=FIRST_COMPLETED)
+            # With a timeout, not a blocking wait: a SIGINT that the kernel delivers to a
+            # worker thread only sets Python's flag, and the main thread acts on it (raises
+            # KeyboardInterrupt) only when it wakes up; a blocking wait would sleep until a
+            # run finished.
+            done, futures = wait(futures, timeout=0.5, return_when=FIRST_COMPLETED)
             for f in done:
                 results.append(f.result())
                 progress.update(results[-1])
@@ -609,7 +613,7 @@ def launch_ray(jobs: Sequence[Job], spec: BenchSpec, progress: _Progress,
         pending = list(refs)
         try:
             while pending:
-                done, pending = ray.wait(pending, num_returns=1)
+                done, pending = ray.wait(pending, num_returns=1, timeout=0.5)  # as in launch_local
                 for ref in done:
                     job = refs[ref]
                     try:

@@ -51,9 +51,16 @@ Balancer kinds (see :class:`mtrl.balancers.Balancer`)
 * Otherwise all K gradient rows are computed and ``balancer.combine_rows(grads, losses)``
   gives the direction.
 
-Memory: the per-task gradients are a dense ``(K, D)`` matrix (plus, briefly, the
-per-parameter pieces it is concatenated from): 143 MB in float32 for the SAC twin critic
-(D ≈ 0.72 M) at K = 50. ``chunk_size`` bounds the vmap's intermediate memory if needed.
+For balancers that keep the base class's ``combine_rows`` (the direction is ``Gᵀw``),
+the rows are never concatenated: the Gramian is the sum of per-parameter Gramians, the
+balancer gets it through ``weights_for(None, losses, gram=...)``, and each parameter's
+``.grad`` is ``wᵀ`` times its own block. Same numbers, one (K, D) copy less (measured
+~90 ms of a ~350 ms SAC update at K = 50 on one CPU thread).
+
+Memory: the per-task gradients are dense per-parameter ``(K, numel)`` blocks, ``K × D``
+values in all: 143 MB in float32 for the SAC twin critic (D ≈ 0.72 M) at K = 50 (twice
+that, briefly, for a balancer with its own ``combine_rows``, which gets one concatenated
+matrix). ``chunk_size`` bounds the vmap's intermediate memory if needed.
 
 ``.grad`` semantics: like ``Tensor.backward()``, the direction is ADDED to ``p.grad`` when
 it is already set, and ``p.grad`` is set otherwise (then it is a view into one flat
@@ -170,13 +177,6 @@ def _in_dims(batch: Sequence[Tensor]) -> tuple[int | None, ...]:
     return (None, *([0] * len(batch)))
 
 
-def _flatten_rows(grads: Sequence[Tensor], rows: int) -> Tensor:
-    """Per-parameter ``(rows, *shape)`` gradients -> one ``(rows, D)`` matrix."""
-    if len(grads) == 1:
-        return grads[0].reshape(rows, -1)
-    return torch.cat([g.reshape(rows, -1) for g in grads], dim=1)
-
-
 def _write_grads(params: Sequence[Tensor], direction: Tensor) -> None:
     """Split the flat ``direction`` (D,) into parameter shapes; add to / set ``.grad``."""
     direction = direction.detach()
@@ -191,6 +191,18 @@ def _write_grads(params: Sequence[Tensor], direction: Tensor) -> None:
         n = p.numel()
         g = direction[offset : offset + n].view(p.shape)
         offset += n
+        if g.dtype != p.dtype or g.device != p.device:
+            g = g.to(device=p.device, dtype=p.dtype)
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g)
+
+
+def _write_grad_pieces(params: Sequence[Tensor], w: Tensor, pieces: Sequence[Tensor]) -> None:
+    """Add / set ``.grad`` of each parameter to ``wᵀ piece`` (its block of ``Gᵀw``)."""
+    for p, piece in zip(params, pieces, strict=True):
+        g = (w.to(device=piece.device, dtype=piece.dtype) @ piece).view(p.shape)
         if g.dtype != p.dtype or g.device != p.device:
             g = g.to(device=p.device, dtype=p.dtype)
         if p.grad is None:
@@ -300,6 +312,23 @@ def task_gradients(
     k = _num_tasks(batch)
     if tasks is not None:
         tasks = _check_indices(tasks, k, "tasks")
+    losses, pieces = _task_gradient_pieces(
+        loss_fn, params, batch, tasks, randomness=randomness, chunk_size=chunk_size
+    )
+    return losses, pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+
+def _task_gradient_pieces(
+    loss_fn: TaskLossFn,
+    params: Mapping[str, Tensor],
+    batch: Sequence[Tensor],
+    tasks: Tensor | None,
+    *,
+    randomness: str,
+    chunk_size: int | None,
+) -> tuple[Tensor, list[Tensor]]:
+    """Losses ``(K',)`` and per-parameter gradient blocks ``(K', numel)`` (views, no copy)."""
+    if tasks is not None:
         batch = [t.index_select(0, tasks.to(t.device)) for t in batch]
     rows = batch[0].shape[0]
     detached = {name: p.detach() for name, p in params.items()}
@@ -314,7 +343,21 @@ def task_gradients(
     # captured by loss_fn that happen to require grad.
     with torch.no_grad():
         grads, losses = fn(detached, *batch)
-    return losses, _flatten_rows([grads[name] for name in detached], rows)
+    return losses, [grads[name].reshape(rows, -1) for name in detached]
+
+
+def _blockwise_gram(pieces: Sequence[Tensor]) -> Tensor:
+    """``G Gᵀ`` of the row-concatenation of ``pieces`` as float64 on the CPU, without
+    forming the concatenation (a (K, D) copy costs as much as the Gramian itself)."""
+    dtypes = {piece.dtype for piece in pieces}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float64
+    if dtype not in (torch.float32, torch.float64):
+        dtype = torch.float32
+    gram = None
+    for piece in pieces:
+        g = piece.to(dtype)
+        gram = g @ g.T if gram is None else gram.addmm_(g, g.T)
+    return gram.to("cpu", torch.float64)
 
 
 def balanced_backward(
@@ -334,11 +377,15 @@ def balanced_backward(
     altogether (not differentiated, no ``.grad``), as ``Tensor.backward`` would. See the
     module docstring for the three balancer kinds and the ``.grad`` accumulation rule.
 
-    ``diagnostics=False`` skips the Gramian used for the gradient statistics (then NaN);
-    it costs ``K² D`` FLOPs, about as much as the backward pass itself at K = 50, so pass
-    ``False`` on steps that do not log. If the balancer records the Gramian of the rows
-    it was given in ``balancer.info["gram"]``, that one is reused and the statistics are
-    free.
+    Balancers that keep the base class's ``combine_rows`` (direction ``Gᵀw``) never see
+    the rows as one matrix: the Gramian is summed over per-parameter blocks and the
+    direction is written block by block, which saves a (K, D) copy; the statistics then
+    come from that Gramian for free. A balancer with its own ``combine_rows`` gets the
+    (K, D) matrix; ``diagnostics=False`` then skips the extra Gramian the statistics
+    need (they are NaN), unless the balancer records the Gramian of the rows it was
+    given in ``balancer.info["gram"]``. The extra Gramian costs ``K² D`` FLOPs, about as
+    much as the backward pass itself at K = 50, so pass ``False`` on steps that do not
+    log.
     """
     params = _trainable(params)
     k = _num_tasks(batch)
@@ -367,15 +414,14 @@ def balanced_backward(
             conflict_fraction=_nan((), device),
         )
 
-    losses_rows, grads = task_gradients(loss_fn, params, batch, idx, **vkw)
-    direction = balancer.combine_rows(grads, losses_rows)
-    _write_grads(param_list, direction)
+    losses_rows, pieces = _task_gradient_pieces(loss_fn, params, batch, idx, **vkw)
+    grads, gram = _combine_pieces(balancer, param_list, pieces, losses_rows)
 
     if idx is None:
         losses = losses_rows
     else:
         losses = _all_losses(loss_fn, params, batch, idx, losses_rows, **vkw)
-    return _stats(losses, grads, idx, info, diagnostics)
+    return _stats(losses, grads, idx, info, diagnostics, gram)
 
 
 def _all_losses(loss_fn, params, batch, idx, losses_rows, **vkw) -> Tensor:
@@ -396,11 +442,19 @@ def _all_losses(loss_fn, params, batch, idx, losses_rows, **vkw) -> Tensor:
 
 
 def _stats(
-    losses: Tensor, grads: Tensor, idx: Tensor | None, info: dict, diagnostics: bool
+    losses: Tensor,
+    grads: Tensor | None,
+    idx: Tensor | None,
+    info: dict,
+    diagnostics: bool,
+    gram: Tensor | None = None,
 ) -> BalanceStats:
-    k, rows, device = losses.shape[0], grads.shape[0], losses.device
+    """Statistics from ``gram`` (the rows' Gramian) if given, else from ``grads``."""
+    k, device = losses.shape[0], losses.device
+    rows = gram.shape[0] if gram is not None else grads.shape[0]
     w = _applied_weights(info, rows)
-    gram = _reused_gram(info, rows)
+    if gram is None:
+        gram = _reused_gram(info, rows)
     if gram is None and diagnostics:
         g = grads.detach()
         gram = g @ g.T
@@ -477,7 +531,26 @@ def balanced_backward_from_losses(
         g if g is not None else torch.zeros((rows, *p.shape), dtype=p.dtype, device=p.device)
         for g, p in zip(per_param, param_list, strict=True)
     ]
-    grads = _flatten_rows(per_param, rows)
-    direction = balancer.combine_rows(grads, used.detach())
-    _write_grads(param_list, direction)
-    return _stats(task_losses.detach(), grads, idx, info, diagnostics)
+    pieces = [g.reshape(rows, -1) for g in per_param]
+    grads, gram = _combine_pieces(balancer, param_list, pieces, used.detach())
+    return _stats(task_losses.detach(), grads, idx, info, diagnostics, gram)
+
+
+def _combine_pieces(
+    balancer: Balancer, params: Sequence[Tensor], pieces: list[Tensor], losses: Tensor
+) -> tuple[Tensor | None, Tensor | None]:
+    """Call the balancer on per-parameter gradient blocks and write ``.grad``.
+
+    A balancer that keeps the base class's ``combine_rows`` (direction ``Gᵀw``) never
+    sees the rows as one matrix: the Gramian is summed over the blocks and the direction
+    written block by block (same numbers, one (K, D) copy less). Returns
+    ``(None, gram)`` then, and ``(grads, None)`` when the balancer got the (K, D) matrix.
+    """
+    if type(balancer).combine_rows is Balancer.combine_rows:
+        gram = _blockwise_gram(pieces)
+        w = balancer.weights_for(None, losses, gram=gram, grads_dtype=pieces[0].dtype)
+        _write_grad_pieces(params, w, pieces)
+        return None, gram
+    grads = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+    _write_grads(params, balancer.combine_rows(grads, losses))
+    return grads, None

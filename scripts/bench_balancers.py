@@ -3,9 +3,9 @@
 (a) Per-task gradients of SAC-sized networks (3×400 MLPs, obs 39+K with the one-hot task
     id, action 4, batch 1280 split task-major into K blocks of ``1280 // K``):
     the actor loss (through a constant twin critic) and the twin-critic loss, the latter
-    both as two ``nn.Linear`` MLPs and as stacked ``[2, in, out]`` weights evaluated with
-    ``baddbmm`` or with one ``addmm`` per member (what ``mtrl.agents.networks.TwinCritic``
-    does, chosen from this comparison). Compared with ONE plain
+    both as two ``nn.Linear`` MLPs (what ``mtrl.agents.networks.TwinCritic`` does, chosen
+    from this comparison) and, for reference, as stacked ``[2, in, out]`` weights
+    evaluated with ``baddbmm`` or with one ``addmm`` per member. Compared with ONE plain
     backward of the mean loss:
 
     * ``mean path``: ``balanced_backward`` with ``mean`` (vmapped forward, one backward);
@@ -72,7 +72,7 @@ class StackedTwin(nn.Module):
     """Both Q networks as stacked ``[2, in, out]`` weights.
 
     ``per_member=False``: one ``baddbmm`` per layer.
-    ``per_member=True``: one ``addmm`` per member and layer (as ``EnsembleLinear`` does).
+    ``per_member=True``: one ``addmm`` per member and layer.
     Same parameters and FLOPs, but under ``vmap`` (weights unbatched, input batched)
     ``bmm``'s batching rule expands the weight to ``[K, 2, in, out]`` while ``mm``'s
     folds K into the rows.
@@ -126,7 +126,7 @@ class Problem:
 
 
 CRITICS = {
-    "critic (2 MLPs)": lambda d, h: TwinMLP(d, h),
+    "critic (2 MLPs, = TwinCritic)": lambda d, h: TwinMLP(d, h),
     "critic (stacked, baddbmm)": lambda d, h: StackedTwin(d, h),
     "critic (stacked, addmm per member)": lambda d, h: StackedTwin(d, h, per_member=True),
 }

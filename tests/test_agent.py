@@ -171,14 +171,9 @@ def test_twin_critic_equals_two_separate_mlps():
     obs, act = torch.randn(7, OBS_DIM), torch.rand(7, ACT)
     q = critic(obs, act)
     assert q.shape == (2, 7)
-    layers = [*critic.trunk, critic.head]
     for e in range(2):
         net = mlp(OBS_DIM + ACT, (32, 16), 1)
-        linears = [m for m in net if isinstance(m, nn.Linear)]
-        with torch.no_grad():
-            for lin, ens in zip(linears, layers, strict=True):
-                lin.weight.copy_(ens.weight[e].T)
-                lin.bias.copy_(ens.bias[e, 0])
+        net.load_state_dict(critic.members[e].state_dict())
         torch.testing.assert_close(q[e], net(torch.cat([obs, act], 1)).squeeze(-1))
     assert not torch.allclose(q[0], q[1])  # independently initialised members
 
@@ -195,8 +190,9 @@ def test_multihead_routes_tasks_to_their_own_head():
     with torch.no_grad():
         actor.head.weight[j * 2 * ACT : (j + 1) * 2 * ACT] += 1.0
         actor.head.bias[j * 2 * ACT : (j + 1) * 2 * ACT] += 1.0
-        critic.head.weight[:, :, j] += 1.0
-        critic.head.bias[:, :, j] += 1.0
+        for member in critic.members:
+            member[-1].weight[j] += 1.0
+            member[-1].bias[j] += 1.0
     a1, lp1, m1 = actor(obs, tid, eps)
     q1 = critic(obs, act, tid)
     other, mine = tid != j, tid == j
@@ -517,8 +513,25 @@ def test_balancer_errors_on_finite_input_propagate():
         agent.update(make_batch())
 
 
+class RowsMean(GradMean):
+    """Mean of the rows through its own ``combine_rows`` (sees the (K, D) matrix)."""
+
+    name = "rows-mean"
+
+    def combine_rows(self, grads, losses=None):
+        return grads.mean(0)
+
+
 def test_diagnostics_switch():
+    # A Gramian balancer: the statistics come from the Gramian it needs anyway.
     agent = make_agent(factory=GradMean)
+    m = agent.update(make_batch())
+    assert torch.isfinite(m["critic/grad_norms"]).all() and torch.isfinite(m["actor/mean_cosine"])
+    agent.diagnostics = False
+    m = agent.update(make_batch(1))
+    assert torch.isfinite(m["critic/grad_norms"]).all() and m["skipped"] == 0
+    # A balancer with its own combine_rows: no Gramian unless diagnostics are on.
+    agent = make_agent(factory=RowsMean)
     m = agent.update(make_batch())
     assert torch.isfinite(m["critic/grad_norms"]).all() and torch.isfinite(m["actor/mean_cosine"])
     agent.diagnostics = False

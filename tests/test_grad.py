@@ -149,6 +149,17 @@ def test_from_losses_batched_backward_matches_python_loop():
     torch.testing.assert_close(
         stats.grad_norms, ref_grads.norm(dim=1).float(), atol=1e-5, rtol=1e-5
     )
+    # a Gᵀw balancer without its own combine_rows takes the blockwise path
+    net.zero_grad(set_to_none=True)
+    q1, q2 = net(x)
+    losses = ((q1 - target) ** 2 + (q2 - target) ** 2).view(K, B_PER_TASK).mean(1)
+    gram_only = GramOnly(w)
+    stats = balanced_backward_from_losses(losses, list(net.parameters()), gram_only)
+    torch.testing.assert_close(flat_grad(net), expected, atol=1e-10, rtol=0)
+    torch.testing.assert_close(gram_only.seen_gram, ref_grads @ ref_grads.T, atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        stats.grad_norms, ref_grads.norm(dim=1).float(), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_from_losses_sampling_and_loss_only():
@@ -202,6 +213,39 @@ def test_gramian_balancer_writes_weighted_sum_of_rows():
     torch.testing.assert_close(stats.weights, w.float())
     torch.testing.assert_close(stats.grad_norms, ref_grads.norm(dim=1).float())
     # each parameter's .grad has its own shape and dtype
+    for p in net.parameters():
+        assert p.grad.shape == p.shape and p.grad.dtype == p.dtype
+
+
+class GramOnly(Balancer):
+    """Fixed weights through the base class's combine (the blockwise path)."""
+
+    name = "test-gram-only"
+
+    def __init__(self, w) -> None:
+        super().__init__()
+        self.w = torch.as_tensor(w, dtype=torch.float64)
+        self.seen_gram = self.seen_losses = None
+
+    def weights(self, gram, losses):
+        self.seen_gram, self.seen_losses = gram, losses
+        return self.w.clone()
+
+
+def test_blockwise_gramian_and_direction_equal_the_row_matrix_ones():
+    net, loss_fn, batch = make_problem(k=3)
+    ref_losses, ref_grads = loop_gradients(net, loss_fn, batch)
+    w = torch.tensor([0.5, -0.2, 0.9], dtype=torch.float64)
+    bal = GramOnly(w)
+    stats = balanced_backward(
+        loss_fn, dict(net.named_parameters()), batch, bal, diagnostics=False
+    )
+    torch.testing.assert_close(flat_grad(net), w @ ref_grads, atol=1e-10, rtol=0)
+    torch.testing.assert_close(bal.seen_gram, ref_grads @ ref_grads.T, atol=1e-10, rtol=0)
+    torch.testing.assert_close(bal.seen_losses, ref_losses, atol=1e-10, rtol=0)
+    assert bal.seen_gram.dtype == torch.float64 and bal.grads_dtype == torch.float64
+    # the statistics come from that Gramian even with diagnostics off
+    torch.testing.assert_close(stats.grad_norms, ref_grads.norm(dim=1).float())
     for p in net.parameters():
         assert p.grad.shape == p.shape and p.grad.dtype == p.dtype
 
@@ -367,6 +411,11 @@ def test_registered_balancers_run_through_the_plumbing(name):
     stats = balanced_backward(loss_fn, dict(net.named_parameters()), batch, bal)
     assert torch.isfinite(flat_grad(net)).all()
     assert stats.losses.shape == stats.weights.shape == stats.grad_norms.shape == (K,)
+    # The plumbing (blockwise Gramian and direction for Gᵀw balancers) gives what a
+    # fresh, identical balancer's public combine gives on the full (K, D) matrix.
+    ref_losses, ref_grads = loop_gradients(net, loss_fn, batch)
+    expected = build(name).combine(ref_grads, ref_losses)
+    torch.testing.assert_close(flat_grad(net), expected, atol=1e-9, rtol=1e-7)
 
 
 @pytest.mark.parametrize("balancer", ["mean", "gram"])

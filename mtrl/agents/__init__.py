@@ -1,7 +1,6 @@
 """Multi-task SAC agent: networks, per-task losses, balanced updates."""
 
 from mtrl.agents.networks import (
-    EnsembleLinear,
     SquashedGaussianActor,
     TwinCritic,
     mlp,
@@ -11,7 +10,6 @@ from mtrl.agents.sac import LOSS_NAMES, MultiTaskSAC, SACConfig
 
 __all__ = [
     "LOSS_NAMES",
-    "EnsembleLinear",
     "MultiTaskSAC",
     "SACConfig",
     "SquashedGaussianActor",

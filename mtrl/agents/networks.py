@@ -1,9 +1,8 @@
 """Networks of the multi-task SAC agent: MLPs, a tanh-Gaussian actor and a twin critic.
 
 * :func:`mlp` builds a plain ReLU MLP.
-* :class:`EnsembleLinear` holds ``E`` independent linear layers as one stacked weight
-  ``[E, in, out]`` and evaluates them in one call; the :class:`TwinCritic` is an MLP of
-  these, so both Q functions are **one** module with stacked parameters.
+* :class:`TwinCritic` holds both Q functions in **one** module: one ``forward`` call
+  returns both rows, ``(2, N)``.
 * :class:`SquashedGaussianActor` is the tanh-squashed Gaussian policy.
 * Both networks take ``num_heads``: with ``num_heads = K > 1`` the hidden trunk is shared
   and the last layer has one output head per task, picked by the task id (MTMH-SAC).
@@ -24,7 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "EnsembleLinear",
     "SquashedGaussianActor",
     "TwinCritic",
     "mlp",
@@ -47,45 +45,6 @@ def mlp(in_dim: int, hidden_sizes: Sequence[int], out_dim: int) -> nn.Sequential
     return nn.Sequential(*layers)
 
 
-class EnsembleLinear(nn.Module):
-    """``E`` independent linear layers evaluated together.
-
-    ``weight`` is ``[E, in, out]`` and ``bias`` ``[E, 1, out]``; ``forward`` maps
-    ``x`` of shape ``(E, N, in)`` (or ``(N, in)``, shared by all members) to
-    ``(E, N, out)`` (one ``addmm`` per member). Each member is initialised like ``nn.Linear``
-    (uniform in ``±1/sqrt(in)``), and member ``e`` computes exactly
-    ``x[e] @ weight[e] + bias[e]``, i.e. ``nn.Linear`` with weight ``weight[e].T``.
-    """
-
-    def __init__(self, num_members: int, in_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.num_members, self.in_dim, self.out_dim = num_members, in_dim, out_dim
-        self.weight = nn.Parameter(torch.empty(num_members, in_dim, out_dim))
-        self.bias = nn.Parameter(torch.empty(num_members, 1, out_dim))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.in_dim)
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
-
-    def forward(self, x: Tensor) -> Tensor:
-        # One addmm per member rather than one baddbmm: the same FLOPs, but under
-        # ``torch.func.vmap`` (per-task gradients) mm's batching rule folds the task
-        # dimension into the rows, while bmm's copies the weight once per task
-        # (measured in scripts/bench_balancers.py: the critic's batched gradients at K=50).
-        # ``unbind`` (not ``weight[e]``): its backward stacks the members' gradients into
-        # one tensor, where indexing would zero-fill a full-size gradient per member.
-        xs = [x] * self.num_members if x.ndim == 2 else x.unbind(0)
-        return torch.stack([
-            torch.addmm(b, xe, w)
-            for b, xe, w in zip(self.bias.unbind(0), xs, self.weight.unbind(0), strict=True)
-        ])
-
-    def extra_repr(self) -> str:
-        return f"num_members={self.num_members}, in_dim={self.in_dim}, out_dim={self.out_dim}"
-
-
 def select_head(y: Tensor, task_id: Tensor | None, num_heads: int, out_dim: int) -> Tensor:
     """Pick each row's task head from all heads' outputs.
 
@@ -104,11 +63,20 @@ def select_head(y: Tensor, task_id: Tensor | None, num_heads: int, out_dim: int)
 
 
 class TwinCritic(nn.Module):
-    """Two Q networks ``Q(s, a)`` evaluated as one batched ensemble forward.
+    """Two Q networks ``Q(s, a)`` in one module, evaluated by one ``forward`` call.
 
     ``forward(obs, action, task_id=None)`` returns ``(2, N)``: row ``e`` is ``Q_e``.
-    With ``num_heads > 1`` the trunk is shared by the tasks (each Q has its own trunk)
-    and the output layer has one head per task.
+    ``members[e]`` is an ordinary :func:`mlp` (``nn.Linear`` layers). With
+    ``num_heads > 1`` each member's trunk is shared by the tasks and its output layer has
+    one head per task.
+
+    Why not one stacked ``[2, in, out]`` weight per layer (an "ensemble linear"): under
+    ``torch.func.vmap`` over task blocks (the per-task gradients of
+    :mod:`mtrl.grad`), ``baddbmm`` copies the weight once per task, and per-member
+    slices of a stacked weight add a gather/stack of every per-task gradient; measured
+    with ``scripts/bench_balancers.py`` (K=10, 1 thread), per-task critic gradients plus
+    Gramian cost 1.2-1.3× a plain backward with two ``nn.Linear`` MLPs against 1.5-1.8×
+    with stacked weights. The forward FLOPs are the same.
     """
 
     def __init__(
@@ -121,19 +89,14 @@ class TwinCritic(nn.Module):
     ) -> None:
         super().__init__()
         self.num_heads, self.num_members = num_heads, num_members
-        dims = [obs_dim + act_dim, *hidden_sizes]
-        self.trunk = nn.ModuleList(
-            EnsembleLinear(num_members, d_in, d_out)
-            for d_in, d_out in zip(dims[:-1], dims[1:], strict=True)
+        self.members = nn.ModuleList(
+            mlp(obs_dim + act_dim, hidden_sizes, num_heads) for _ in range(num_members)
         )
-        self.head = EnsembleLinear(num_members, dims[-1], num_heads)
 
     def forward(self, obs: Tensor, action: Tensor, task_id: Tensor | None = None) -> Tensor:
-        h = torch.cat([obs, action], dim=-1)
-        for layer in self.trunk:
-            h = F.relu(layer(h))
-        q = select_head(self.head(h), task_id, self.num_heads, 1)  # (E, N, 1)
-        return q.squeeze(-1)
+        x = torch.cat([obs, action], dim=-1)
+        y = torch.stack([member(x) for member in self.members])  # (E, N, num_heads)
+        return select_head(y, task_id, self.num_heads, 1).squeeze(-1)
 
 
 def tanh_gaussian_log_prob(pre_tanh: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:

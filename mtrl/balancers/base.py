@@ -61,6 +61,8 @@ class Balancer(nn.Module):
         #: Diagnostics of the last call (float64 CPU tensors / Python values), e.g. the
         #: weights, solver iterations, residuals, or a ``fallback`` flag.
         self.info: dict[str, Any] = {}
+        #: dtype of the task gradients of the current call (``None`` if unknown).
+        self.grads_dtype: torch.dtype | None = None
 
     # ------------------------------------------------------------------ the math
     def weights(self, gram: Tensor | None, losses: Tensor | None) -> Tensor:
@@ -100,14 +102,27 @@ class Balancer(nn.Module):
         w = self.weights_for(grads, losses)
         return w.to(device=grads.device, dtype=grads.dtype) @ grads
 
-    def weights_for(self, grads: Tensor | None, losses: Tensor | None) -> Tensor:
-        """Weights (float64, CPU) for the given rows: Gramian on device, solve on CPU."""
-        gram = None
-        if self.needs_grads and grads is None:
+    def weights_for(
+        self,
+        grads: Tensor | None,
+        losses: Tensor | None,
+        *,
+        gram: Tensor | None = None,
+        grads_dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """Weights (float64, CPU) for the given rows: Gramian on device, solve on CPU.
+
+        Plumbing that has already formed the rows' Gramian (e.g. :mod:`mtrl.grad`, which
+        sums per-parameter Gramians instead of concatenating the rows into one matrix)
+        passes it as ``gram`` (float64, CPU) with ``grads=None``, and the gradients'
+        dtype as ``grads_dtype`` (methods may pick round-off tolerances from it).
+        """
+        if gram is None and self.needs_grads and grads is None:
             raise ValueError(f"balancer {self.name!r} needs the task gradients")
         # Loss-only methods get the Gramian too when no losses were given (it tells them K).
-        if grads is not None and (self.needs_grads or losses is None):
+        if gram is None and grads is not None and (self.needs_grads or losses is None):
             gram = gramian(grads)
+        self.grads_dtype = grads.dtype if grads is not None else grads_dtype
         loss64 = None if losses is None else losses.detach().to("cpu", torch.float64)
         w = self.weights(gram, loss64)
         if not torch.isfinite(w).all():

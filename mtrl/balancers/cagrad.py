@@ -168,14 +168,6 @@ class CAGrad(Balancer):
     def __init__(self, c: float = 0.9) -> None:
         super().__init__()
         self.c = check_number("c", c, low=0.0)
-        self._eps = float(torch.finfo(torch.float64).eps)
-
-    def weights_for(self, grads: Tensor | None, losses: Tensor | None) -> Tensor:
-        # The Gramian is formed in the gradients' precision: |Gᵀw| below ~sqrt(eps)
-        # (relative) is rounding noise, and dividing by it would amplify that noise.
-        if grads is not None:
-            self._eps = float(torch.finfo(grads.dtype).eps)
-        return super().weights_for(grads, losses)
 
     def weights(self, gram: Tensor | None, losses: Tensor | None) -> Tensor:
         self.info.pop("fallback", None)
@@ -193,7 +185,10 @@ class CAGrad(Balancer):
         self.info["iterations"] = iters
         self.info["kkt_residual"] = res
         nrm = 0.0 if w is None else math.sqrt(max(float(w @ a_s @ w), 0.0))
-        if nrm <= 10.0 * math.sqrt(self._eps):
+        # The Gramian is formed in the gradients' precision: |Gᵀw| below ~sqrt(eps)
+        # (relative) is rounding noise, and dividing by it would amplify that noise.
+        eps = float(torch.finfo(self.grads_dtype or torch.float64).eps)
+        if nrm <= 10.0 * math.sqrt(eps):
             # Degenerate dual (Gᵀw = 0): the primal optimum value is 0, and the projection
             # of g0 onto {d : Gd ≥ 0} lies in the ball, so it is a primal optimum.
             self.info["fallback"] = (
