@@ -51,11 +51,12 @@ Balancer kinds (see :class:`mtrl.balancers.Balancer`)
 * Otherwise all K gradient rows are computed and ``balancer.combine_rows(grads, losses)``
   gives the direction.
 
-For balancers that keep the base class's ``combine_rows`` (the direction is ``Gᵀw``),
-the rows are never concatenated: the Gramian is the sum of per-parameter Gramians, the
-balancer gets it through ``weights_for(None, losses, gram=...)``, and each parameter's
-``.grad`` is ``wᵀ`` times its own block. Same numbers, one (K, D) copy less (measured
-~90 ms of a ~350 ms SAC update at K = 50 on one CPU thread).
+For balancers that keep the base class's ``combine_rows`` and ``weights_for`` (the
+direction is ``Gᵀw``), the rows are never concatenated: the Gramian is the sum of
+per-parameter Gramians, the balancer gets it through ``weights_for(None, losses,
+gram=...)``, and each parameter's ``.grad`` is ``wᵀ`` times its own block. Same
+numbers, one (K, D) copy less (measured: ~90 ms of a ~350 ms SAC update at K = 50 on
+one CPU thread).
 
 Memory: the per-task gradients are dense per-parameter ``(K, numel)`` blocks, ``K × D``
 values in all: 143 MB in float32 for the SAC twin critic (D ≈ 0.72 M) at K = 50 (twice
@@ -541,12 +542,14 @@ def _combine_pieces(
 ) -> tuple[Tensor | None, Tensor | None]:
     """Call the balancer on per-parameter gradient blocks and write ``.grad``.
 
-    A balancer that keeps the base class's ``combine_rows`` (direction ``Gᵀw``) never
-    sees the rows as one matrix: the Gramian is summed over the blocks and the direction
-    written block by block (same numbers, one (K, D) copy less). Returns
+    A balancer that keeps the base class's ``combine_rows`` and ``weights_for``
+    (direction ``Gᵀw``) never sees the rows as one matrix: the Gramian is summed over the
+    blocks and the direction written block by block (same numbers, one (K, D) copy
+    less). Returns
     ``(None, gram)`` then, and ``(grads, None)`` when the balancer got the (K, D) matrix.
     """
-    if type(balancer).combine_rows is Balancer.combine_rows:
+    cls = type(balancer)
+    if cls.combine_rows is Balancer.combine_rows and cls.weights_for is Balancer.weights_for:
         gram = _blockwise_gram(pieces)
         w = balancer.weights_for(None, losses, gram=gram, grads_dtype=pieces[0].dtype)
         _write_grad_pieces(params, w, pieces)

@@ -250,6 +250,23 @@ def test_blockwise_gramian_and_direction_equal_the_row_matrix_ones():
         assert p.grad.shape == p.shape and p.grad.dtype == p.dtype
 
 
+def test_balancer_overriding_weights_for_gets_the_row_matrix():
+    """A plug-in that overrides ``weights_for(grads, losses)`` keeps working."""
+
+    class OldStyle(GramOnly):
+        def weights_for(self, grads, losses):
+            self.seen_rows = grads.clone()
+            return super().weights_for(grads, losses)
+
+    net, loss_fn, batch = make_problem(k=3)
+    _, ref_grads = loop_gradients(net, loss_fn, batch)
+    w = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    bal = OldStyle(w)
+    balanced_backward(loss_fn, dict(net.named_parameters()), batch, bal)
+    torch.testing.assert_close(bal.seen_rows, ref_grads, atol=1e-10, rtol=0)
+    torch.testing.assert_close(flat_grad(net), w @ ref_grads, atol=1e-10, rtol=0)
+
+
 def test_objective_sampling_differentiates_only_sampled_blocks():
     net, loss_fn, batch = make_problem()
     ref_losses, ref_grads = loop_gradients(net, loss_fn, batch)
