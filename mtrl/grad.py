@@ -64,8 +64,9 @@ that, briefly, for a balancer with its own ``combine_rows``, which gets one conc
 matrix). ``chunk_size`` bounds the vmap's intermediate memory if needed.
 
 ``.grad`` semantics: like ``Tensor.backward()``, the direction is ADDED to ``p.grad`` when
-it is already set, and ``p.grad`` is set otherwise (then it is a view into one flat
-direction tensor; no copy is made). Zero the gradients first (``optimizer.zero_grad()``)
+it is already set, and ``p.grad`` is set otherwise (then it is a view into the
+direction the balancer returned, or the parameter's own block ``wᵀ G_p`` on the
+blockwise path; no extra copy is made). Zero the gradients first (``optimizer.zero_grad()``)
 for a plain update.
 """
 
@@ -190,26 +191,30 @@ def _write_grads(params: Sequence[Tensor], direction: Tensor) -> None:
     offset = 0
     for p in params:
         n = p.numel()
-        g = direction[offset : offset + n].view(p.shape)
+        _accumulate_grad(p, direction[offset : offset + n])
         offset += n
-        if g.dtype != p.dtype or g.device != p.device:
-            g = g.to(device=p.device, dtype=p.dtype)
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.add_(g)
 
 
 def _write_grad_pieces(params: Sequence[Tensor], w: Tensor, pieces: Sequence[Tensor]) -> None:
     """Add / set ``.grad`` of each parameter to ``wᵀ piece`` (its block of ``Gᵀw``)."""
     for p, piece in zip(params, pieces, strict=True):
-        g = (w.to(device=piece.device, dtype=piece.dtype) @ piece).view(p.shape)
-        if g.dtype != p.dtype or g.device != p.device:
-            g = g.to(device=p.device, dtype=p.dtype)
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.add_(g)
+        _accumulate_grad(p, w.to(device=piece.device, dtype=piece.dtype) @ piece)
+
+
+def _accumulate_grad(p: Tensor, flat: Tensor) -> None:
+    """Add ``flat`` (p.numel(),) to ``p.grad``, or set ``p.grad`` to it (as a view)."""
+    g = flat.view(p.shape)
+    if g.dtype != p.dtype or g.device != p.device:
+        g = g.to(device=p.device, dtype=p.dtype)
+    if p.grad is None:
+        p.grad = g
+    else:
+        p.grad.add_(g)
+
+
+def _concat_rows(pieces: Sequence[Tensor]) -> Tensor:
+    """Per-parameter ``(rows, numel)`` blocks -> one ``(rows, D)`` matrix."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(list(pieces), dim=1)
 
 
 def _fresh_info(balancer: Balancer) -> dict:
@@ -316,7 +321,7 @@ def task_gradients(
     losses, pieces = _task_gradient_pieces(
         loss_fn, params, batch, tasks, randomness=randomness, chunk_size=chunk_size
     )
-    return losses, pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+    return losses, _concat_rows(pieces)
 
 
 def _task_gradient_pieces(
@@ -545,8 +550,8 @@ def _combine_pieces(
     A balancer that keeps the base class's ``combine_rows`` and ``weights_for``
     (direction ``Gᵀw``) never sees the rows as one matrix: the Gramian is summed over the
     blocks and the direction written block by block (same numbers, one (K, D) copy
-    less). Returns
-    ``(None, gram)`` then, and ``(grads, None)`` when the balancer got the (K, D) matrix.
+    less). Returns ``(None, gram)`` then, and ``(grads, None)`` when the balancer got the
+    (K, D) matrix.
     """
     cls = type(balancer)
     if cls.combine_rows is Balancer.combine_rows and cls.weights_for is Balancer.weights_for:
@@ -554,6 +559,6 @@ def _combine_pieces(
         w = balancer.weights_for(None, losses, gram=gram, grads_dtype=pieces[0].dtype)
         _write_grad_pieces(params, w, pieces)
         return None, gram
-    grads = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+    grads = _concat_rows(pieces)
     _write_grads(params, balancer.combine_rows(grads, losses))
     return grads, None

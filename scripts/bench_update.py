@@ -2,10 +2,10 @@
 
 One update = critic step + actor step + temperature step + Polyak update, on a stratified
 batch of about 1280 transitions (task-major, 1280 // K per task: 1280 at K=10, 1250 at
-K=50 as in the MT50 presets), 3×400 MLPs, observation
-39 + K (Meta-World state + task one-hot), action 4, all three losses balanced (the
-published setups). The batch comes from a replay buffer filled with random transitions,
-so the numbers measure compute, not learning. The agent runs with ``diagnostics=False``
+K=50 as in the MT50 presets), 3×400 MLPs, observation 39 + K (Meta-World state + task
+one-hot), action 4, all three losses balanced (the published setups). The batch comes
+from a replay buffer filled with random transitions, so the numbers measure compute, not
+learning. The agent runs with ``diagnostics=False``
 as the trainer does on updates it does not log (cosines and conflict counts cost an extra
 Gramian); ``--diagnostics`` times the logged updates instead.
 
