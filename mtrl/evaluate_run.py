@@ -9,8 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mtrl.checkpoint import (
     CheckpointError,
     atomic_write_json,
@@ -18,6 +16,7 @@ from mtrl.checkpoint import (
     load_checkpoint,
 )
 from mtrl.config import TrainConfig, from_dict
+from mtrl.runtime import configure_cpu
 
 
 def _locate(path: str | Path) -> tuple[Path, Path]:
@@ -53,7 +52,7 @@ def evaluate_run(
     data.pop("task_names", None)
     cfg: TrainConfig = from_dict(TrainConfig, data)
     dev = resolve_device(device)
-    torch.set_num_threads(cfg.threads)
+    configure_cpu(cfg.threads)
     protocol = protocol or cfg.protocol
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")

@@ -79,7 +79,7 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
-from mtrl.balancers.base import Balancer
+from mtrl.balancers.base import Balancer, gramian_of_blocks
 
 __all__ = [
     "BalanceStats",
@@ -352,20 +352,6 @@ def _task_gradient_pieces(
     return losses, [grads[name].reshape(rows, -1) for name in detached]
 
 
-def _blockwise_gram(pieces: Sequence[Tensor]) -> Tensor:
-    """``G Gᵀ`` of the row-concatenation of ``pieces`` as float64 on the CPU, without
-    forming the concatenation (a (K, D) copy costs as much as the Gramian itself)."""
-    dtypes = {piece.dtype for piece in pieces}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float64
-    if dtype not in (torch.float32, torch.float64):
-        dtype = torch.float32
-    gram = None
-    for piece in pieces:
-        g = piece.to(dtype)
-        gram = g @ g.T if gram is None else gram.addmm_(g, g.T)
-    return gram.to("cpu", torch.float64)
-
-
 def balanced_backward(
     loss_fn: TaskLossFn,
     params: Mapping[str, Tensor],
@@ -555,7 +541,7 @@ def _combine_pieces(
     """
     cls = type(balancer)
     if cls.combine_rows is Balancer.combine_rows and cls.weights_for is Balancer.weights_for:
-        gram = _blockwise_gram(pieces)
+        gram = gramian_of_blocks(pieces)
         w = balancer.weights_for(None, losses, gram=gram, grads_dtype=pieces[0].dtype)
         _write_grad_pieces(params, w, pieces)
         return None, gram

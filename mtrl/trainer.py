@@ -26,6 +26,7 @@ from mtrl.buffers import MultiTaskReplayBuffer
 from mtrl.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from mtrl.config import ConfigError, TrainConfig, to_dict, validate
 from mtrl.envs import PROTOCOLS, eval_env_config, evaluate, make_envs
+from mtrl.runtime import configure_cpu
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -104,7 +105,7 @@ def train(
     # ------------------------------------------------------------------ set-up
     validate(cfg)
     device = resolve_device(cfg.device)
-    torch.set_num_threads(cfg.threads)
+    configure_cpu(cfg.threads)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     ckpt_path = run_dir / CHECKPOINT_NAME
     if not resume and ckpt_path.exists():

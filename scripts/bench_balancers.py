@@ -20,6 +20,11 @@
 
 (b) ``combine`` time of every registered balancer on random ``G`` (K × D, D = 1000).
 
+Networks use mtrl's layers (``mtrl.onednn.Linear``), timed with both float32 CPU
+backends in one run (``--backends onednn torch``): oneDNN products (mtrl's default) and
+torch's own (MKL, as with ``MTRL_ONEDNN=0``). The stacked-weight critics are reference
+rows, printed with ``--all-critics``.
+
 Usage: ``python scripts/bench_balancers.py [--threads 1] [--repeats 7] [--quick]``.
 Timings are medians of wall-clock time on this machine; they are noisy when other
 processes compete for the cores (the load average is printed before and after).
@@ -40,19 +45,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from mtrl import onednn
 from mtrl.balancers import Balancer, build, gramian, names
 from mtrl.grad import balanced_backward, task_gradients, task_losses
+from mtrl.onednn import Linear
+from mtrl.runtime import configure_cpu
 
 OBS_BASE, ACT, HIDDEN, BATCH = 39, 4, 400, 1280
 
 
 # ---------------------------------------------------------------------------- networks
 def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """mtrl's layers (``mtrl.onednn.Linear``: oneDNN or torch products per the backend)."""
     return nn.Sequential(
-        nn.Linear(in_dim, hidden), nn.ReLU(),
-        nn.Linear(hidden, hidden), nn.ReLU(),
-        nn.Linear(hidden, hidden), nn.ReLU(),
-        nn.Linear(hidden, out_dim),
+        Linear(in_dim, hidden), nn.ReLU(),
+        Linear(hidden, hidden), nn.ReLU(),
+        Linear(hidden, hidden), nn.ReLU(),
+        Linear(hidden, out_dim),
     )  # fmt: skip
 
 
@@ -260,16 +269,24 @@ def check_equal(pb: Problem) -> float:
     return float((g - torch.stack(rows)).abs().max() / torch.stack(rows).abs().max())
 
 
-def bench_gradients(ks: list[int], hidden: int, repeats: int, slow_repeats: int) -> None:
+def bench_gradients(
+    ks: list[int], hidden: int, repeats: int, slow_repeats: int, backends: list[str],
+    critics: list[str],
+) -> None:
     cols = list(gradient_methods(actor_problem(2, 4)))
     print("## (a) Per-task gradients vs one plain backward\n")
     print(f"ms (ratio to plain bwd), median of {repeats} runs ({slow_repeats} for the loops "
-          "and batched bwd); batch 1280 // K per task.\n")  # fmt: skip
-    print("| network | K | D | " + " | ".join(cols) + " | max rel err |")
-    print("|---|---|---|" + "---|" * (len(cols) + 1))
-    for k in ks:
+          "and batched bwd); batch 1280 // K per task. Backend: float32 CPU products of "
+          "mtrl's layers and Gramians, `onednn` (mtrl's default) or `torch` (MKL, "
+          "`MTRL_ONEDNN=0`); ratios are within a backend.\n")  # fmt: skip
+    print("| backend | network | K | D | " + " | ".join(cols) + " | max rel err |")
+    print("|---|---|---|---|" + "---|" * (len(cols) + 1))
+    for k, backend in ((k, b) for k in ks for b in backends):
+        if onednn.set_enabled(backend == "onednn") != (backend == "onednn"):
+            print(f"| {backend} | (oneDNN not available in this torch build) |")
+            continue
         torch.manual_seed(0)
-        problems = [actor_problem(k, hidden)] + [critic_problem(k, hidden, c) for c in CRITICS]
+        problems = [actor_problem(k, hidden)] + [critic_problem(k, hidden, c) for c in critics]
         for pb in problems:
             err = check_equal(pb)
             methods = gradient_methods(pb)
@@ -279,9 +296,10 @@ def bench_gradients(ks: list[int], hidden: int, repeats: int, slow_repeats: int)
             base = ms["plain bwd"]
             cells = [f"{ms[c]:.1f}" if c == "plain bwd" else f"{ms[c]:.1f} ({ms[c] / base:.2f}×)"
                      for c in cols]  # fmt: skip
-            print(f"| {pb.name} | {k} | {pb.dim:,} | " + " | ".join(cells) + f" | {err:.1e} |",
-                  flush=True)  # fmt: skip
+            print(f"| {backend} | {pb.name} | {k} | {pb.dim:,} | " + " | ".join(cells)
+                  + f" | {err:.1e} |", flush=True)  # fmt: skip
             del methods, pb
+    onednn.set_enabled(True)
     print()
 
 
@@ -325,28 +343,6 @@ def bench_solvers(ks: list[int], repeats: int, dim: int = 1000) -> None:
     print()
 
 
-def tune_malloc() -> str:
-    """Raise glibc's mmap / trim thresholds (1 GiB / 2 GiB) so freed large blocks are reused.
-
-    By default glibc serves every block over 32 MB with a fresh ``mmap`` and unmaps it on
-    free, so each (K, D) gradient matrix costs one page fault per 4 KiB page.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return "libc not found, unchanged"
-    libc = ctypes.CDLL(name)
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    ok = (
-        libc.mallopt(m_mmap_threshold, 1 << 30)
-        and libc.mallopt(m_trim_threshold, 1 << 31)
-        and libc.mallopt(m_top_pad, 64 << 20)
-    )
-    return "M_MMAP_THRESHOLD=1GiB, M_TRIM_THRESHOLD=2GiB" if ok else "mallopt refused, unchanged"
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
@@ -356,19 +352,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hidden", type=int, default=HIDDEN, help="MLP width (default 400)")
     ap.add_argument("--skip-gradients", action="store_true", help="only the solver table")
     ap.add_argument("--skip-solvers", action="store_true", help="only the gradient table")
+    ap.add_argument("--backends", nargs="+", default=["onednn", "torch"],
+                    choices=["onednn", "torch"], help="float32 CPU products to time")
+    ap.add_argument("--all-critics", action="store_true",
+                    help="also the stacked-weight twin critics (reference rows)")
     ap.add_argument(
-        "--tune-malloc",
+        "--default-allocator",
         action="store_true",
-        help="glibc only: mallopt so large blocks are reused instead of mmap'd afresh "
-        "(no page faults on every (K, D) allocation; what a caching allocator gives on GPU)",
+        help="leave glibc's malloc as it is (every large block a fresh mmap, page faults on "
+        "every (K, D) allocation) instead of mtrl.runtime.configure_cpu's setting",
     )
     args = ap.parse_args(argv)
     if args.threads < 1 or args.repeats < 1:
         ap.error("--threads and --repeats must be >= 1")
-    torch.set_num_threads(args.threads)
-    malloc_note = "default allocator"
-    if args.tune_malloc:
-        malloc_note = "glibc mallopt tuned: " + tune_malloc()
+    cpu_note = configure_cpu(args.threads, keep_freed_memory=not args.default_allocator)
     ks = args.tasks or ([10] if args.quick else [10, 50])
     repeats = min(args.repeats, 3) if args.quick else args.repeats
     slow_repeats = 1 if args.quick else min(repeats, 3)
@@ -376,11 +373,12 @@ def main(argv: list[str] | None = None) -> None:
     print("# mtrl balancer benchmark\n")
     print(f"- torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
-          f"Python {platform.python_version()}, {malloc_note}")  # fmt: skip
+          f"Python {platform.python_version()}; {cpu_note}")  # fmt: skip
     load = os.getloadavg()[0]
     print(f"- load average at start: {load:.2f} (other processes make timings noisy)\n")
     if not args.skip_gradients:
-        bench_gradients(ks, args.hidden, repeats, slow_repeats)
+        critics = list(CRITICS) if args.all_critics else list(CRITICS)[:1]
+        bench_gradients(ks, args.hidden, repeats, slow_repeats, args.backends, critics)
     if not args.skip_solvers:
         bench_solvers(ks, max(repeats, 5))
     print(f"- load average at end: {os.getloadavg()[0]:.2f}")

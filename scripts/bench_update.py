@@ -15,6 +15,10 @@ MT50 cagrad c=0.5, sdmgrad-os 8 sampled tasks; sdmgrad λ=0.6; fairgrad α=2.
 Targets (issue #4): balanced update <= 1.3× the ``mean`` update at K=10 and <= 1.6× at
 K=50; ``sdmgrad-os`` at K=50 <= 1.2×.
 
+Both float32 CPU backends are timed in one run (``--backends``): ``onednn``, what mtrl's
+layers and Gramians use by default (:mod:`mtrl.onednn`), and ``torch``, torch's own
+products (MKL), as with ``MTRL_ONEDNN=0``. Ratios are within a backend.
+
 Usage: ``python scripts/bench_update.py [--tasks 10 50] [--repeats 15] [--threads 1]``.
 Timings are medians of wall-clock time; other processes on the machine make them noisy
 (the load average is printed before and after).
@@ -25,14 +29,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import time
 
 import torch
 
+from mtrl import onednn
 from mtrl.agents.sac import MultiTaskSAC, SACConfig
 from mtrl.balancers import build
 from mtrl.buffers import MultiTaskReplayBuffer
+from mtrl.runtime import configure_cpu
 
 OBS_BASE, ACT, BATCH = 39, 4, 1280
 BALANCERS = ("mean", "cagrad", "fairgrad", "sdmgrad", "sdmgrad-os")
@@ -92,39 +99,52 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--diagnostics", action="store_true",
                     help="also compute gradient statistics (as on logged updates)")
+    ap.add_argument("--backends", nargs="+", default=["onednn", "torch"],
+                    choices=["onednn", "torch"],
+                    help="float32 CPU products: mtrl.onednn (the default in mtrl) and/or "
+                    "torch's own (MKL); each backend is its own set of rows and ratios")
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="leave glibc's malloc as it is (see mtrl.runtime.configure_cpu)")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.threads < 1 or args.warmup < 0:
         ap.error("--repeats and --threads must be >= 1, --warmup >= 0")
     if "mean" not in args.balancers:
         args.balancers = ["mean", *args.balancers]
-    torch.set_num_threads(args.threads)
+    cpu_note = configure_cpu(args.threads, keep_freed_memory=not args.default_allocator)
 
     print("# mtrl SAC update benchmark\n")
     print(f"- torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
-          f"Python {platform.python_version()}")
+          f"Python {platform.python_version()}; {cpu_note}")
     print(f"- batch (1280 // K) × K (1280 at K=10, 1250 at K=50), 3×400 MLPs, all three "
           f"losses balanced, diagnostics={args.diagnostics}, median of {args.repeats} "
           "updates (IQR in brackets)")
     print(f"- load average at start: {os.getloadavg()[0]:.2f}\n")
-    print("| K | balancer | ms / update | × mean | target |")
-    print("|---|---|---|---|---|")
+    print("| backend | K | balancer | ms / update | × mean | target |")
+    print("|---|---|---|---|---|---|")
     for k in args.tasks:
         buf = filled_buffer(k)
-        base = None
-        for name in args.balancers:
-            ms, iqr = time_updates(name, k, buf, args.repeats, args.warmup, args.diagnostics)
-            if name == "mean":
-                base = ms
-            ratio = ms / base
-            target = TARGETS.get(k) if name != "mean" else None
-            if name == "sdmgrad-os" and k >= 50:
-                target = 1.2
-            verdict = "" if target is None else (
-                f"≤ {target}× {'met' if ratio <= target else 'MISSED'}")
-            print(f"| {k} | {name} | {ms:.0f} [{iqr:.0f}] | {ratio:.2f} | {verdict} |",
-                  flush=True)
-    print(f"\n- load average at end: {os.getloadavg()[0]:.2f}")
+        for backend in args.backends:
+            if onednn.set_enabled(backend == "onednn") != (backend == "onednn"):
+                print(f"| {backend} | {k} | (oneDNN not available in this torch build) |||||")
+                continue
+            base = None
+            for name in args.balancers:
+                ms, iqr = time_updates(name, k, buf, args.repeats, args.warmup,
+                                       args.diagnostics)
+                if name == "mean":
+                    base = ms
+                ratio = ms / base
+                target = TARGETS.get(k) if name != "mean" else None
+                if name == "sdmgrad-os" and k >= 50:
+                    target = 1.2
+                verdict = "" if target is None else (
+                    f"≤ {target}× {'met' if ratio <= target else 'MISSED'}")
+                print(f"| {backend} | {k} | {name} | {ms:.0f} [{iqr:.0f}] | {ratio:.2f} | "
+                      f"{verdict} |", flush=True)
+    onednn.set_enabled(True)
+    print(f"\n- load average at end: {os.getloadavg()[0]:.2f}; peak resident memory "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
 
 
 if __name__ == "__main__":

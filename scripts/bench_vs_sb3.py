@@ -85,9 +85,11 @@ from typing import Any
 
 import torch
 
+from mtrl import onednn
 from mtrl.agents.sac import SACConfig
 from mtrl.config import TrainConfig
 from mtrl.envs import EnvConfig, MultiTaskVecEnv, make_envs
+from mtrl.runtime import configure_cpu
 from mtrl.trainer import train
 
 HIDDEN = (400, 400, 400)
@@ -189,7 +191,18 @@ def run_mtrl(args: argparse.Namespace, steps: int, warmup: int) -> Timing:
     k = 10
     loop_s = total * k / records[0]["env_steps_per_s"]
     timed = loop_s - (factory.t_warm - factory.t_first)
-    return Timing("mtrl (mean)", steps, steps * k, steps, timed)
+    label = "mtrl (mean)" if onednn.enabled() else "mtrl (mean, torch products)"
+    return Timing(label, steps, steps * k, steps, timed)
+
+
+def run_mtrl_torch(args: argparse.Namespace, steps: int, warmup: int) -> Timing:
+    """mtrl with torch's own float32 products instead of oneDNN's."""
+    was = onednn.enabled()
+    onednn.set_enabled(False)
+    try:
+        return run_mtrl(args, steps, warmup)
+    finally:
+        onednn.set_enabled(was)
 
 
 # ---------------------------------------------------------------------------- SB3
@@ -197,7 +210,7 @@ def run_sb3(args: argparse.Namespace, steps: int, warmup: int) -> Timing:
     from stable_baselines3 import SAC
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    torch.set_num_threads(args.threads)
+    configure_cpu(args.threads)
     ours = make_envs(env_config(args))  # the same sub-envs mtrl trains on
     try:
         k = ours.num_tasks
@@ -255,7 +268,8 @@ def machine_info(args: argparse.Namespace) -> list[str]:
     )
     return [
         f"torch {torch.__version__}, {torch.get_num_threads()} torch thread(s) "
-        f"(--threads {args.threads}), device cpu",
+        f"(--threads {args.threads}), device cpu; mtrl's oneDNN products: "
+        f"{'on' if onednn.enabled() else 'off'}",
         f"{os.cpu_count()} CPUs ({affinity} usable), "
         f"{platform.processor() or platform.machine()}, {platform.system()} "
         f"{platform.release()}, Python {platform.python_version()}",
@@ -274,7 +288,10 @@ def main() -> None:
                    help="smoke run: 10 timed steps after 20 warm-up steps")
     p.add_argument("--repeats", type=int, default=1,
                    help="run both frameworks this many times (alternating); medians reported")
-    p.add_argument("--frameworks", choices=["both", "mtrl", "sb3"], default="both")
+    p.add_argument("--frameworks", nargs="+", choices=["mtrl", "mtrl-torch", "sb3"],
+                   default=["mtrl", "mtrl-torch", "sb3"],
+                   help="mtrl: as shipped (oneDNN float32 products, mtrl.onednn); "
+                   "mtrl-torch: with torch's own products (as MTRL_ONEDNN=0); sb3: SB3 SAC")
     p.add_argument("--batch-size", type=int, default=1280)
     p.add_argument("--buffer-size", type=int, default=1_000_000,
                    help="replay capacity in transitions, all tasks (default 1e6)")
@@ -289,7 +306,7 @@ def main() -> None:
         p.error("--steps, --warmup, --threads and --repeats must be >= 1")
     if args.batch_size % 10:
         p.error("--batch-size must be divisible by the 10 MT10 tasks")
-    torch.set_num_threads(args.threads)
+    configure_cpu(args.threads)
 
     load_start = os.getloadavg()
     print("# MT10 training throughput: mtrl vs stable-baselines3 SAC\n")
@@ -304,8 +321,8 @@ def main() -> None:
           "not timed: env/agent construction, warm-up, mtrl's final eval + checkpoint\n",
           flush=True)
 
-    runners = {"mtrl": run_mtrl, "sb3": run_sb3}
-    order = ["mtrl", "sb3"] if args.frameworks == "both" else [args.frameworks]
+    runners = {"mtrl": run_mtrl, "mtrl-torch": run_mtrl_torch, "sb3": run_sb3}
+    order = list(dict.fromkeys(args.frameworks))
     results: dict[str, list[Timing]] = {name: [] for name in order}
     for r in range(args.repeats):
         for name in order if r % 2 == 0 else order[::-1]:

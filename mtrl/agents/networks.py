@@ -1,6 +1,7 @@
 """Networks of the multi-task SAC agent: MLPs, a tanh-Gaussian actor and a twin critic.
 
-* :func:`mlp` builds a plain ReLU MLP.
+* :func:`mlp` builds a plain ReLU MLP of :class:`mtrl.onednn.Linear` layers (``nn.Linear``
+  whose float32 CPU products run on oneDNN; same parameters and state dict).
 * :class:`TwinCritic` holds both Q functions in **one** module: one ``forward`` call
   returns both rows, ``(2, N)``.
 * :class:`SquashedGaussianActor` is the tanh-squashed Gaussian policy.
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtrl.onednn import Linear
+
 __all__ = [
     "SquashedGaussianActor",
     "TwinCritic",
@@ -39,9 +42,9 @@ def mlp(in_dim: int, hidden_sizes: Sequence[int], out_dim: int) -> nn.Sequential
     layers: list[nn.Module] = []
     d = in_dim
     for h in hidden_sizes:
-        layers += [nn.Linear(d, h), nn.ReLU()]
+        layers += [Linear(d, h), nn.ReLU()]
         d = h
-    layers.append(nn.Linear(d, out_dim))
+    layers.append(Linear(d, out_dim))
     return nn.Sequential(*layers)
 
 
@@ -66,7 +69,7 @@ class TwinCritic(nn.Module):
     """Two Q networks ``Q(s, a)`` in one module, evaluated by one ``forward`` call.
 
     ``forward(obs, action, task_id=None)`` returns ``(2, N)``: row ``e`` is ``Q_e``.
-    ``members[e]`` is an ordinary :func:`mlp` (``nn.Linear`` layers). With
+    ``members[e]`` is an ordinary :func:`mlp`. With
     ``num_heads > 1`` each member's trunk is shared by the tasks and its output layer has
     one head per task.
 
@@ -76,7 +79,8 @@ class TwinCritic(nn.Module):
     slices of a stacked weight add a gather/stack of every per-task gradient; measured
     with ``scripts/bench_balancers.py`` (K=10, 1 thread), per-task critic gradients plus
     Gramian cost 1.2-1.3× a plain backward with two ``nn.Linear`` MLPs against 1.5-1.8×
-    with stacked weights. The forward FLOPs are the same.
+    with stacked weights (both measured with torch's own ``nn.Linear``). The forward
+    FLOPs are the same.
     """
 
     def __init__(
@@ -140,7 +144,7 @@ class SquashedGaussianActor(nn.Module):
         self.log_std_bounds = (lo, hi)
         self.trunk = mlp(obs_dim, hidden_sizes[:-1], hidden_sizes[-1]) if hidden_sizes else None
         feat = hidden_sizes[-1] if hidden_sizes else obs_dim
-        self.head = nn.Linear(feat, num_heads * 2 * act_dim)
+        self.head = Linear(feat, num_heads * 2 * act_dim)
 
     def distribution_params(
         self, obs: Tensor, task_id: Tensor | None = None

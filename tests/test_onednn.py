@@ -1,0 +1,159 @@
+"""mtrl.onednn: oneDNN float32 products agree with torch's, under autograd and torch.func."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from mtrl import onednn
+from mtrl.onednn import Linear, linear, mm_nt
+
+pytestmark = pytest.mark.skipif(not onednn.enabled(), reason="no oneDNN in this torch build")
+
+TOL = {"atol": 1e-4, "rtol": 1e-5}  # float32, different summation order
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def _layer(gen, d_in=24, d_out=32, dtype=torch.float32):
+    w = torch.randn(d_out, d_in, generator=gen, dtype=dtype).requires_grad_()
+    b = torch.randn(d_out, generator=gen, dtype=dtype).requires_grad_()
+    return w, b
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (3, 5, 24)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_forward_and_gradients_match_torch(gen, shape, with_bias):
+    w, b = _layer(gen)
+    b = b if with_bias else None
+    x = torch.randn(*shape, generator=gen).requires_grad_()
+    g_out = torch.randn(*shape[:-1], 32, generator=gen)
+    ins = [x, w] + ([b] if with_bias else [])
+    y = linear(x, w, b)
+    ref = F.linear(x, w, b)
+    torch.testing.assert_close(y, ref, **TOL)
+    ours = torch.autograd.grad(y, ins, g_out)
+    theirs = torch.autograd.grad(ref, ins, g_out)
+    for a, c in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, c, **TOL)
+    assert y.grad_fn is not None and "_Linear" in type(y.grad_fn).__name__
+
+
+def test_only_the_inputs_that_need_gradients_get_them(gen):
+    w, b = _layer(gen)
+    x = torch.randn(10, 24, generator=gen)  # no grad
+    (gw,) = torch.autograd.grad(linear(x, w.detach(), b).sum(), [b])
+    torch.testing.assert_close(gw, torch.full((32,), 10.0))
+    gx = torch.autograd.grad(linear(x.requires_grad_(), w.detach(), None).sum(), [x])[0]
+    torch.testing.assert_close(gx, w.detach().sum(0).expand(10, 24), **TOL)
+
+
+def _mlp_loss(params, x, y):
+    h = torch.relu(linear(x, params["w1"], params["b1"]))
+    return ((linear(h, params["w2"], params["b2"]).sum(-1) - y) ** 2).mean()
+
+
+def _mlp_loss_torch(params, x, y):
+    h = torch.relu(F.linear(x, params["w1"], params["b1"]))
+    return ((F.linear(h, params["w2"], params["b2"]).sum(-1) - y) ** 2).mean()
+
+
+def _mlp_params(gen):
+    w1, b1 = _layer(gen, 24, 32)
+    w2, b2 = _layer(gen, 32, 16)
+    return {"w1": w1, "b1": b1, "w2": w2, "b2": b2}
+
+
+@pytest.mark.parametrize("rows", [8, 70], ids=["bmm-blocks", "onednn-blocks"])
+def test_per_block_gradients_under_vmap_of_grad_match_a_torch_loop(gen, rows):
+    """What mtrl.grad computes: one gradient per task block, shared weights (short blocks
+    take one bmm for the weight gradients, long ones one oneDNN product per block)."""
+    params = {k: v.detach() for k, v in _mlp_params(gen).items()}
+    x = torch.randn(5, rows, 24, generator=gen)
+    y = torch.randn(5, rows, generator=gen)
+    per_block = vmap(grad(_mlp_loss), in_dims=(None, 0, 0))(params, x, y)
+    for k in range(5):
+        ref = grad(_mlp_loss_torch)(params, x[k], y[k])
+        for name in params:
+            assert per_block[name].shape == (5, *params[name].shape)
+            torch.testing.assert_close(per_block[name][k], ref[name], **TOL)
+
+
+def test_vmapped_forward_then_ordinary_backward(gen):
+    """The loss-only path: per-task losses from a vmapped forward, one backward."""
+    params = _mlp_params(gen)
+    x = torch.randn(5, 8, 24, generator=gen)
+    y = torch.randn(5, 8, generator=gen)
+    losses = vmap(_mlp_loss, in_dims=(None, 0, 0))(params, x, y)
+    ref_losses = vmap(_mlp_loss_torch, in_dims=(None, 0, 0))(params, x, y)
+    torch.testing.assert_close(losses, ref_losses, **TOL)
+    ours = torch.autograd.grad(losses.sum(), list(params.values()))
+    theirs = torch.autograd.grad(ref_losses.sum(), list(params.values()))
+    for a, c in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, c, **TOL)
+
+
+def test_vmap_over_the_weights_falls_back_to_batched_products(gen):
+    ws = torch.randn(3, 32, 24, generator=gen)
+    bs = torch.randn(3, 32, generator=gen)
+    x = torch.randn(7, 24, generator=gen)
+    got = vmap(linear, in_dims=(None, 0, 0))(x, ws, bs)
+    ref = torch.stack([F.linear(x, ws[i], bs[i]) for i in range(3)])
+    torch.testing.assert_close(got, ref, **TOL)
+
+
+def test_other_dtypes_and_small_layers_use_torch_exactly(gen):
+    w64, b64 = _layer(gen, dtype=torch.float64)
+    x64 = torch.randn(6, 24, generator=gen, dtype=torch.float64)
+    assert torch.equal(linear(x64, w64, b64), F.linear(x64, w64, b64))
+    w_small = torch.randn(onednn.MIN_OUT_FEATURES - 1, 24, generator=gen)
+    x = torch.randn(6, 24, generator=gen)
+    assert torch.equal(linear(x, w_small), F.linear(x, w_small))
+
+
+def test_set_enabled_switches_back_to_torch(gen):
+    w, b = _layer(gen)
+    x = torch.randn(6, 24, generator=gen)
+    try:
+        assert onednn.set_enabled(False) is False and not onednn.enabled()
+        assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+        assert torch.equal(mm_nt(x, x), x @ x.T)
+    finally:
+        assert onednn.set_enabled(True) is True
+    assert onednn.enabled()
+
+
+def test_double_backward_is_refused_with_a_clear_message(gen):
+    w, b = _layer(gen)
+    x = torch.randn(6, 24, generator=gen).requires_grad_()
+    (gw,) = torch.autograd.grad(linear(x, w, b).pow(2).sum(), [w], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward through mtrl.onednn.linear"):
+        torch.autograd.grad(gw.sum(), [x])
+
+
+def test_linear_module_is_a_drop_in_nn_linear(gen):
+    torch.manual_seed(0)
+    ours = Linear(24, 32)
+    theirs = nn.Linear(24, 32)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(9, 24, generator=gen)
+    torch.testing.assert_close(ours(x), theirs(x), **TOL)
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+    torch.testing.assert_close(functional_call(ours, params, (x,)), theirs(x), **TOL)
+
+
+def test_mm_nt(gen):
+    a = torch.randn(7, 300, generator=gen)
+    b = torch.randn(5, 300, generator=gen)
+    torch.testing.assert_close(mm_nt(a, b), a @ b.T, **TOL)
+    a64 = a.double()
+    assert torch.equal(mm_nt(a64, a64), a64 @ a64.T)
+    with pytest.raises(ValueError, match="mm_nt takes 2-D tensors"):
+        mm_nt(a[0], b)
