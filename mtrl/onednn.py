@@ -1,11 +1,12 @@
 """Float32 CPU matrix products through oneDNN, for the linear layers and the Gramians.
 
 Why: on CPUs where Intel MKL does not use its AVX-512 kernels (AMD EPYC here), torch's
-float32 ``addmm`` / ``mm`` run MKL's AVX2 code at ~100 GFLOP/s on one core, while oneDNN
-(bundled with every x86 torch build) runs the same products at ~230 GFLOP/s. Dense
-layers are ~87 % of a SAC update on the CPU, so this is the largest single speed-up there
-(measured with ``scripts/bench_update.py`` and ``scripts/bench_balancers.py``; figures in
-the README). On Intel CPUs both libraries use AVX-512 and the difference is small.
+float32 ``addmm`` / ``mm`` ran at ~100 GFLOP/s on one core here (a 2048² product), while
+oneDNN (part of torch's official CPU builds) runs the same products at ~230 GFLOP/s.
+Dense layers are ~87 % of a SAC update on the CPU, so this is the largest single
+speed-up there (measured with ``scripts/bench_update.py`` and
+``scripts/bench_balancers.py``; figures in the README). On Intel CPUs, where MKL uses
+AVX-512 itself, the gain is probably smaller (not measured).
 
 What is here:
 
@@ -17,11 +18,22 @@ What is here:
   one product per block. Anything that is not float32 on the CPU (float64 in the exact
   tests, CUDA tensors, bfloat16) goes to ``F.linear`` unchanged.
 * :class:`Linear` — ``nn.Linear`` using :func:`linear` (same parameters and state dict).
+* :class:`MLP` — ``Linear``/``ReLU`` stacks (mtrl's actor and critic networks) as ONE
+  function forward and one backward: ``autograd.Function`` calls under ``torch.func``
+  carry ~0.3-0.5 ms of bookkeeping each, three per layer otherwise (forward, input
+  gradient, weight gradient). Measured on the K = 10 SAC update: balanced methods went
+  from 1.34-1.38× to 1.20-1.23× the ``mean`` update.
 * :func:`mm_nt` — ``a @ bᵀ`` for 2-D float32 CPU tensors (the Gramians).
+
+Per-task weight gradients (``vmap`` over task blocks) are one oneDNN product per block
+for blocks of 64 rows or more and one batched MKL ``bmm`` below that (K = 50 blocks of
+25 rows), where neither library is efficient: that is most of what keeps the K = 50
+balanced update at ~2× the ``mean`` update with oneDNN (1.5× with torch's products,
+whose ``mean`` update is itself ~1.8× slower).
 
 Numbers: oneDNN sums in a different order than MKL, so float32 results differ from
 ``F.linear`` by float32 rounding (relative ~1e-6), not more. Double backward through
-:func:`linear`'s oneDNN path is not supported (SAC never needs it); it raises.
+the oneDNN path is not supported (SAC never needs it); it raises.
 
 Set ``MTRL_ONEDNN=0`` in the environment to use plain torch products everywhere.
 """
@@ -34,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MIN_OUT_FEATURES", "Linear", "enabled", "linear", "mm_nt", "set_enabled"]
+__all__ = ["MIN_OUT_FEATURES", "MLP", "Linear", "enabled", "linear", "mm_nt", "set_enabled"]
 
 
 def _find_op():
@@ -206,3 +218,203 @@ class _WeightGrad(torch.autograd.Function):
         for i in range(n):
             out[i] = _plain_mm_nt(g[i].T, rows[i].T)
         return out, 0
+
+
+# ------------------------------------------------------------------------ fused MLPs
+class MLP(nn.Sequential):
+    """``Linear, ReLU, Linear, ReLU, ..., Linear`` (ReLU between layers, none after the
+    last), an ``nn.Sequential`` with the usual parameter names.
+
+    When every layer takes oneDNN (float32 on the CPU, all layers with a bias), the
+    whole stack runs as ONE ``autograd.Function`` forward and one backward, instead of
+    three Function calls per layer (forward, input gradient, weight gradient): under
+    ``torch.func`` each call carries ~0.3-0.5 ms of bookkeeping, which at K = 10 was a
+    third of the per-task gradient cost. Any other input (float64, CUDA, a module that
+    is not this exact pattern) runs layer by layer.
+    """
+
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__(*layers)
+        mods = list(self)
+        self._fusable = (
+            len(mods) % 2 == 1
+            and all(isinstance(m, nn.Linear) and m.bias is not None for m in mods[0::2])
+            and all(isinstance(m, nn.ReLU) for m in mods[1::2])
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._fusable:
+            return super().forward(x)
+        params = [t for lin in list(self)[0::2] for t in (lin.weight, lin.bias)]
+        if not _fits(x, *params):
+            return super().forward(x)
+        return _MLP.apply(x, *params)[0]
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _unflat(t: Tensor, like: Tensor) -> Tensor:
+    return t.reshape(*like.shape[:-1], t.shape[-1])
+
+
+def _mlp_grads(
+    g: Tensor, inputs: list[Tensor], weights: list[Tensor], blocks: int | None,
+    need: tuple[bool, ...],
+) -> list[Tensor | None]:
+    """Backward through ``Linear (ReLU Linear)*`` on row-flattened tensors.
+
+    ``inputs[l]`` is layer ``l``'s input (``x``, then the ReLU outputs), ``g`` the gradient
+    of the last layer's output, ``need = (x, layer 0, layer 1, ...)`` which gradients to
+    compute. With ``blocks`` the rows are ``blocks`` equal task blocks and the parameter
+    gradients are per block. Returns ``[gx, gW_0, gb_0, gW_1, ...]``, None where not
+    needed.
+    """
+    out: list[Tensor | None] = []
+    lowest = 0 if need[0] else next((i for i, n in enumerate(need[1:]) if n), len(weights))
+    for layer in range(len(weights) - 1, -1, -1):
+        inp = inputs[layer]
+        if not need[1 + layer]:
+            out[:0] = [None, None]
+        elif blocks is None:
+            out[:0] = [_plain_mm_nt(g.T, inp.T), g.sum(0)]
+        else:
+            gb = g.reshape(blocks, -1, g.shape[-1])
+            rows = inp.reshape(blocks, -1, inp.shape[-1])
+            out[:0] = [_per_block_weight_grad(gb, rows), gb.sum(1)]
+        if layer == lowest and not need[0]:
+            return [None, *([None, None] * layer), *out]
+        g = _plain_mm_nt(g, weights[layer].T)
+        if layer > 0:
+            g = g * (inp > 0)  # ReLU: its output is this layer's input
+    return [g, *out]
+
+
+def _per_block_weight_grad(g: Tensor, rows: Tensor) -> Tensor:
+    """``g[i]ᵀ rows[i]`` for each block ``i``: ``(B, n, out), (B, n, in) -> (B, out, in)``."""
+    if g.shape[1] < _MIN_ROWS_PER_BLOCK:
+        return torch.bmm(g.transpose(1, 2), rows)
+    out = g.new_empty(g.shape[0], g.shape[-1], rows.shape[-1])
+    for i in range(g.shape[0]):
+        out[i] = _plain_mm_nt(g[i].T, rows[i].T)
+    return out
+
+
+def _to_front(t: Tensor, dim: int | None, n: int) -> Tensor:
+    return t.movedim(dim, 0) if dim is not None else t.expand(n, *t.shape)
+
+
+class _MLP(torch.autograd.Function):
+    """Outputs: the last layer's output, then every hidden ReLU output (saved for the
+    backward pass, not differentiable)."""
+
+    @staticmethod
+    def forward(x: Tensor, *params: Tensor):
+        h = _flat(x)
+        hidden = []
+        n_layers = len(params) // 2
+        for layer in range(n_layers):
+            h = _plain_mm_nt(h, params[2 * layer], params[2 * layer + 1])
+            if layer < n_layers - 1:
+                h = torch.relu_(h)
+                hidden.append(h)
+        return tuple(_unflat(t, x) for t in (h, *hidden))
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs) -> None:
+        x, *params = inputs
+        ctx.mark_non_differentiable(*outputs[1:])
+        ctx.n_hidden = len(outputs) - 1
+        ctx.save_for_backward(x, *outputs[1:], *params[0::2])
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, *_unused):
+        x, *rest = ctx.saved_tensors
+        hidden, weights = rest[: ctx.n_hidden], rest[ctx.n_hidden :]
+        nig = ctx.needs_input_grad
+        need = (nig[0], *(nig[1 + 2 * i] or nig[2 + 2 * i] for i in range(len(weights))))
+        grads = _MLPGrad.apply(need, grad_y, x, *hidden, *weights)
+        return tuple(g if n else None for g, n in zip(grads, nig, strict=True))
+
+    @staticmethod
+    def vmap(info, in_dims, x, *params):
+        x_dim, p_dims = in_dims[0], in_dims[1:]
+        n_out = len(params) // 2  # the output and n_out - 1 hidden activations
+        if all(d is None for d in p_dims):  # shared weights: fold the blocks into rows
+            if x_dim is None:
+                return _MLP.apply(x, *params), (None,) * n_out
+            return _MLP.apply(x.movedim(x_dim, 0), *params), (0,) * n_out
+        # per-sample weights (rare): batched torch products
+        b = info.batch_size
+        xb = _to_front(x, x_dim, b)
+        h = xb.reshape(b, -1, xb.shape[-1])
+        hidden = []
+        for layer in range(n_out):
+            w = _to_front(params[2 * layer], p_dims[2 * layer], b)
+            bias = _to_front(params[2 * layer + 1], p_dims[2 * layer + 1], b)
+            h = torch.baddbmm(bias.unsqueeze(1), h, w.transpose(1, 2))
+            if layer < n_out - 1:
+                h = torch.relu(h)
+                hidden.append(h)
+        outs = tuple(t.reshape(*xb.shape[:-1], t.shape[-1]) for t in (h, *hidden))
+        return outs, (0,) * len(outs)
+
+
+class _MLPGrad(torch.autograd.Function):
+    """Gradients of an :class:`MLP` stack: ``(need, grad_y, x, *hidden, *weights) ->
+    (gx, gW_0, gb_0, gW_1, gb_1, ...)``; entries not in ``need`` are zero placeholders."""
+
+    @staticmethod
+    def forward(need: tuple[bool, ...], grad_y: Tensor, x: Tensor, *rest: Tensor):
+        n_hidden = (len(rest) - 1) // 2
+        hidden, weights = rest[:n_hidden], rest[n_hidden:]
+        inputs = [_flat(x), *(_flat(h) for h in hidden)]
+        grads = _mlp_grads(_flat(grad_y), inputs, list(weights), None, need)
+        if grads[0] is not None:
+            grads[0] = _unflat(grads[0], x)
+        return tuple(grad_y.new_zeros(()) if t is None else t for t in grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "double backward through mtrl.onednn.MLP is not supported; "
+            "set MTRL_ONEDNN=0 to use torch's own linear layers"
+        )
+
+    @staticmethod
+    def vmap(info, in_dims, need, grad_y, x, *rest):
+        b = info.batch_size
+        n_hidden = (len(rest) - 1) // 2
+        hidden, weights = list(rest[:n_hidden]), list(rest[n_hidden:])
+        h_dims, w_dims = in_dims[3 : 3 + n_hidden], in_dims[3 + n_hidden :]
+        g = _to_front(grad_y, in_dims[1], b)
+        x = _to_front(x, in_dims[2], b)
+        hidden = [_to_front(h, d, b) for h, d in zip(hidden, h_dims, strict=True)]
+        if all(d is None for d in w_dims):  # shared weights: per-block parameter grads
+            inputs = [_flat(x), *(_flat(h) for h in hidden)]
+            grads = _mlp_grads(_flat(g), inputs, weights, b, need)
+            if grads[0] is not None:
+                grads[0] = _unflat(grads[0], x)
+        else:  # per-sample weights: batched torch products
+            grads = _batched_mlp_grads(g, x, hidden, weights, w_dims, b)
+        out = tuple(g.new_zeros(b) if t is None else t for t in grads)
+        return out, (0,) * len(out)
+
+
+def _batched_mlp_grads(g, x, hidden, weights, w_dims, b) -> list[Tensor]:
+    ws = [_to_front(w, d, b) for w, d in zip(weights, w_dims, strict=True)]
+    gr = g.reshape(b, -1, g.shape[-1])
+    inputs = [t.reshape(b, -1, t.shape[-1]) for t in (x, *hidden)]
+    out: list[Tensor] = []
+    for layer in range(len(ws) - 1, -1, -1):
+        inp = inputs[layer]
+        out[:0] = [torch.bmm(gr.transpose(1, 2), inp), gr.sum(1)]
+        gr = torch.bmm(gr, ws[layer])
+        if layer > 0:
+            gr = gr * (inp > 0)
+    return [gr.reshape(x.shape), *out]

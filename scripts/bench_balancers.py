@@ -20,10 +20,10 @@
 
 (b) ``combine`` time of every registered balancer on random ``G`` (K × D, D = 1000).
 
-Networks use mtrl's layers (``mtrl.onednn.Linear``), timed with both float32 CPU
-backends in one run (``--backends onednn torch``): oneDNN products (mtrl's default) and
-torch's own (MKL, as with ``MTRL_ONEDNN=0``). The stacked-weight critics are reference
-rows, printed with ``--all-critics``.
+Networks use mtrl's layers (``mtrl.onednn.MLP`` of ``mtrl.onednn.Linear``), timed
+with both float32 CPU backends in one run (``--backends onednn torch``): oneDNN products
+(mtrl's default) and torch's own (MKL, as with ``MTRL_ONEDNN=0``). The stacked-weight
+critics are reference rows, printed with ``--all-critics``.
 
 Usage: ``python scripts/bench_balancers.py [--threads 1] [--repeats 7] [--quick]``.
 Timings are medians of wall-clock time on this machine; they are noisy when other
@@ -48,7 +48,7 @@ from torch.func import functional_call
 from mtrl import onednn
 from mtrl.balancers import Balancer, build, gramian, names
 from mtrl.grad import balanced_backward, task_gradients, task_losses
-from mtrl.onednn import Linear
+from mtrl.onednn import MLP, Linear
 from mtrl.runtime import configure_cpu
 
 OBS_BASE, ACT, HIDDEN, BATCH = 39, 4, 400, 1280
@@ -56,8 +56,8 @@ OBS_BASE, ACT, HIDDEN, BATCH = 39, 4, 400, 1280
 
 # ---------------------------------------------------------------------------- networks
 def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
-    """mtrl's layers (``mtrl.onednn.Linear``: oneDNN or torch products per the backend)."""
-    return nn.Sequential(
+    """mtrl's MLP (``mtrl.onednn.MLP``: oneDNN or torch products per the backend)."""
+    return MLP(
         Linear(in_dim, hidden), nn.ReLU(),
         Linear(hidden, hidden), nn.ReLU(),
         Linear(hidden, hidden), nn.ReLU(),

@@ -157,3 +157,125 @@ def test_mm_nt(gen):
     assert torch.equal(mm_nt(a64, a64), a64 @ a64.T)
     with pytest.raises(ValueError, match="mm_nt takes 2-D tensors"):
         mm_nt(a[0], b)
+
+
+# ------------------------------------------------------------------------ fused MLP
+def _mlps(seed=1, dims=(24, 64, 48, 3)):
+    """mtrl's fused MLP and a plain nn.Sequential with the same parameters."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=False)):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU())
+    ref = nn.Sequential(*layers)
+    ours = onednn.MLP(*[Linear(m.in_features, m.out_features) if isinstance(m, nn.Linear)
+                        else nn.ReLU() for m in layers])  # fmt: skip
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    return ours, ref
+
+
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_mlp_matches_sequential_under_autograd(gen, x_grad):
+    ours, ref = _mlps()
+    x = torch.randn(2, 9, 24, generator=gen).requires_grad_(x_grad)
+    y = ours(x)
+    assert y.grad_fn is not None and "_MLP" in type(y.grad_fn).__name__  # the fused path
+    torch.testing.assert_close(y, ref(x), **TOL)
+    g_out = torch.randn(2, 9, 3, generator=gen)
+    ins = ([x] if x_grad else []) + list(ours.parameters())
+    ref_ins = ([x] if x_grad else []) + list(ref.parameters())
+    for a, c in zip(torch.autograd.grad(y, ins, g_out),
+                    torch.autograd.grad(ref(x), ref_ins, g_out), strict=True):  # fmt: skip
+        torch.testing.assert_close(a, c, **TOL)
+
+
+def test_mlp_input_gradient_through_constant_weights(gen):
+    """The actor loss differentiates through the critic, whose weights are constants."""
+    ours, ref = _mlps()
+    for p in [*ours.parameters(), *ref.parameters()]:
+        p.requires_grad_(False)
+    x = torch.randn(11, 24, generator=gen, requires_grad=True)
+    (gx,) = torch.autograd.grad(ours(x).pow(2).sum(), [x])
+    (gx_ref,) = torch.autograd.grad(ref(x).pow(2).sum(), [x])
+    torch.testing.assert_close(gx, gx_ref, **TOL)
+
+
+@pytest.mark.parametrize("rows", [8, 70], ids=["bmm-blocks", "onednn-blocks"])
+def test_mlp_per_block_gradients_match_a_torch_loop(gen, rows):
+    ours, ref = _mlps()
+    params = {k: v.detach() for k, v in ours.named_parameters()}
+    x = torch.randn(4, rows, 24, generator=gen)
+    y = torch.randn(4, rows, 3, generator=gen)
+
+    def loss(mod):
+        return lambda p, x, y: ((functional_call(mod, p, (x,)) - y) ** 2).mean()
+
+    per_block = vmap(grad(loss(ours)), in_dims=(None, 0, 0))(params, x, y)
+    losses = vmap(loss(ours), in_dims=(None, 0, 0))(params, x, y)
+    for k in range(4):
+        ref_grads = grad(loss(ref))(params, x[k], y[k])
+        torch.testing.assert_close(losses[k], loss(ref)(params, x[k], y[k]), **TOL)
+        for name in params:
+            torch.testing.assert_close(per_block[name][k], ref_grads[name], **TOL)
+
+
+def test_mlp_per_block_gradients_through_a_constant_mlp(gen):
+    """vmap(grad) of an actor-like loss: a trainable MLP feeding a constant one."""
+    first, first_ref = _mlps(1, (24, 32, 16))
+    critic, critic_ref = _mlps(2, (16, 40, 1))
+    for p in [*critic.parameters(), *critic_ref.parameters()]:
+        p.requires_grad_(False)
+    params = {k: v.detach() for k, v in first.named_parameters()}
+    x = torch.randn(3, 10, 24, generator=gen)
+
+    def loss(a, c):
+        return lambda p, x: c(torch.tanh(functional_call(a, p, (x,)))).mean()
+
+    per_block = vmap(grad(loss(first, critic)), in_dims=(None, 0))(params, x)
+    for k in range(3):
+        ref_grads = grad(loss(first_ref, critic_ref))(params, x[k])
+        for name in params:
+            torch.testing.assert_close(per_block[name][k], ref_grads[name], **TOL)
+
+
+def test_mlp_vmapped_over_its_parameters(gen):
+    """An ensemble evaluated by vmap over stacked parameters (the fallback products)."""
+    members = [_mlps(seed) for seed in (1, 2, 3)]
+    names = [name for name, _ in members[0][0].named_parameters()]
+    stacked = {
+        name: torch.stack([dict(m.named_parameters())[name].detach() for m, _ in members])
+        for name in names
+    }
+    x = torch.randn(7, 24, generator=gen)
+
+    def run(p, x):
+        return functional_call(members[0][0], p, (x,))
+
+    out = vmap(run, in_dims=(0, None))(stacked, x)
+    for i, (_, ref) in enumerate(members):
+        torch.testing.assert_close(out[i], ref(x), **TOL)
+    g = vmap(grad(lambda p, x: run(p, x).pow(2).sum()), in_dims=(0, None))(stacked, x)
+    for i, (_, ref) in enumerate(members):
+        ref_g = torch.autograd.grad(ref(x).pow(2).sum(), list(ref.parameters()))
+        for (name, _), r in zip(ref.named_parameters(), ref_g, strict=True):
+            torch.testing.assert_close(g[name][i], r, **TOL)
+
+
+def test_mlp_runs_layer_by_layer_where_oneDNN_does_not_apply(gen):
+    ours, ref = _mlps()
+    x64 = torch.randn(5, 24, generator=gen, dtype=torch.float64)
+    ours64, ref64 = ours.double(), ref.double()
+    assert torch.equal(ours64(x64), ref64(x64))  # float64: torch's own products, exactly
+    odd = onednn.MLP(Linear(24, 32), nn.Tanh(), Linear(32, 3))  # not Linear/ReLU: unfused
+    y = odd(torch.randn(5, 24, generator=gen))
+    assert "_MLP" not in type(y.grad_fn).__name__
+
+
+def test_mlp_double_backward_is_refused(gen):
+    ours, _ = _mlps()
+    x = torch.randn(6, 24, generator=gen, requires_grad=True)
+    (gx,) = torch.autograd.grad(ours(x).pow(2).sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward through mtrl.onednn.MLP"):
+        torch.autograd.grad(gx.sum(), list(ours.parameters()))

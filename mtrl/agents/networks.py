@@ -1,7 +1,8 @@
 """Networks of the multi-task SAC agent: MLPs, a tanh-Gaussian actor and a twin critic.
 
-* :func:`mlp` builds a plain ReLU MLP of :class:`mtrl.onednn.Linear` layers (``nn.Linear``
-  whose float32 CPU products run on oneDNN; same parameters and state dict).
+* :func:`mlp` builds a plain ReLU MLP: :class:`mtrl.onednn.MLP`, an ``nn.Sequential`` of
+  ``Linear``/``ReLU`` whose float32 CPU forward and backward run as one oneDNN-backed
+  function (same parameters and state dict as an ``nn.Sequential`` of ``nn.Linear``).
 * :class:`TwinCritic` holds both Q functions in **one** module: one ``forward`` call
   returns both rows, ``(2, N)``.
 * :class:`SquashedGaussianActor` is the tanh-squashed Gaussian policy.
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtrl.onednn import Linear
+from mtrl.onednn import MLP, Linear
 
 __all__ = [
     "SquashedGaussianActor",
@@ -37,7 +38,7 @@ _LOG_2 = math.log(2.0)
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-def mlp(in_dim: int, hidden_sizes: Sequence[int], out_dim: int) -> nn.Sequential:
+def mlp(in_dim: int, hidden_sizes: Sequence[int], out_dim: int) -> MLP:
     """A ReLU MLP ``in_dim -> hidden_sizes... -> out_dim`` (no output activation)."""
     layers: list[nn.Module] = []
     d = in_dim
@@ -45,7 +46,7 @@ def mlp(in_dim: int, hidden_sizes: Sequence[int], out_dim: int) -> nn.Sequential
         layers += [Linear(d, h), nn.ReLU()]
         d = h
     layers.append(Linear(d, out_dim))
-    return nn.Sequential(*layers)
+    return MLP(*layers)
 
 
 def select_head(y: Tensor, task_id: Tensor | None, num_heads: int, out_dim: int) -> Tensor:
