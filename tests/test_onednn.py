@@ -153,6 +153,13 @@ def test_mm_nt(gen):
     a = torch.randn(7, 300, generator=gen)
     b = torch.randn(5, 300, generator=gen)
     torch.testing.assert_close(mm_nt(a, b), a @ b.T, **TOL)
+    # transposed and column-sliced operands (the latter are copied first)
+    torch.testing.assert_close(mm_nt(a.T.contiguous().T, b), a @ b.T, **TOL)
+    wide = torch.randn(7, 900, generator=gen)
+    sliced = wide[:, 100:400]
+    assert not sliced.is_contiguous() and not sliced.T.is_contiguous()
+    torch.testing.assert_close(mm_nt(sliced, b), sliced @ b.T, **TOL)
+    torch.testing.assert_close(mm_nt(b, sliced), b @ sliced.T, **TOL)
     a64 = a.double()
     assert torch.equal(mm_nt(a64, a64), a64 @ a64.T)
     with pytest.raises(ValueError, match="mm_nt takes 2-D tensors"):
