@@ -34,7 +34,9 @@ the K blocks (same FLOPs), whose outputs are the K per-task gradients.
   with a (task-unbatched) weight fold the K blocks into the rows of one matmul, but
   ``bmm`` / ``baddbmm`` expand the weight to one copy per block (measured: the loss-only
   path of a ``baddbmm`` twin critic costs 2-4× a plain backward at K = 50, against 1× with
-  ``addmm`` per ensemble member; see ``scripts/bench_balancers.py``).
+  ``addmm`` per ensemble member; see ``scripts/bench_balancers.py``). mtrl's own layers
+  (:mod:`mtrl.onednn`: float32 CPU products on oneDNN) have ``vmap`` rules that fold the
+  blocks the same way and compute the per-block weight gradients as one product each.
 
 Balancer kinds (see :class:`mtrl.balancers.Balancer`)
 ----------------------------------------------------
