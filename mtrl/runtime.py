@@ -25,10 +25,10 @@ def configure_cpu(threads: int, *, keep_freed_memory: bool = True) -> str:
     """Use ``threads`` CPU threads everywhere, and stop large freed blocks going back to
     the OS. Returns a one-line description of what was set.
 
-    * torch's intra-op pool and the BLAS that NumPy / SciPy load (OpenBLAS; it computes
-      the CPU Gramians, see :func:`mtrl.balancers.base.gramian_of_blocks`) both get
-      ``threads``: two pools of the default size, one per core each, oversubscribe a
-      small machine.
+    * torch's intra-op pool and the BLAS that NumPy / SciPy load (OpenBLAS: the
+      balancers' K×K solves, and the CPU Gramians when oneDNN is off, see
+      :func:`mtrl.balancers.base.gramian_of_blocks`) both get ``threads``: two pools of
+      the default size, one per core each, oversubscribe a small machine.
     * ``keep_freed_memory`` (glibc only): glibc starts with a 128 KiB ``mmap`` threshold,
       raises it only after an mmapped block is freed, and hands the top of the heap back
       to the OS once twice that threshold is free. The per-task gradient blocks of a

@@ -209,9 +209,13 @@ def test_mlp_input_gradient_through_constant_weights(gen):
     torch.testing.assert_close(gx, gx_ref, **TOL)
 
 
-@pytest.mark.parametrize("rows", [8, 70], ids=["bmm-blocks", "onednn-blocks"])
-def test_mlp_per_block_gradients_match_a_torch_loop(gen, rows):
-    ours, ref = _mlps()
+@pytest.mark.parametrize(
+    ("rows", "dims"),
+    [(8, (24, 64, 48, 3)), (70, (24, 64, 48, 3)), (8, (24, 3)), (70, (24, 40, 3))],
+    ids=["bmm-blocks", "onednn-blocks", "one-layer", "two-layers"],
+)
+def test_mlp_per_block_gradients_match_a_torch_loop(gen, rows, dims):
+    ours, ref = _mlps(1, dims)
     params = {k: v.detach() for k, v in ours.named_parameters()}
     x = torch.randn(4, rows, 24, generator=gen)
     y = torch.randn(4, rows, 3, generator=gen)
