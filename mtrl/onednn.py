@@ -149,7 +149,6 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -184,12 +183,11 @@ class _Linear(torch.autograd.Function):
             return _Linear.apply(x.movedim(x_dim, 0), weight, bias), 0
         # per-sample weights (rare): batched torch products
         n = info.batch_size
-        x = x.movedim(x_dim, 0) if x_dim is not None else x.expand(n, *x.shape)
-        weight = weight.movedim(w_dim, 0) if w_dim is not None else weight.expand(n, *weight.shape)
+        x, weight = _to_front(x, x_dim, n), _to_front(weight, w_dim, n)
         y = torch.matmul(x.reshape(n, -1, x.shape[-1]), weight.transpose(-1, -2))
         y = y.reshape(*x.shape[:-1], weight.shape[-2])
         if bias is not None:
-            bias = bias.movedim(b_dim, 0) if b_dim is not None else bias.expand(n, *bias.shape)
+            bias = _to_front(bias, b_dim, n)
             y = y + bias.reshape(n, *([1] * (y.ndim - 2)), bias.shape[-1])
         return y, 0
 
@@ -199,9 +197,7 @@ class _WeightGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(grad: Tensor, x: Tensor) -> Tensor:
-        g = grad.reshape(-1, grad.shape[-1])
-        rows = x.reshape(-1, x.shape[-1])
-        return _plain_mm_nt(g.T, rows.T)
+        return _plain_mm_nt(_flat(grad).T, _flat(x).T)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -218,17 +214,10 @@ class _WeightGrad(torch.autograd.Function):
     def vmap(info, in_dims, grad, x):
         g_dim, x_dim = in_dims
         n = info.batch_size
-        grad = grad.movedim(g_dim, 0) if g_dim is not None else grad.expand(n, *grad.shape)
-        x = x.movedim(x_dim, 0) if x_dim is not None else x.expand(n, *x.shape)
-        # one product per vmapped block (per-task weight gradients), into one output
+        grad, x = _to_front(grad, g_dim, n), _to_front(x, x_dim, n)
+        # the per-task weight gradients: one per vmapped block
         g = grad.reshape(n, -1, grad.shape[-1])
-        rows = x.reshape(n, -1, x.shape[-1])
-        if g.shape[1] < _MIN_ROWS_PER_BLOCK:
-            return torch.bmm(g.transpose(1, 2), rows), 0
-        out = g.new_empty(n, g.shape[-1], rows.shape[-1])
-        for i in range(n):
-            out[i] = _plain_mm_nt(g[i].T, rows[i].T)
-        return out, 0
+        return _per_block_weight_grad(g, x.reshape(n, -1, x.shape[-1])), 0
 
 
 # ------------------------------------------------------------------------ fused MLPs
