@@ -85,6 +85,39 @@ class _MetricsLog:
             self.tb.close()
 
 
+class _SkipCounter:
+    """Skipped updates, counted on the device and read back only by :meth:`check`.
+
+    ``check`` raises :class:`TrainingError` when some run of consecutive skips since the
+    last check reached ``limit`` (the longest run is tracked on the device, so a run that
+    ended between two checks is not missed).
+    """
+
+    def __init__(self, device: torch.device, limit: int, total: int) -> None:
+        self.limit = limit
+        self.total = torch.tensor(total, dtype=torch.int64, device=device)
+        self.run = torch.zeros((), dtype=torch.int64, device=device)
+        self.longest = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, skipped: Tensor) -> None:
+        s = skipped.to(torch.int64)
+        self.total += s
+        self.run = (self.run + 1) * s
+        self.longest = torch.maximum(self.longest, self.run)
+
+    def check(self, step: int, ckpt_path: Path) -> int:
+        """Raise if the limit was reached; return the total (a host read)."""
+        longest = int(self.longest)
+        self.longest = self.run.clone()
+        if longest >= self.limit:
+            raise TrainingError(
+                f"stopped at step {step}: {longest} consecutive updates had NaN/Inf losses "
+                f"or gradients and were skipped; the last good checkpoint is kept at "
+                f"{ckpt_path}"
+            )
+        return int(self.total)
+
+
 def _to_python(metrics: dict[str, Tensor]) -> dict[str, Any]:
     """Tensors to numbers/lists: done only at log intervals (it syncs with the device)."""
     out: dict[str, Any] = {}
@@ -147,7 +180,7 @@ def train(
     done_success = torch.zeros(num_tasks, device=device)
     done_count = torch.zeros(num_tasks, device=device)
 
-    start_step, skipped_total, consecutive_skips = 0, 0, 0
+    start_step, skipped_total = 0, 0
     best_success, last_eval = -1.0, None
     wall_before = 0.0  # wall-clock seconds spent in earlier sessions of a resumed run
     obs = envs.reset(seed=cfg.env.seed)
@@ -170,8 +203,11 @@ def train(
         skipped_total = int(state["skipped_total"])
         best_success = float(state["best_success"])
         wall_before = float(state.get("wall_clock_s", 0.0))
+    skips = _SkipCounter(device, cfg.max_consecutive_skips, skipped_total)
 
     def checkpoint(step: int) -> None:
+        nonlocal skipped_total
+        skipped_total = skips.check(step, ckpt_path)  # never overwrite it after a failure
         rng = {"torch": torch.get_rng_state(), "actions": action_gen.get_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
@@ -269,15 +305,12 @@ def train(
                 agent.diagnostics = log_now
                 for _ in range(cfg.updates_per_step):
                     metrics = agent.update(buffer.sample(cfg.batch_size, cfg.stratified))
-                    skipped = bool(metrics["skipped"])
-                    skipped_total += skipped
-                    consecutive_skips = consecutive_skips + 1 if skipped else 0
-                    if consecutive_skips >= cfg.max_consecutive_skips:
-                        raise TrainingError(
-                            f"stopped at step {step}: {consecutive_skips} consecutive updates "
-                            "had NaN/Inf losses or gradients and were skipped; the last good "
-                            f"checkpoint is kept at {ckpt_path}"
-                        )
+                    skips.add(metrics["skipped"])
+            # Skips are read back every step when the agent reads its flags anyway ("sync"
+            # guard), else only where the loop syncs: logs, checkpoints, the end.
+            if (not agent.masked_guard or log_now or step % cfg.checkpoint_every == 0
+                    or step == cfg.total_steps):
+                skipped_total = skips.check(step, ckpt_path)
 
             # Log: the only place where update metrics become host numbers.
             if log_now:

@@ -376,11 +376,13 @@ def test_balancing_needs_task_major_batches():
         agent.update(make_batch(task_id=torch.tensor([0, 1, 2, 0])))  # B % K != 0
 
 
+@pytest.mark.parametrize("guard", ["sync", "masked"])
 @pytest.mark.parametrize("field", ["reward", "obs", "next_obs"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("factory", [lambda: build("mean"), GradMean, Refusing])
-def test_nan_guard_skips_the_step(field, bad, factory):
-    agent = make_agent(factory=factory)
+def test_nan_guard_skips_the_step(field, bad, factory, guard):
+    agent = make_agent(SACConfig(hidden_sizes=(32, 32), nan_guard=guard), factory=factory)
+    assert agent.masked_guard == (guard == "masked")
     agent.update(make_batch(0))  # so that the optimisers have state
     before = params_of(agent)
     opt_before = copy.deepcopy(agent.optimizer_state_dict())
@@ -394,10 +396,93 @@ def test_nan_guard_skips_the_step(field, bad, factory):
         for pid, st in opt_before[name]["state"].items():
             for key, v in st.items():
                 torch.testing.assert_close(opt_after[name]["state"][pid][key], v, rtol=0, atol=0)
-    assert all(p.grad is None for p in agent.critic.parameters())
-    assert set(m) == set(agent.update(make_batch(2)))  # same keys as a normal update
     assert not torch.isfinite(m["critic/losses"]).all()
-    assert torch.isnan(m["actor/losses"]).all()  # not run
+    if guard == "sync":
+        assert all(p.grad is None for p in agent.critic.parameters())
+        assert torch.isnan(m["actor/losses"]).all()  # not run
+    assert set(m) == set(agent.update(make_batch(2)))  # same keys as a normal update
+
+
+def _opt_states_equal(a: MultiTaskSAC, b: MultiTaskSAC) -> None:
+    sa, sb = a.optimizer_state_dict(), b.optimizer_state_dict()
+    for name in sa:
+        assert sa[name]["state"].keys() == sb[name]["state"].keys(), name
+        for pid, st in sa[name]["state"].items():
+            for key, v in st.items():
+                torch.testing.assert_close(sb[name]["state"][pid][key], v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("factory", [lambda: build("mean"), GradMean, RecordingBalancer])
+def test_masked_guard_equals_sync_guard_on_finite_batches(factory):
+    agents = {g: make_agent(SACConfig(hidden_sizes=(32, 32), nan_guard=g), factory=factory)
+              for g in ("sync", "masked")}
+    for g, agent in agents.items():
+        for i in range(3):
+            torch.manual_seed(10 + i)
+            assert agent.update(make_batch(i))["skipped"] == 0, g
+    assert_same(params_of(agents["sync"]), params_of(agents["masked"]))
+    _opt_states_equal(agents["sync"], agents["masked"])
+    if factory is RecordingBalancer:  # after_step ran on every (good) step in both modes
+        for name in ("critic", "actor", "alpha"):
+            after = [b.balancers[name].after for b in agents.values()]
+            assert len(after[0]) == len(after[1]) == 3
+            for x, y in zip(*after, strict=True):
+                torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_masked_guard_undoes_a_skipped_first_step_exactly():
+    """A skip before the optimisers have any state leaves a state that continues exactly
+    as a fresh one: the next good update equals a fresh agent's first update."""
+    cfg = SACConfig(hidden_sizes=(32, 32), nan_guard="masked")
+    agent, fresh = make_agent(cfg), make_agent(cfg)
+    bad = make_batch(1)
+    bad.reward[0] = float("nan")
+    before = params_of(agent)
+    assert agent.update(bad)["skipped"] == 1
+    assert_same(before, params_of(agent))
+    for a in (agent, fresh):
+        torch.manual_seed(3)
+        assert a.update(make_batch(2))["skipped"] == 0
+    assert_same(params_of(fresh), params_of(agent))
+    _opt_states_equal(fresh, agent)
+
+
+@pytest.mark.parametrize("guard", ["sync", "masked"])
+def test_nonfinite_temperature_loss_keeps_the_critic_step_only(guard, monkeypatch):
+    cfg = SACConfig(hidden_sizes=(32, 32), nan_guard=guard)
+    agent, ref = make_agent(cfg), make_agent(cfg)
+    for a in (agent, ref):
+        torch.manual_seed(1)
+        a.update(make_batch(0))  # so that the optimisers have state
+    before = params_of(agent)
+
+    def nan_terms(params, task_id, log_prob_plus_target):
+        return torch.full_like(log_prob_plus_target, float("nan")) * params["log_alpha"].sum()
+
+    monkeypatch.setattr(agent, "_alpha_terms", nan_terms)
+    for a in (agent, ref):
+        torch.manual_seed(2)
+        m = a.update(make_batch(1))
+        assert m["skipped"] == (1 if a is agent else 0)
+    after, stepped = params_of(agent), params_of(ref)
+    for key in after:
+        if key.startswith("critic."):  # the critic step stands, as in the reference
+            torch.testing.assert_close(after[key], stepped[key], rtol=0, atol=0, msg=key)
+            assert not torch.equal(after[key], before[key]), key
+        else:  # actor, temperatures and target critic untouched
+            torch.testing.assert_close(after[key], before[key], rtol=0, atol=0, msg=key)
+
+
+def test_nan_guard_choices_and_devices():
+    with pytest.raises(ValueError, match="nan_guard must be one of auto, sync, masked"):
+        SACConfig(nan_guard="never")
+    guard = sac_mod._masked_guard
+    assert guard("auto", torch.device("cpu")) is False
+    assert guard("auto", torch.device("cuda")) is True
+    assert guard("masked", torch.device("cpu")) is True
+    assert guard("sync", torch.device("cuda")) is False
+    with pytest.raises(ValueError, match="capturable Adam does not support on 'mps'"):
+        guard("masked", torch.device("mps"))
 
 
 def test_state_dict_round_trip_including_optimizers():

@@ -4,6 +4,7 @@ Ctrl-C, and configuration errors."""
 import json
 import math
 import os
+import re
 import signal
 from dataclasses import replace
 
@@ -15,7 +16,7 @@ from mtrl.balancers import build, names
 from mtrl.checkpoint import load_checkpoint
 from mtrl.config import ConfigError, TrainConfig, from_dict, load_preset
 from mtrl.envs import EnvConfig, make_envs
-from mtrl.trainer import TrainingError, train
+from mtrl.trainer import TrainingError, _SkipCounter, train
 
 
 def toy_config(tmp_path, **overrides) -> TrainConfig:
@@ -106,16 +107,43 @@ class NaNRewardAfter:
         return out
 
 
-def test_nan_updates_are_skipped_and_the_run_stops_with_good_checkpoint(tmp_path):
-    cfg = toy_config(tmp_path, total_steps=200, checkpoint_every=50, max_consecutive_skips=5)
-    # From step 50 on, NaN rewards enter the buffer; updates that sample them are skipped.
-    with pytest.raises(TrainingError, match="consecutive updates had NaN/Inf"):
+@pytest.mark.parametrize(("guard", "stop_step"), [("sync", None), ("masked", 60)])
+def test_nan_updates_are_skipped_and_the_run_stops_with_good_checkpoint(tmp_path, guard,
+                                                                         stop_step):
+    cfg = toy_config(tmp_path, total_steps=200, checkpoint_every=50, max_consecutive_skips=5,
+                     sac=SACConfig(hidden_sizes=(32, 32), nan_guard=guard))
+    # From step 51 on, NaN rewards enter the buffer; updates that sample them are skipped.
+    # The "sync" guard reads skips every step; "masked" only at logs (every 20 steps) and
+    # checkpoints, so it stops at the first of those after the 5th consecutive skip.
+    with pytest.raises(TrainingError, match="consecutive updates had NaN/Inf") as err:
         train(cfg, env_factory=lambda c: NaNRewardAfter(c, start=51))
+    step, count = map(int, re.search(r"step (\d+): (\d+) consecutive", str(err.value)).groups())
+    if stop_step is None:
+        assert 55 <= step < 60 and count == 5
+    else:
+        assert step == stop_step and count >= 5
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert state["step"] == 50
     for key, value in state["agent"].items():
         if value.is_floating_point():
             assert torch.isfinite(value).all(), key
+
+
+def test_skip_counter_reads_back_only_on_check_and_catches_ended_runs(tmp_path):
+    counter = _SkipCounter(torch.device("cpu"), limit=3, total=4)
+    for s in (0, 1, 1, 0, 1):
+        counter.add(torch.tensor(float(s)))
+    assert counter.check(7, tmp_path) == 7  # longest run 2 < 3; total 4 + 3
+    for s in (1, 1):  # the run of 1 before the check continues: 3
+        counter.add(torch.tensor(float(s)))
+    with pytest.raises(TrainingError, match="step 9: 3 consecutive updates"):
+        counter.check(9, tmp_path)
+    counter = _SkipCounter(torch.device("cpu"), limit=2, total=0)
+    for s in (1, 1, 0, 0):  # a run that ended before the check still counts
+        counter.add(torch.tensor(float(s)))
+    with pytest.raises(TrainingError, match="2 consecutive"):
+        counter.check(4, tmp_path)
+    assert counter.check(5, tmp_path) == 2  # reported once; the run has ended
 
 
 def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path):

@@ -38,13 +38,24 @@ means over the samples of that task (NaN for a task absent from the batch). Bala
 per-task blocks, so a balanced loss with a non-task-major batch is a ``ValueError``.
 
 **NaN / Inf guard.** Before each optimiser step the losses and the gradient norm are
-checked; if anything is non-finite, the step is skipped (gradients dropped, no step), the
-rest of the update is not run and the target network is not moved; ``metrics["skipped"]``
-is 1. Losses of a part not run are reported as NaN. This costs one host sync (a
-``bool(...)`` of a device flag) per guarded step: one after the critic backward and one
-after the actor + temperature backward, i.e. two per update. (A gradient balancer already
-syncs when it solves its K×K problem on the CPU.) A gradient norm that overflows float32
-(> ~1e19) counts as non-finite.
+checked, and ``metrics["skipped"]`` is 1 if anything was non-finite. A non-finite critic
+loss or gradient skips the whole update (no weight, optimiser state or target changes); a
+non-finite actor or temperature one skips those two steps and the target update, while
+the critic step already taken stands. A gradient norm that overflows float32 (> ~1e19) counts
+as non-finite. ``SACConfig.nan_guard`` picks how:
+
+* ``"sync"`` (the CPU default): read the device flag (``bool(...)``) after the critic
+  backward and after the actor + temperature backward, and return early on a skip
+  (gradients dropped; losses of the parts not run are reported as NaN). On the CPU the
+  read costs nothing.
+* ``"masked"`` (the default on CUDA and other devices with capturable Adam): no host
+  read. Every step runs, and afterwards the parameters and the Adam state are put back
+  with ``torch.where(ok, new, old)`` on the device; the target update uses weight
+  ``tau * ok``. All losses are reported, the ``.grad`` of a skipped step is left as it
+  is, and the Adam step counts live on the device (``capturable=True``). A balancer that
+  wants the losses after the step (FAMO) reads the flag, since it copies losses to the
+  host anyway; gradient balancers sync regardless when they solve their K×K problem on
+  the CPU.
 """
 
 from __future__ import annotations
@@ -54,12 +65,13 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+from torch.optim import optimizer as torch_optimizer
 
 from mtrl.agents.networks import SquashedGaussianActor, TwinCritic
 from mtrl.balancers import Balancer
@@ -69,6 +81,8 @@ __all__ = ["LOSS_NAMES", "MultiTaskSAC", "SACConfig"]
 
 #: The losses a balancer can be put on, in update order.
 LOSS_NAMES = ("critic", "actor", "alpha")
+#: Values of ``SACConfig.nan_guard``.
+NAN_GUARDS = ("auto", "sync", "masked")
 #: Losses that are >= 0 by construction (squared TD errors); the others can be negative.
 NONNEGATIVE_LOSSES = ("critic",)
 
@@ -103,6 +117,10 @@ class SACConfig:
     """Losses combined by the balancer; the others use the plain mean over tasks."""
     grad_clip: float | None = None
     """Clip each loss's gradient to this global norm before its step (off by default)."""
+    nan_guard: Literal["auto", "sync", "masked"] = "auto"
+    """NaN/Inf guard: 'sync' (a host read per step; auto on CPU) or 'masked' (undone on device)."""
+    # 'auto': 'sync' on the CPU (where the read is free), 'masked' on CUDA and the other
+    # devices with capturable Adam. See the module docstring.
 
     def __post_init__(self) -> None:
         hs = tuple(self.hidden_sizes)
@@ -129,6 +147,10 @@ class SACConfig:
             raise ValueError(f"tau must be in (0, 1], got {self.tau!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if self.nan_guard not in NAN_GUARDS:
+            raise ValueError(
+                f"nan_guard must be one of {', '.join(NAN_GUARDS)}, got {self.nan_guard!r}"
+            )
 
 
 class MultiTaskSAC(nn.Module):
@@ -191,9 +213,16 @@ class MultiTaskSAC(nn.Module):
             balancers[name] = b
         self.balancers = nn.ModuleDict(balancers)
 
-        self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=cfg.actor_lr)
-        self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=cfg.critic_lr)
-        self.alpha_optimizer = torch.optim.Adam([self.log_alpha], lr=cfg.alpha_lr)
+        #: Whether the NaN/Inf guard masks steps on the device instead of reading a flag.
+        self.masked_guard = _masked_guard(cfg.nan_guard, self.device)
+        # Masked steps restore Adam's step counts with torch.where, so those must live on
+        # the parameters' device: capturable Adam (on the CPU they are there anyway).
+        adam = functools.partial(
+            torch.optim.Adam, capturable=self.masked_guard and self.device.type != "cpu"
+        )
+        self.actor_optimizer = adam(self.actor.parameters(), lr=cfg.actor_lr)
+        self.critic_optimizer = adam(self.critic.parameters(), lr=cfg.critic_lr)
+        self.alpha_optimizer = adam([self.log_alpha], lr=cfg.alpha_lr)
         self._task_major: bool | None = None  # batch layout, decided on the first update
         #: Compute the gradient statistics (mean cosine, conflicts, norms) of balanced
         #: losses. They cost a K×K Gramian (K² D FLOPs, about one backward at K = 50);
@@ -283,10 +312,15 @@ class MultiTaskSAC(nn.Module):
         c_check, c_norm = self._backward(
             "critic", self._critic_terms, c_params, c_data, task_id, task_major, metrics
         )
-        ok = _finite(c_check, c_norm)
-        if not bool(ok):  # host sync 1 of 2
+        ok_critic = _finite(c_check, c_norm)
+        if self.masked_guard:  # no host read: the step is undone on the device if not ok
+            self._step("critic", self.critic_optimizer, self._critic_terms, c_params, c_data,
+                       c_norm, ok_critic)
+        elif not bool(ok_critic):  # host sync 1 of 2
             return self._skip(metrics, c_params.values())
-        self._step("critic", self.critic_optimizer, self._critic_terms, c_params, c_data, c_norm)
+        else:
+            self._step("critic", self.critic_optimizer, self._critic_terms, c_params, c_data,
+                       c_norm)
 
         # ---- actor, then temperature (both guarded by one check, then both stepped)
         a_params = dict(self.actor.named_parameters())
@@ -305,18 +339,26 @@ class MultiTaskSAC(nn.Module):
             "alpha", self._alpha_terms, t_params, t_data, task_id, task_major, metrics
         )
         ok = _finite(a_check, a_norm) & _finite(t_check, t_norm)
-        if not bool(ok):  # host sync 2 of 2
+        if self.masked_guard:
+            ok = ok & ok_critic  # as with "sync": a failed critic step skips everything
+        elif not bool(ok):  # host sync 2 of 2
             return self._skip(metrics, [*a_params.values(), self.log_alpha])
-        self._step("actor", self.actor_optimizer, a_terms, a_params, a_data, a_norm)
-        self._step("alpha", self.alpha_optimizer, self._alpha_terms, t_params, t_data, t_norm)
+        mask = ok if self.masked_guard else None
+        self._step("actor", self.actor_optimizer, a_terms, a_params, a_data, a_norm, mask)
+        self._step("alpha", self.alpha_optimizer, self._alpha_terms, t_params, t_data, t_norm,
+                   mask)
 
-        # ---- target critic
+        # ---- target critic (not moved when the update was skipped)
+        target, online = list(self.critic_target.parameters()), list(self.critic.parameters())
         with torch.no_grad():
-            torch._foreach_lerp_(
-                list(self.critic_target.parameters()), list(self.critic.parameters()), self.cfg.tau
-            )
+            if mask is None:
+                torch._foreach_lerp_(target, online, self.cfg.tau)
+            else:  # weight 0 leaves the target exactly as it was
+                tau = self.cfg.tau * mask.to(target[0].dtype)
+                for t, o in zip(target, online, strict=True):
+                    t.lerp_(o, tau)
         metrics["alpha/temperature"] = self.temperatures().clone()
-        metrics["skipped"] = torch.zeros((), device=dev)
+        metrics["skipped"] = (~ok).float() if mask is not None else torch.zeros((), device=dev)
         return metrics
 
     def _check_layout(self, task_id: Tensor) -> bool:
@@ -432,13 +474,26 @@ class MultiTaskSAC(nn.Module):
         params: dict[str, nn.Parameter],
         data: Sequence[Tensor],
         norm: Tensor,
+        ok: Tensor | None = None,
     ) -> None:
-        """Clip (optional), step, and feed the balancer the losses after the step if it asks."""
+        """Clip (optional), step, and feed the balancer the losses after the step if it asks.
+
+        With ``ok`` (a device bool, masked guard) the step is undone on the device when
+        ``ok`` is false; a balancer that wants the losses after the step then reads ``ok``
+        (such balancers copy losses to the host anyway) and is not called on a skip.
+        """
         if self.cfg.grad_clip is not None:
             clip_grads_with_norm_(list(params.values()), self.cfg.grad_clip, norm)
-        optimizer.step()
+        if ok is None:
+            optimizer.step()
+        else:
+            _masked_step(optimizer, ok)
         balancer = self.balancers[name] if name in self.balancers else None
-        if balancer is not None and balancer.needs_losses_after_step:
+        if (
+            balancer is not None
+            and balancer.needs_losses_after_step
+            and (ok is None or bool(ok))
+        ):
             with torch.no_grad():
                 losses_after = task_losses(_mean_loss(terms_fn), params, self._blocks(data))
                 balancer.after_step(losses_after.detach())
@@ -481,6 +536,47 @@ def _mean_loss(terms_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
 def _finite(losses: Tensor, norm: Tensor) -> Tensor:
     return torch.isfinite(losses).all() & torch.isfinite(norm)
+
+
+def _masked_guard(mode: str, device: torch.device) -> bool:
+    """Resolve ``SACConfig.nan_guard`` for ``device`` (True: masked steps)."""
+    supported = getattr(torch_optimizer, "_get_capturable_supported_devices", None)
+    capturable = device.type in (supported() if supported else ("cuda",))
+    if mode == "masked" and not (capturable or device.type == "cpu"):
+        raise ValueError(
+            f"nan_guard='masked' needs Adam's step counts on the device, which torch's "
+            f"capturable Adam does not support on {device.type!r}; use nan_guard='sync'"
+        )
+    if mode == "auto":
+        return capturable
+    return mode == "masked"
+
+
+def _masked_step(optimizer: torch.optim.Optimizer, ok: Tensor) -> None:
+    """``optimizer.step()``, then put back the parameters and the optimiser state where
+    ``ok`` (a device bool) is false: ``torch.where`` on the device, no host read.
+
+    State created by this step (the first step of a parameter) is put back as zeros,
+    which for Adam (zero moments, step 0) continues exactly as a fresh state would.
+    """
+    saved = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue  # not stepped
+            state = optimizer.state.get(p) or {}
+            old = {k: v.clone() for k, v in state.items() if isinstance(v, Tensor)}
+            saved.append((p, p.detach().clone(), old))
+    optimizer.step()
+    with torch.no_grad():
+        for p, p_old, old in saved:
+            p.copy_(torch.where(ok, p, p_old))
+            for key, value in optimizer.state[p].items():
+                if isinstance(value, Tensor):
+                    before = old.get(key)
+                    if before is None:
+                        before = torch.zeros_like(value)
+                    value.copy_(torch.where(ok.to(value.device), value, before))
 
 
 def _stats_metrics(
