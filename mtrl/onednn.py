@@ -287,7 +287,9 @@ def _mlp_grads(
             return [None, *([None, None] * layer), *out]
         g = _plain_mm_nt(g, weights[layer].T)
         if layer > 0:
-            g = g * (inp > 0)  # ReLU: its output is this layer's input
+            # ReLU (its output is this layer's input): one fused pass instead of
+            # compare + convert + multiply
+            g = torch.ops.aten.threshold_backward(g, inp, 0)
     return [g, *out]
 
 
@@ -325,11 +327,15 @@ class _MLP(torch.autograd.Function):
     def setup_context(ctx, inputs, outputs) -> None:
         x, *params = inputs
         ctx.mark_non_differentiable(*outputs[1:])
+        # the hidden outputs get no gradient: do not fill (N, width) zeros for them
+        ctx.set_materialize_grads(False)
         ctx.n_hidden = len(outputs) - 1
         ctx.save_for_backward(x, *outputs[1:], *params[0::2])
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor, *_unused):
+    def backward(ctx, grad_y: Tensor | None, *_unused):
+        if grad_y is None:  # the output was not used in the loss
+            return (None,) * len(ctx.needs_input_grad)
         x, *rest = ctx.saved_tensors
         hidden, weights = rest[: ctx.n_hidden], rest[ctx.n_hidden :]
         nig = ctx.needs_input_grad
@@ -416,5 +422,5 @@ def _batched_mlp_grads(g, x, hidden, weights, w_dims, b) -> list[Tensor]:
         out[:0] = [torch.bmm(gr.transpose(1, 2), inp), gr.sum(1)]
         gr = torch.bmm(gr, ws[layer])
         if layer > 0:
-            gr = gr * (inp > 0)
+            gr = torch.ops.aten.threshold_backward(gr, inp, 0)
     return [gr.reshape(x.shape), *out]

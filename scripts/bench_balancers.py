@@ -189,6 +189,30 @@ def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     return 1e3 * statistics.median(times)
 
 
+def paired_ms(
+    fns: dict[str, Callable[[], object]], repeats: int, base: str
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median ms of each function, and the median over rounds of its time / ``base``'s.
+
+    Each round runs every function once, in turn, so that slow drifts of the machine
+    (other load, frequency) hit the numerator and the denominator of a ratio alike.
+    """
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    ratio = {
+        name: statistics.median(a / b for a, b in zip(t, times[base], strict=True))
+        for name, t in times.items()
+    }
+    return ms, ratio
+
+
 class Uniform(Balancer):
     """A Gramian-based stand-in (weights 1/K from the Gramian's size)."""
 
@@ -276,7 +300,9 @@ def bench_gradients(
     cols = list(gradient_methods(actor_problem(2, 4)))
     print("## (a) Per-task gradients vs one plain backward\n")
     print(f"ms (ratio to plain bwd), median of {repeats} runs ({slow_repeats} for the loops "
-          "and batched bwd); batch 1280 // K per task. Backend: float32 CPU products of "
+          "and batched bwd); the other columns run in turn in each of the rounds and their "
+          "ratio is the median over rounds of the ratio within a round. "
+          "Batch 1280 // K per task. Backend: float32 CPU products of "
           "mtrl's layers and Gramians, `onednn` (mtrl's default) or `torch` (MKL, "
           "`MTRL_ONEDNN=0`); ratios are within a backend.\n")  # fmt: skip
     print("| backend | network | K | D | " + " | ".join(cols) + " | max rel err |")
@@ -290,11 +316,12 @@ def bench_gradients(
         for pb in problems:
             err = check_equal(pb)
             methods = gradient_methods(pb)
-            ms = {}
-            for col, fn in methods.items():
-                ms[col] = median_ms(fn, slow_repeats if col in SLOW else repeats)
-            base = ms["plain bwd"]
-            cells = [f"{ms[c]:.1f}" if c == "plain bwd" else f"{ms[c]:.1f} ({ms[c] / base:.2f}×)"
+            fast = {c: fn for c, fn in methods.items() if c not in SLOW}
+            ms, ratio = paired_ms(fast, repeats, base="plain bwd")
+            for col in SLOW:
+                ms[col] = median_ms(methods[col], slow_repeats)
+                ratio[col] = ms[col] / ms["plain bwd"]
+            cells = [f"{ms[c]:.1f}" if c == "plain bwd" else f"{ms[c]:.1f} ({ratio[c]:.2f}×)"
                      for c in cols]  # fmt: skip
             print(f"| {backend} | {pb.name} | {k} | {pb.dim:,} | " + " | ".join(cells)
                   + f" | {err:.1e} |", flush=True)  # fmt: skip
@@ -346,7 +373,7 @@ def bench_solvers(ks: list[int], repeats: int, dim: int = 1000) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    ap.add_argument("--repeats", type=int, default=7, help="timed runs per cell (median)")
+    ap.add_argument("--repeats", type=int, default=11, help="timed runs per cell (median)")
     ap.add_argument("--quick", action="store_true", help="K=10 only, fewer repeats")
     ap.add_argument("--tasks", type=int, nargs="+", default=None, help="K values (10 50)")
     ap.add_argument("--hidden", type=int, default=HIDDEN, help="MLP width (default 400)")
