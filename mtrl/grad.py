@@ -81,14 +81,18 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
+from mtrl import onednn
 from mtrl.balancers.base import Balancer, gramian_of_blocks
 
 __all__ = [
     "BalanceStats",
     "TaskLossFn",
+    "TermsFn",
     "balanced_backward",
     "balanced_backward_from_losses",
+    "balanced_backward_terms",
     "gram_stats",
+    "mean_of_terms",
     "task_gradients",
     "task_losses",
 ]
@@ -96,6 +100,9 @@ __all__ = [
 #: ``f(params: dict[str, Tensor], *block: Tensor) -> Tensor`` (a scalar): the loss of ONE
 #: task computed from its own block of the batch.
 TaskLossFn = Callable[..., Tensor]
+#: ``f(params: dict[str, Tensor], *rows: Tensor) -> Tensor`` of shape ``(N,)``: one term
+#: per data row (see :func:`balanced_backward_terms`).
+TermsFn = Callable[..., Tensor]
 
 
 class BalanceStats(NamedTuple):
@@ -396,17 +403,7 @@ def balanced_backward(
             used = losses.index_select(0, idx.to(losses.device))
         else:
             used = losses
-        w = balancer.weights_for(None, used.detach())
-        objective = (w.to(device=used.device, dtype=used.dtype) * used).sum()
-        torch.autograd.backward(objective, inputs=param_list)
-        device = losses.device
-        return BalanceStats(
-            losses=losses.detach(),
-            weights=_scatter(w, idx, k, 0.0, device),
-            grad_norms=_nan((k,), device),
-            mean_cosine=_nan((), device),
-            conflict_fraction=_nan((), device),
-        )
+        return _loss_only_backward(balancer, losses, used, idx, param_list)
 
     losses_rows, pieces = _task_gradient_pieces(loss_fn, params, batch, idx, **vkw)
     grads, gram = _combine_pieces(balancer, param_list, pieces, losses_rows)
@@ -416,6 +413,171 @@ def balanced_backward(
     else:
         losses = _all_losses(loss_fn, params, batch, idx, losses_rows, **vkw)
     return _stats(losses, grads, idx, info, diagnostics, gram)
+
+
+def mean_of_terms(terms_fn: TermsFn) -> TaskLossFn:
+    """The :data:`TaskLossFn` whose task loss is the mean of ``terms_fn``'s per-row terms."""
+
+    def loss_fn(params: dict[str, Tensor], *block: Tensor) -> Tensor:
+        return terms_fn(params, *block).mean()
+
+    return loss_fn
+
+
+def balanced_backward_terms(
+    terms_fn: TermsFn,
+    params: Mapping[str, Tensor],
+    data: Sequence[Tensor],
+    num_tasks: int,
+    balancer: Balancer,
+    *,
+    diagnostics: bool = True,
+) -> BalanceStats:
+    """:func:`balanced_backward` for task losses that are means of per-row terms.
+
+    ``data`` are tensors of ``N`` rows, task-major: rows ``[k N/K, (k+1) N/K)`` belong
+    to task ``k`` (``N`` divisible by ``K = num_tasks``), and ``terms_fn(params, *data)``
+    returns the ``(N,)`` per-row terms (row ``i`` from row ``i`` of the data only, no
+    random draws). Task ``k``'s loss is the mean of its rows' terms. The result is that
+    of ``balanced_backward(mean_of_terms(terms_fn), params, blocks, balancer)`` with
+    ``blocks`` the data viewed as ``[K, N/K, ...]``, and that is what runs unless the
+    fast path below applies.
+
+    Fast path (float32 on the CPU with oneDNN, gradient balancers): ONE ordinary forward
+    of the batch and ONE ordinary backward, no ``torch.func``; the :mod:`mtrl.onednn`
+    layers return per-task weight gradients directly
+    (:func:`mtrl.onednn.block_gradients`). It applies when every parameter in
+    ``params`` is used only by such layers, each fed the ``N`` batch rows in order
+    (checked: otherwise the ``vmap`` path runs, after a wasted forward). Same products,
+    so the same numbers up to float32 rounding; measured on the SAC actor and critic it
+    saves the 4-5 ms of ``torch.func`` bookkeeping per call (``scripts/bench_balancers.py``).
+    Loss-only balancers need no per-task gradients: one forward, one backward.
+    """
+    params = _trainable(params)
+    if not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
+    k = num_tasks
+    n = _num_rows(data)
+    if n % k:
+        raise ValueError(
+            f"the {n} rows of data must split into {k} equal task blocks (N divisible by K)"
+        )
+    param_list = list(params.values())
+    idx = balancer.select(k)
+    if idx is not None:
+        idx = _check_indices(idx, k, f"{type(balancer).__name__}.select({k})")
+    info = _fresh_info(balancer)
+
+    if not balancer.needs_grads:
+        losses = _block_means(terms_fn(params, *data), k)
+        used = losses if idx is None else losses.index_select(0, idx.to(losses.device))
+        return _loss_only_backward(balancer, losses, used, idx, param_list)
+
+    rows_data = data if idx is None else [_take_blocks(t, idx, k) for t in data]
+    rows = k if idx is None else idx.numel()
+    found = _block_pieces(terms_fn, params, rows_data, rows)
+    if found is None:
+        blocks = [t.reshape(k, n // k, *t.shape[1:]) for t in data]
+        losses_rows, pieces = _task_gradient_pieces(
+            mean_of_terms(terms_fn), params, blocks, idx, randomness="error", chunk_size=None
+        )
+    else:
+        losses_rows, pieces = found
+    grads, gram = _combine_pieces(balancer, param_list, pieces, losses_rows)
+
+    losses = losses_rows
+    if idx is not None and idx.numel() < k:
+        losses = torch.empty(k, dtype=losses_rows.dtype, device=losses_rows.device)
+        losses.index_copy_(0, idx.to(losses.device), losses_rows)
+        rest = _complement(idx, k)
+        with torch.no_grad():
+            rest_terms = terms_fn(params, *[_take_blocks(t, rest, k) for t in data])
+        losses.index_copy_(0, rest.to(losses.device), _block_means(rest_terms, rest.numel()))
+    return _stats(losses, grads, idx, info, diagnostics, gram)
+
+
+def _num_rows(data: Sequence[Tensor]) -> int:
+    if isinstance(data, Tensor) or not isinstance(data, Sequence) or len(data) == 0:
+        raise ValueError(
+            "data must be a non-empty sequence of tensors with N rows each (a tuple or list), "
+            f"got {type(data).__name__}"
+        )
+    if any(not isinstance(t, Tensor) or t.ndim < 1 for t in data):
+        raise ValueError("every data entry must be a tensor with a leading row dimension N")
+    n = data[0].shape[0]
+    if any(t.shape[0] != n for t in data):
+        shapes = ", ".join(str(tuple(t.shape)) for t in data)
+        raise ValueError(f"all data tensors must have the same number of rows; got {shapes}")
+    return n
+
+
+def _block_means(terms: Tensor, blocks: int) -> Tensor:
+    if not isinstance(terms, Tensor) or terms.ndim != 1 or terms.shape[0] % blocks:
+        what = tuple(terms.shape) if isinstance(terms, Tensor) else type(terms).__name__
+        raise ValueError(f"terms_fn must return one term per data row, shape (N,), got {what}")
+    return terms.view(blocks, -1).mean(1)
+
+
+def _take_blocks(t: Tensor, idx: Tensor, k: int) -> Tensor:
+    """Rows of the task blocks ``idx`` of the task-major ``t`` (N rows), in that order."""
+    blocks = t.reshape(k, t.shape[0] // k, *t.shape[1:])
+    return blocks.index_select(0, idx.to(t.device)).reshape(-1, *t.shape[1:])
+
+
+def _complement(idx: Tensor, k: int) -> Tensor:
+    mask = torch.ones(k, dtype=torch.bool)
+    mask[idx.cpu()] = False
+    return mask.nonzero().squeeze(1)
+
+
+def _block_pieces(
+    terms_fn: TermsFn, params: dict[str, Tensor], data: Sequence[Tensor], blocks: int
+) -> tuple[Tensor, list[Tensor]] | None:
+    """Losses ``(blocks,)`` and per-parameter ``(blocks, numel)`` gradients from one
+    forward and one backward with :func:`mtrl.onednn.block_gradients`, or ``None`` when
+    some parameter is not covered by its layers (the caller then uses ``vmap``)."""
+    if not onednn.enabled():
+        return None
+    n = data[0].shape[0]
+    with onednn.block_gradients(blocks, n) as recorded:
+        terms = terms_fn(params, *data)
+    covered = {id(p) for p, _ in recorded}
+    if any(id(p) not in covered for p in params.values()):
+        return None
+    losses = _block_means(terms, blocks)
+    probes = [probe for _, probe in recorded]
+    out = torch.autograd.grad(losses.sum(), [*probes, *params.values()], allow_unused=True)
+    if any(g is not None for g in out[len(probes) :]):
+        return None  # a parameter is also used outside those layers
+    per_param: dict[int, Tensor] = {}
+    for (p, probe), g in zip(recorded, out, strict=False):
+        g = torch.zeros(probe.shape, dtype=p.dtype, device=p.device) if g is None else g
+        per_param[id(p)] = g if id(p) not in per_param else per_param[id(p)] + g
+    pieces = [per_param[id(p)].reshape(blocks, -1) for p in params.values()]
+    return losses.detach(), pieces
+
+
+def _loss_only_backward(
+    balancer: Balancer,
+    losses: Tensor,
+    used: Tensor,
+    idx: Tensor | None,
+    params: Sequence[Tensor],
+    *,
+    retain_graph: bool = False,
+) -> BalanceStats:
+    """Loss-only balancers: ``w`` from the (used) losses, ONE backward of ``Σ w_k L_k``."""
+    k, device = losses.shape[0], losses.device
+    w = balancer.weights_for(None, used.detach())
+    objective = (w.to(device=used.device, dtype=used.dtype) * used).sum()
+    torch.autograd.backward(objective, inputs=list(params), retain_graph=retain_graph)
+    return BalanceStats(
+        losses=losses.detach(),
+        weights=_scatter(w, idx, k, 0.0, device),
+        grad_norms=_nan((k,), device),
+        mean_cosine=_nan((), device),
+        conflict_fraction=_nan((), device),
+    )
 
 
 def _all_losses(loss_fn, params, batch, idx, losses_rows, **vkw) -> Tensor:
@@ -498,15 +660,8 @@ def balanced_backward_from_losses(
     used = task_losses if idx is None else task_losses.index_select(0, idx)
 
     if not balancer.needs_grads:
-        w = balancer.weights_for(None, used.detach())
-        objective = (w.to(device=device, dtype=used.dtype) * used).sum()
-        torch.autograd.backward(objective, inputs=param_list, retain_graph=retain_graph)
-        return BalanceStats(
-            losses=task_losses.detach(),
-            weights=_scatter(w, idx, k, 0.0, device),
-            grad_norms=_nan((k,), device),
-            mean_cosine=_nan((), device),
-            conflict_fraction=_nan((), device),
+        return _loss_only_backward(
+            balancer, task_losses, used, idx, param_list, retain_graph=retain_graph
         )
 
     eye = torch.eye(k, dtype=task_losses.dtype, device=device)

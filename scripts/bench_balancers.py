@@ -13,6 +13,9 @@
     * ``+ Gramian``: the same plus ``G Gᵀ`` (``mtrl.balancers.gramian``, as balancers do);
     * ``balanced_backward``: end to end with a uniform-weight Gramian balancer
       (``diagnostics=False``: one Gramian, the combine, the ``.grad`` write);
+    * ``balanced_backward_terms``: the same from per-row loss terms, what the SAC agent
+      calls (with oneDNN: one forward and one backward with per-block weight gradients
+      from the layers, no ``torch.func``; otherwise the same ``vmap`` path);
     * ``loop 1f+Kb``: one forward, then K ``autograd.grad`` calls (the original mtrl code);
     * ``loop K(f+b)``: K separate forward + backward calls on the blocks;
     * ``batched bwd``: ``autograd.grad(..., is_grads_batched=True)`` on the loss vector
@@ -47,7 +50,13 @@ from torch.func import functional_call
 
 from mtrl import onednn
 from mtrl.balancers import Balancer, build, gramian, names
-from mtrl.grad import balanced_backward, task_gradients, task_losses
+from mtrl.grad import (
+    balanced_backward,
+    balanced_backward_terms,
+    mean_of_terms,
+    task_gradients,
+    task_losses,
+)
 from mtrl.onednn import MLP, Linear
 from mtrl.runtime import configure_cpu
 
@@ -123,10 +132,13 @@ class StackedTwin(nn.Module):
 
 # ---------------------------------------------------------------------------- problems
 class Problem:
-    """A module, a per-task-block loss function and a task-major batch."""
+    """A module, per-row loss terms, a task-major batch and its per-block loss function
+    (the mean of the block's terms)."""
 
-    def __init__(self, name: str, module: nn.Module, loss_fn: Callable, batch: tuple[Tensor, ...]):
-        self.name, self.module, self.loss_fn, self.batch = name, module, loss_fn, batch
+    def __init__(self, name: str, module: nn.Module, terms_fn: Callable,
+                 batch: tuple[Tensor, ...]):  # fmt: skip
+        self.name, self.module, self.terms_fn, self.batch = name, module, terms_fn, batch
+        self.loss_fn = mean_of_terms(terms_fn)
         self.params = dict(module.named_parameters())
         self.plist = list(self.params.values())
         self.k = batch[0].shape[0]
@@ -148,11 +160,11 @@ def critic_problem(k: int, hidden: int, name: str) -> Problem:
     act = torch.rand(k, b, ACT) * 2 - 1
     target = torch.randn(k, b)
 
-    def loss_fn(params, obs, act, target):
+    def terms_fn(params, obs, act, target):
         q = functional_call(critic, params, (obs, act))  # (2, n)
-        return 0.5 * ((q - target) ** 2).mean(-1).sum()
+        return 0.5 * ((q - target) ** 2).sum(0)
 
-    return Problem(name, critic, loss_fn, (obs, act, target))
+    return Problem(name, critic, terms_fn, (obs, act, target))
 
 
 def actor_problem(k: int, hidden: int) -> Problem:
@@ -165,16 +177,16 @@ def actor_problem(k: int, hidden: int) -> Problem:
     eps = torch.randn(k, b, ACT)  # reparameterisation noise, drawn outside the loss
     alpha = torch.rand(k, 1).expand(k, b).contiguous() * 0.1  # per-task temperature
 
-    def loss_fn(params, obs, eps, alpha):
+    def terms_fn(params, obs, eps, alpha):
         mean, raw = functional_call(actor, params, (obs,)).chunk(2, -1)
         log_std = -20 + 11 * (torch.tanh(raw) + 1)
         u = mean + log_std.exp() * eps
         log_n = -0.5 * eps.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
         logp = (log_n - 2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
         q = critic(obs, torch.tanh(u)).min(0).values
-        return (alpha * logp - q).mean()
+        return alpha * logp - q
 
-    return Problem("actor", actor, loss_fn, (obs, eps, alpha))
+    return Problem("actor", actor, terms_fn, (obs, eps, alpha))
 
 
 # ---------------------------------------------------------------------------- timing
@@ -247,6 +259,11 @@ def gradient_methods(pb: Problem) -> dict[str, Callable[[], object]]:
         clear()
         return balanced_backward(f, params, batch, uniform, diagnostics=False)
 
+    def balanced_terms():
+        clear()
+        return balanced_backward_terms(pb.terms_fn, params, pb.merged, k, uniform,
+                                       diagnostics=False)  # fmt: skip
+
     def loop_one_forward():
         losses = task_losses(f, params, batch)
         rows = []
@@ -274,6 +291,7 @@ def gradient_methods(pb: Problem) -> dict[str, Callable[[], object]]:
         "task grads": grads,
         "+ Gramian": grads_gram,
         "balanced_backward": balanced,
+        "balanced_backward_terms": balanced_terms,
         "loop 1f+Kb": loop_one_forward,
         "loop K(f+b)": loop_blocks,
         "batched bwd": batched_bwd,

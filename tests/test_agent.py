@@ -519,13 +519,13 @@ def test_balance_subset_leaves_the_rest_on_the_plain_mean(monkeypatch):
         return made[-1]
 
     calls: list[int] = []
-    real = sac_mod.balanced_backward
+    real = sac_mod.balanced_backward_terms
 
-    def spy(loss_fn, params, batch, balancer, **kw):
+    def spy(terms_fn, params, data, num_tasks, balancer, **kw):
         calls.append(id(balancer))
-        return real(loss_fn, params, batch, balancer, **kw)
+        return real(terms_fn, params, data, num_tasks, balancer, **kw)
 
-    monkeypatch.setattr(sac_mod, "balanced_backward", spy)
+    monkeypatch.setattr(sac_mod, "balanced_backward_terms", spy)
     agent = make_agent(SACConfig(hidden_sizes=(16,), balance=("critic",)), factory=factory)
     assert list(agent.balancers) == ["critic"] and len(made) == 1
     m = agent.update(make_batch())

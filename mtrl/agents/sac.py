@@ -22,7 +22,9 @@ losses comes from ONE ``vmap``-ed forward over the blocks (no Python loop over t
   both the actor and the temperature step.
 
 A loss named in ``SACConfig.balance`` goes through
-``mtrl.grad.balanced_backward(loss_fn, params, blocks, balancer)``. The others use the
+``mtrl.grad.balanced_backward_terms(terms_fn, params, data, K, balancer)`` (on the CPU
+with oneDNN one forward and one backward whose layers return per-task weight gradients;
+otherwise ``balanced_backward`` with ``vmap`` over the task blocks). The others use the
 plain mean over tasks; with equal blocks that is the batch mean of the same per-sample
 terms, so it is computed by one ordinary batched forward/backward (no vmap: same numbers as
 ``task_losses(...).mean().backward()``, ~10% faster on CPU), and the per-task vector is the
@@ -75,7 +77,7 @@ from torch.optim import optimizer as torch_optimizer
 
 from mtrl.agents.networks import SquashedGaussianActor, TwinCritic
 from mtrl.balancers import Balancer
-from mtrl.grad import BalanceStats, balanced_backward, task_gradients, task_losses
+from mtrl.grad import BalanceStats, balanced_backward_terms, mean_of_terms, task_gradients
 
 __all__ = ["LOSS_NAMES", "MultiTaskSAC", "SACConfig"]
 
@@ -427,16 +429,15 @@ class MultiTaskSAC(nn.Module):
             checked = mean.detach()
             metrics[f"{name}/losses"] = self._per_task(terms.detach(), task_id, task_major)
         else:  # task-major here (see _check_layout)
-            loss_fn = _mean_loss(terms_fn)
-            blocks = self._blocks(data)
             try:
-                stats = balanced_backward(
-                    loss_fn, params, blocks, balancer, diagnostics=self.diagnostics
-                )
+                stats = balanced_backward_terms(
+                    terms_fn, params, data, self.num_tasks, balancer,
+                    diagnostics=self.diagnostics,
+                )  # fmt: skip
             except (ArithmeticError, ValueError, RuntimeError):
                 # A balancer may refuse NaN/Inf input. If that is what happened, report
                 # the non-finite losses so that the step is skipped; otherwise re-raise.
-                losses = self._nonfinite_losses(loss_fn, params, blocks)
+                losses = self._nonfinite_losses(_mean_loss(terms_fn), params, self._blocks(data))
                 if losses is None:
                     raise
                 failed = True
@@ -495,7 +496,8 @@ class MultiTaskSAC(nn.Module):
             and (ok is None or bool(ok))
         ):
             with torch.no_grad():
-                losses_after = task_losses(_mean_loss(terms_fn), params, self._blocks(data))
+                terms_after = terms_fn(params, *data)
+                losses_after = terms_after.view(self.num_tasks, -1).mean(1)
                 balancer.after_step(losses_after.detach())
 
     def _skip(self, metrics: dict[str, Tensor], params: Any) -> dict[str, Tensor]:
@@ -525,13 +527,8 @@ class MultiTaskSAC(nn.Module):
         self.alpha_optimizer.load_state_dict(sd["alpha"])
 
 
-def _mean_loss(terms_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """The TaskLossFn of per-sample terms: the mean of the block's terms."""
-
-    def loss_fn(params: dict[str, Tensor], *block: Tensor) -> Tensor:
-        return terms_fn(params, *block).mean()
-
-    return loss_fn
+#: The TaskLossFn of per-sample terms: the mean of the block's terms.
+_mean_loss = mean_of_terms
 
 
 def _finite(losses: Tensor, norm: Tensor) -> Tensor:
