@@ -69,25 +69,39 @@ def filled_buffer(k: int, per_task: int = 2000) -> MultiTaskReplayBuffer:
     return buf
 
 
-def time_updates(name: str, k: int, buf: MultiTaskReplayBuffer, repeats: int, warmup: int,
-                 diagnostics: bool) -> tuple[float, float]:
-    """(median ms, interquartile range ms) of ``agent.update`` over ``repeats`` calls."""
-    torch.manual_seed(0)
-    kwargs = hparams(name, k)
-    agent = MultiTaskSAC(OBS_BASE + k, ACT, k, SACConfig(), lambda: build(name, **kwargs))
-    agent.diagnostics = diagnostics
-    batches = [buf.sample((BATCH // k) * k) for _ in range(warmup + repeats)]
-    times = []
-    for i, batch in enumerate(batches):
-        t0 = time.perf_counter()
-        metrics = agent.update(batch)
-        dt = time.perf_counter() - t0
-        if bool(metrics["skipped"]):
-            raise RuntimeError(f"{name}: update skipped (non-finite losses)")
-        if i >= warmup:
-            times.append(dt * 1e3)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return statistics.median(times), q[2] - q[0]
+def time_updates(names: list[str], k: int, buf: MultiTaskReplayBuffer, repeats: int,
+                 warmup: int, diagnostics: bool) -> dict[str, tuple[float, float, float]]:
+    """Per balancer: (median ms, interquartile range ms, median ratio to ``mean``).
+
+    One agent per balancer; each round runs one update of every agent in turn (same
+    batch), so that drifts of the machine hit all of them alike; the ratio is the median
+    over rounds of the ratio within a round.
+    """
+    agents = {}
+    for name in names:
+        torch.manual_seed(0)
+        kwargs = hparams(name, k)
+        agent = MultiTaskSAC(OBS_BASE + k, ACT, k, SACConfig(), lambda n=name, kw=kwargs:
+                             build(n, **kw))  # fmt: skip
+        agent.diagnostics = diagnostics
+        agents[name] = agent
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup + repeats):
+        batch = buf.sample((BATCH // k) * k)
+        for name, agent in agents.items():
+            t0 = time.perf_counter()
+            metrics = agent.update(batch)
+            dt = time.perf_counter() - t0
+            if bool(metrics["skipped"]):
+                raise RuntimeError(f"{name}: update skipped (non-finite losses)")
+            if i >= warmup:
+                times[name].append(dt * 1e3)
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+        ratio = statistics.median(a / b for a, b in zip(ts, times["mean"], strict=True))
+        out[name] = (statistics.median(ts), q[2] - q[0], ratio)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
           f"Python {platform.python_version()}; {cpu_note}")
     print(f"- batch (1280 // K) × K (1280 at K=10, 1250 at K=50), 3×400 MLPs, all three "
           f"losses balanced, diagnostics={args.diagnostics}, median of {args.repeats} "
-          "updates (IQR in brackets)")
+          "updates (IQR in brackets); the balancers' updates run in turn in each round "
+          "and × mean is the median over rounds of the ratio within a round")
     print(f"- load average at start: {os.getloadavg()[0]:.2f}\n")
     print("| backend | K | balancer | ms / update | × mean | target |")
     print("|---|---|---|---|---|---|")
@@ -128,13 +143,9 @@ def main(argv: list[str] | None = None) -> None:
             if onednn.set_enabled(backend == "onednn") != (backend == "onednn"):
                 print(f"| {backend} | {k} | (oneDNN not available in this torch build) |||||")
                 continue
-            base = None
-            for name in args.balancers:
-                ms, iqr = time_updates(name, k, buf, args.repeats, args.warmup,
-                                       args.diagnostics)
-                if name == "mean":
-                    base = ms
-                ratio = ms / base
+            results = time_updates(args.balancers, k, buf, args.repeats, args.warmup,
+                                   args.diagnostics)
+            for name, (ms, iqr, ratio) in results.items():
                 target = TARGETS.get(k) if name != "mean" else None
                 if name == "sdmgrad-os" and k >= 50:
                     target = 1.2
