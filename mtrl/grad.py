@@ -45,8 +45,9 @@ When each task loss is the mean of per-row terms (SAC's losses are), pass
 with oneDNN this runs ONE ordinary forward and backward in which :mod:`mtrl.onednn`'s
 layers return per-task weight gradients (:func:`mtrl.onednn.block_gradients`): same
 products and numbers as the ``vmap`` path, without its bookkeeping (4-5 ms per SAC loss
-here). Anywhere else (CUDA, float64, parameters outside those layers) it is exactly
-``balanced_backward(mean_of_terms(terms_fn), ...)``.
+here). Anywhere else (CUDA, float64, parameters outside those layers) gradient
+balancers run the ``vmap`` path of ``balanced_backward(mean_of_terms(terms_fn), ...)``;
+loss-only balancers always need just one forward and one backward.
 
 Balancer kinds (see :class:`mtrl.balancers.Balancer`)
 ----------------------------------------------------
@@ -450,8 +451,8 @@ def balanced_backward_terms(
     returns the ``(N,)`` per-row terms (row ``i`` from row ``i`` of the data only, no
     random draws). Task ``k``'s loss is the mean of its rows' terms. The result is that
     of ``balanced_backward(mean_of_terms(terms_fn), params, blocks, balancer)`` with
-    ``blocks`` the data viewed as ``[K, N/K, ...]``, and that is what runs unless the
-    fast path below applies.
+    ``blocks`` the data viewed as ``[K, N/K, ...]`` (up to float32 rounding), and for
+    gradient balancers that is what runs unless the fast path below applies.
 
     Fast path (float32 on the CPU with oneDNN, gradient balancers): ONE ordinary forward
     of the batch and ONE ordinary backward, no ``torch.func``; the :mod:`mtrl.onednn`

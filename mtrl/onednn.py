@@ -31,12 +31,12 @@ What is here:
   SAC update 110 → 96 ms.
 
 Per-task weight gradients (``vmap`` over task blocks, or ``block_gradients``) are one
-oneDNN product per block
-(one batched MKL ``bmm`` for blocks under 16 rows), copied into one ``(K, out, in)``
-tensor. With only 25 rows per block at K = 50 these products are far from peak speed,
-and the K × K Gramian of the per-task gradients costs about one plain backward there:
-together that keeps the K = 50 balanced update at ~1.9× the ``mean`` update with oneDNN
-(~1.4× with torch's products, whose ``mean`` update is itself ~1.8× slower).
+oneDNN product per block (one batched MKL ``bmm`` for blocks under 16 rows), copied into
+one ``(K, out, in)`` tensor (oneDNN cannot write into a slice). With only 25 rows per
+block at K = 50 these products are far from peak speed, and the K × K Gramian of the
+per-task gradients costs about one plain backward there: together that keeps the K = 50
+balanced update at ~1.9× the ``mean`` update with oneDNN (~1.5× with torch's products,
+whose ``mean`` update is itself ~1.8× slower).
 
 Numbers: oneDNN sums in a different order than MKL, so float32 results differ from
 ``F.linear`` by float32 rounding (relative ~1e-6), not more. Double backward through
