@@ -23,6 +23,8 @@ Properties whose truth depends on the method are declared by class attributes of
   ``s ** scale_degree``; ``None`` skips the check.
 * ``consensus_exact`` (default True): K=1, or K identical rows, return that row exactly
   (mean scale). When False only a positive multiple of the row is required.
+* ``reads_losses`` (default True): when False, other loss values must give the same
+  output (the plumbing then does not copy the losses to the host).
 """
 
 from __future__ import annotations
@@ -179,6 +181,21 @@ def check_balancer(
                     f"got {outs}, expected {want} (declare scale_degree = None if there is "
                     "no such law)",
                 )
+
+    # 7b. a balancer that declares it never reads the loss values must not depend on them
+    # (``weights`` itself is called: ``combine`` hands such a balancer zeros anyway)
+    if not getattr(proto, "reads_losses", True):
+        g64 = base.detach().to("cpu", torch.float64)
+        gram = g64 @ g64.T
+        l64 = losses.detach().to("cpu", torch.float64)
+        w = fresh().weights(gram, l64)
+        w_other = fresh().weights(gram, l64 * 3.0 + 1.0)
+        if not torch.equal(w, w_other):
+            raise _fail(
+                label,
+                f"reads_losses = False, but other loss values changed the weights ({w} vs "
+                f"{w_other})",
+            )
 
     # 8. NaN / Inf input raises ValueError
     for bad in (float("nan"), float("inf")):

@@ -511,3 +511,29 @@ def test_sdmgrad_os_uses_only_selected_rows():
     assert close(c.combine(g2), out, 1e-12)
     # and the SDMGrad formula is applied to the selected rows
     assert close(out, build("sdmgrad").combine(g[idx]), 1e-12)
+
+
+class _LossSoftmax(Balancer):
+    """Weights from the loss values, but claims not to read them."""
+
+    name = "loss-softmax"
+    needs_grads = False
+    reads_losses = False
+    permutation_equivariant = False
+
+    def weights(self, gram, losses):
+        return torch.softmax(losses, 0)
+
+
+def test_mean_never_copies_the_losses_to_the_host():
+    # A meta tensor has no values: copying it to the CPU raises, reading its length does not.
+    meta = torch.empty(5, device="meta")
+    w = build("mean").weights_for(None, meta)
+    torch.testing.assert_close(w, torch.full((5,), 0.2, dtype=torch.float64))
+    with pytest.raises(NotImplementedError, match="meta"):
+        build("famo").weights_for(None, meta)  # reads its losses: copies them
+
+
+def test_check_balancer_catches_a_wrong_reads_losses_flag():
+    with pytest.raises(AssertionError, match="reads_losses = False, but other loss values"):
+        check_balancer(_LossSoftmax)

@@ -46,6 +46,10 @@ class Balancer(nn.Module):
     #: Agents refuse to route a loss that can be negative (SAC's actor and temperature
     #: losses) through such a balancer, with a message, before training starts.
     needs_nonnegative_losses: ClassVar[bool] = False
+    #: False for methods whose ``weights`` use only the NUMBER of losses, not their
+    #: values (``mean``): ``weights_for`` then passes zeros of that length instead of
+    #: copying the losses to the CPU, which on an accelerator is a host sync.
+    reads_losses: ClassVar[bool] = True
 
     # Properties checked by :func:`mtrl.testing.check_balancer` (plug-ins declare theirs).
     #: Permuting the task rows (and losses) leaves the output unchanged. False for
@@ -126,7 +130,12 @@ class Balancer(nn.Module):
         if gram is None and grads is not None and (self.needs_grads or losses is None):
             gram = gramian(grads)
         self.grads_dtype = grads.dtype if grads is not None else grads_dtype
-        loss64 = None if losses is None else losses.detach().to("cpu", torch.float64)
+        if losses is None:
+            loss64 = None
+        elif self.reads_losses:
+            loss64 = losses.detach().to("cpu", torch.float64)
+        else:  # only the length is used: no device-to-host copy
+            loss64 = torch.zeros(losses.shape[0], dtype=torch.float64)
         w = self.weights(gram, loss64)
         if not torch.isfinite(w).all():
             raise FloatingPointError(f"balancer {self.name!r} produced non-finite weights {w}")
