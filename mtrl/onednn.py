@@ -506,6 +506,7 @@ def _takes_blocks(x: Tensor, params: Sequence[Tensor]) -> bool:
     """Whether a layer stack with these (oneDNN-ready) inputs records block gradients."""
     return (
         _BLOCK_MODE.blocks is not None
+        and torch.is_grad_enabled()
         and x.ndim == 2
         and x.shape[0] == _BLOCK_MODE.rows
         and any(p.requires_grad for p in params)

@@ -209,6 +209,26 @@ def test_twice_on_the_batch_rows_sums_both_uses(vmap_calls):
     assert_same_result(fast, ref)
 
 
+def test_a_no_grad_use_of_the_layers_records_nothing(vmap_calls):
+    """A baseline from the same critic under no_grad: no probe for it, same result."""
+    module, terms = critic_case()
+
+    def terms2(params, obs, act, y, task):
+        with torch.no_grad():
+            base = functional_call(module, params, (obs, act)).mean(0)
+        return terms(params, obs, act, y, task) - base
+
+    rows = data()
+    params = dict(module.named_parameters())
+    with onednn.block_gradients(K, N) as recorded:
+        terms2(params, *rows)
+    assert len(recorded) == len(params)  # one probe per parameter: the grad-enabled call
+    fast = run("terms", module, terms2, build("cagrad"), rows)
+    assert vmap_calls == []
+    ref = run("vmap", module, terms2, build("cagrad"), rows)
+    assert_same_result(fast, ref)
+
+
 @pytest.mark.parametrize("setting", ["float64", "onednn-off"])
 def test_fallback_without_onednn_layers(setting, vmap_calls):
     dtype = torch.float64 if setting == "float64" else torch.float32
