@@ -14,10 +14,9 @@ from torch.func import functional_call
 
 import mtrl.agents.sac as sac_mod
 from mtrl.agents import MultiTaskSAC, SACConfig, SquashedGaussianActor, TwinCritic, mlp
-from mtrl.agents.sac import _mean_loss
 from mtrl.balancers import Balancer, build
 from mtrl.buffers import Batch
-from mtrl.grad import task_losses
+from mtrl.grad import mean_of_terms, task_losses
 
 K, OBS, ACT, N = 3, 5, 2, 4  # tasks, raw obs size (one-hot added), action size, samples/task
 OBS_DIM = OBS + K
@@ -235,7 +234,7 @@ def test_per_task_losses_equal_a_python_loop():
         (agent._alpha_terms, {"log_alpha": agent.log_alpha}, (b.task_id, torch.randn(B) - ACT)),
     ]
     for terms, params, data in cases:
-        fn = _mean_loss(terms)
+        fn = mean_of_terms(terms)
         blocks = agent._blocks(data)
         vec = task_losses(fn, params, blocks)
         loop = torch.stack([fn(params, *(x[k] for x in blocks)) for k in range(K)])
@@ -244,7 +243,7 @@ def test_per_task_losses_equal_a_python_loop():
     # The critic loss of task k by hand: mean over its samples of (Q1 - y)² + (Q2 - y)².
     q = agent.critic(b.obs, b.action)
     by_hand = ((q - target) ** 2).sum(0).view(K, N).mean(1)
-    vec = task_losses(_mean_loss(agent._critic_terms), c_params, agent._blocks(cases[0][2]))
+    vec = task_losses(mean_of_terms(agent._critic_terms), c_params, agent._blocks(cases[0][2]))
     torch.testing.assert_close(vec, by_hand, rtol=1e-6, atol=1e-6)
 
 
@@ -356,7 +355,7 @@ def test_uniform_batch_loss_is_plain_batch_mean():
     params = dict(agent.critic.named_parameters())
     for p in params.values():
         p.grad = None
-    ref = task_losses(_mean_loss(agent._critic_terms), params, agent._blocks(data))
+    ref = task_losses(mean_of_terms(agent._critic_terms), params, agent._blocks(data))
     ref.mean().backward()
     ref_grads = [p.grad.clone() for p in params.values()]
     for task_major in (True, False):

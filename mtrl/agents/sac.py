@@ -437,7 +437,7 @@ class MultiTaskSAC(nn.Module):
             except (ArithmeticError, ValueError, RuntimeError):
                 # A balancer may refuse NaN/Inf input. If that is what happened, report
                 # the non-finite losses so that the step is skipped; otherwise re-raise.
-                losses = self._nonfinite_losses(_mean_loss(terms_fn), params, self._blocks(data))
+                losses = self._nonfinite_losses(mean_of_terms(terms_fn), params, self._blocks(data))
                 if losses is None:
                     raise
                 failed = True
@@ -525,10 +525,6 @@ class MultiTaskSAC(nn.Module):
         self.actor_optimizer.load_state_dict(sd["actor"])
         self.critic_optimizer.load_state_dict(sd["critic"])
         self.alpha_optimizer.load_state_dict(sd["alpha"])
-
-
-#: The TaskLossFn of per-sample terms: the mean of the block's terms.
-_mean_loss = mean_of_terms
 
 
 def _finite(losses: Tensor, norm: Tensor) -> Tensor:
