@@ -422,7 +422,9 @@ def balanced_backward(
     if idx is None:
         losses = losses_rows
     else:
-        losses = _all_losses(loss_fn, params, batch, idx, losses_rows, **vkw)
+        losses = _all_losses(k, idx, losses_rows, lambda rest: task_losses(
+            loss_fn, params, [t.index_select(0, rest.to(t.device)) for t in batch], **vkw
+        ))  # fmt: skip
     return _stats(losses, grads, idx, info, diagnostics, gram)
 
 
@@ -496,14 +498,12 @@ def balanced_backward_terms(
         losses_rows, pieces = found
     grads, gram = _combine_pieces(balancer, param_list, pieces, losses_rows)
 
-    losses = losses_rows
-    if idx is not None and idx.numel() < k:
-        losses = torch.empty(k, dtype=losses_rows.dtype, device=losses_rows.device)
-        losses.index_copy_(0, idx.to(losses.device), losses_rows)
-        rest = _complement(idx, k)
-        with torch.no_grad():
-            rest_terms = terms_fn(params, *[_take_blocks(t, rest, k) for t in data])
-        losses.index_copy_(0, rest.to(losses.device), _block_means(rest_terms, rest.numel()))
+    if idx is None:
+        losses = losses_rows
+    else:
+        losses = _all_losses(k, idx, losses_rows, lambda rest: _block_means(
+            terms_fn(params, *[_take_blocks(t, rest, k) for t in data]), rest.numel()
+        ))  # fmt: skip
     return _stats(losses, grads, idx, info, diagnostics, gram)
 
 
@@ -533,12 +533,6 @@ def _take_blocks(t: Tensor, idx: Tensor, k: int) -> Tensor:
     """Rows of the task blocks ``idx`` of the task-major ``t`` (N rows), in that order."""
     blocks = t.reshape(k, t.shape[0] // k, *t.shape[1:])
     return blocks.index_select(0, idx.to(t.device)).reshape(-1, *t.shape[1:])
-
-
-def _complement(idx: Tensor, k: int) -> Tensor:
-    mask = torch.ones(k, dtype=torch.bool)
-    mask[idx.cpu()] = False
-    return mask.nonzero().squeeze(1)
 
 
 def _block_pieces(
@@ -593,9 +587,11 @@ def _loss_only_backward(
     )
 
 
-def _all_losses(loss_fn, params, batch, idx, losses_rows, **vkw) -> Tensor:
-    """Losses of all K tasks: the sampled ones given, the others from a no-grad forward."""
-    k = batch[0].shape[0]
+def _all_losses(
+    k: int, idx: Tensor, losses_rows: Tensor, losses_of: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """Losses of all K tasks in task order: the rows ``idx`` given, the others from
+    ``losses_of(rest)`` (the losses of tasks ``rest``) run without gradients."""
     device = losses_rows.device
     losses = torch.empty(k, dtype=losses_rows.dtype, device=device)
     losses.index_copy_(0, idx.to(device), losses_rows)
@@ -603,9 +599,8 @@ def _all_losses(loss_fn, params, batch, idx, losses_rows, **vkw) -> Tensor:
         mask = torch.ones(k, dtype=torch.bool)
         mask[idx.cpu()] = False
         rest = mask.nonzero().squeeze(1)
-        rest_batch = [t.index_select(0, rest.to(t.device)) for t in batch]
         with torch.no_grad():
-            rest_losses = task_losses(loss_fn, params, rest_batch, **vkw)
+            rest_losses = losses_of(rest)
         losses.index_copy_(0, rest.to(device), rest_losses.to(losses.dtype))
     return losses
 
