@@ -432,7 +432,9 @@ def mean_of_terms(terms_fn: TermsFn) -> TaskLossFn:
     """The :data:`TaskLossFn` whose task loss is the mean of ``terms_fn``'s per-row terms."""
 
     def loss_fn(params: dict[str, Tensor], *block: Tensor) -> Tensor:
-        return terms_fn(params, *block).mean()
+        terms = terms_fn(params, *block)
+        _check_terms(terms, block[0].shape[0] if block else -1)
+        return terms.mean()
 
     return loss_fn
 
@@ -445,6 +447,8 @@ def balanced_backward_terms(
     balancer: Balancer,
     *,
     diagnostics: bool = True,
+    fast_path: bool = True,
+    verify: bool = False,
 ) -> BalanceStats:
     """:func:`balanced_backward` for task losses that are means of per-row terms.
 
@@ -456,14 +460,28 @@ def balanced_backward_terms(
     ``blocks`` the data viewed as ``[K, N/K, ...]`` (up to float32 rounding), and for
     gradient balancers that is what runs unless the fast path below applies.
 
-    Fast path (float32 on the CPU with oneDNN, gradient balancers): ONE ordinary forward
-    of the batch and ONE ordinary backward, no ``torch.func``; the :mod:`mtrl.onednn`
-    layers return per-task weight gradients directly
-    (:func:`mtrl.onednn.block_gradients`). It applies when every parameter in
-    ``params`` is used only by such layers, each fed the ``N`` batch rows in order
-    (checked: otherwise the ``vmap`` path runs, after a wasted forward). Same products,
-    so the same numbers up to float32 rounding; measured on the SAC actor and critic it
-    saves the 4-5 ms of ``torch.func`` bookkeeping per call (``scripts/bench_balancers.py``).
+    Fast path (float32 on the CPU with oneDNN, gradient balancers, ``fast_path=True``):
+    ONE ordinary forward of the batch and ONE ordinary backward, no ``torch.func``; the
+    :mod:`mtrl.onednn` layers return per-task weight gradients directly
+    (:func:`mtrl.onednn.block_gradients`). Same products, so the same numbers up to
+    float32 rounding; measured on the SAC actor and critic it saves the 4-5 ms of
+    ``torch.func`` bookkeeping per call (``scripts/bench_balancers.py``). It needs
+
+    * every parameter in ``params`` to be used only by those layers (checked: otherwise
+      the ``vmap`` path runs, after a wasted forward), and
+    * the row contract, which is NOT checked by default: inside ``terms_fn``, a layer
+      input with exactly as many rows as the data passed (``N``, or the sampled tasks'
+      rows under objective sampling) must hold the data rows in data order, row ``i``
+      computed from data row ``i`` only (``torch.cat([obs, action], 1)``, hidden
+      activations). A reordering of the rows, or another tensor that happens to have that
+      many rows (a table of K task embeddings, say), credits gradients to the wrong
+      tasks. The SAC agent's losses meet the contract.
+
+    ``verify=True`` checks the contract on this call with one extra ordinary forward and
+    backward: for random task coefficients ``c`` it compares ``Σ_k c_k g_k`` from the
+    fast path with the gradient of ``Σ_k c_k loss_k`` and raises ``ValueError`` when they
+    differ (use it once on a new model). ``fast_path=False`` always takes the ``vmap``
+    path.
     Loss-only balancers need no per-task gradients: one forward, one backward.
     """
     params = _trainable(params)
@@ -482,13 +500,15 @@ def balanced_backward_terms(
     info = _fresh_info(balancer)
 
     if not balancer.needs_grads:
-        losses = _block_means(terms_fn(params, *data), k)
+        losses = _block_means(terms_fn(params, *data), k, n)
         used = losses if idx is None else losses.index_select(0, idx.to(losses.device))
         return _loss_only_backward(balancer, losses, used, idx, param_list)
 
     rows_data = data if idx is None else [_take_blocks(t, idx, k) for t in data]
     rows = k if idx is None else idx.numel()
-    found = _block_pieces(terms_fn, params, rows_data, rows)
+    found = _block_pieces(terms_fn, params, rows_data, rows) if fast_path else None
+    if found is not None and verify:
+        _verify_blocks(terms_fn, params, rows_data, *found)
     if found is None:
         blocks = [t.reshape(k, n // k, *t.shape[1:]) for t in data]
         losses_rows, pieces = _task_gradient_pieces(
@@ -502,7 +522,8 @@ def balanced_backward_terms(
         losses = losses_rows
     else:
         losses = _all_losses(k, idx, losses_rows, lambda rest: _block_means(
-            terms_fn(params, *[_take_blocks(t, rest, k) for t in data]), rest.numel()
+            terms_fn(params, *[_take_blocks(t, rest, k) for t in data]), rest.numel(),
+            rest.numel() * (n // k),
         ))  # fmt: skip
     return _stats(losses, grads, idx, info, diagnostics, gram)
 
@@ -522,10 +543,17 @@ def _num_rows(data: Sequence[Tensor]) -> int:
     return n
 
 
-def _block_means(terms: Tensor, blocks: int) -> Tensor:
-    if not isinstance(terms, Tensor) or terms.ndim != 1 or terms.shape[0] % blocks:
+def _check_terms(terms: Tensor, rows: int) -> None:
+    if not isinstance(terms, Tensor) or tuple(terms.shape) != (rows,):
         what = tuple(terms.shape) if isinstance(terms, Tensor) else type(terms).__name__
-        raise ValueError(f"terms_fn must return one term per data row, shape (N,), got {what}")
+        raise ValueError(
+            f"terms_fn must return one term per data row, shape ({rows},), got {what}"
+        )
+
+
+def _block_means(terms: Tensor, blocks: int, rows: int) -> Tensor:
+    """Means of ``blocks`` equal, consecutive blocks of the ``(rows,)`` terms."""
+    _check_terms(terms, rows)
     return terms.view(blocks, -1).mean(1)
 
 
@@ -551,7 +579,7 @@ def _block_pieces(
     covered = {id(p) for p, _ in recorded}
     if any(id(p) not in covered for p in params.values()):
         return None
-    losses = _block_means(terms, blocks)
+    losses = _block_means(terms, blocks, n)
     probes = [probe for _, probe in recorded]
     out = torch.autograd.grad(losses.sum(), [*probes, *params.values()], allow_unused=True)
     if any(g is not None for g in out[len(probes) :]):
@@ -562,6 +590,51 @@ def _block_pieces(
         per_param[id(p)] = g if id(p) not in per_param else per_param[id(p)] + g
     pieces = [per_param[id(p)].reshape(blocks, -1) for p in params.values()]
     return losses.detach(), pieces
+
+
+def _verify_blocks(
+    terms_fn: TermsFn,
+    params: dict[str, Tensor],
+    data: Sequence[Tensor],
+    losses: Tensor,
+    pieces: Sequence[Tensor],
+    rtol: float = 1e-4,
+) -> None:
+    """Check the fast path's per-block gradients against an ordinary backward.
+
+    With fixed random coefficients ``c`` (their own generator: the global RNG is not
+    touched), ``Σ_k c_k pieces[k]`` must equal the gradient of ``Σ_k c_k loss_k`` from a
+    plain forward of the same rows, to ``rtol`` of its norm; the losses must agree too
+    (they differ when ``terms_fn`` draws random numbers). Raises ``ValueError``.
+    """
+    blocks = losses.shape[0]
+    c = torch.randn(blocks, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    plist = list(params.values())
+    with torch.enable_grad():
+        ref_losses = _block_means(terms_fn(params, *data), blocks, data[0].shape[0])
+        objective = (c.to(ref_losses) * ref_losses).sum()
+        ref = torch.autograd.grad(objective, plist, allow_unused=True)
+    err2 = scale2 = 0.0
+    for p, piece, r in zip(plist, pieces, ref, strict=True):
+        got = c.to(piece) @ piece
+        want = torch.zeros_like(got) if r is None else r.detach().reshape(-1).to(got)
+        err2 += float((got - want).double().square().sum())
+        scale2 += float(want.double().square().sum())
+    rel = (err2 / scale2) ** 0.5 if scale2 > 0 else (0.0 if err2 == 0 else float("inf"))
+    loss_ok = torch.allclose(ref_losses.detach(), losses, rtol=1e-5, atol=1e-6)
+    if rel > rtol or not loss_ok:
+        what = (
+            f"the per-task gradients differ from an ordinary backward by {rel:.3g} (relative)"
+            if rel > rtol
+            else "the task losses differ between two forwards (random draws in terms_fn?)"
+        )
+        raise ValueError(
+            f"balanced_backward_terms(verify=True): {what}. terms_fn breaks the row "
+            "contract of the fast path: every mtrl layer input with as many rows as the "
+            "data must be the data rows in data order (no reordering, no other tensor "
+            "with that row count), and terms must not be random. Fix terms_fn, or pass "
+            "fast_path=False to use the vmap path."
+        )
 
 
 def _loss_only_backward(

@@ -140,7 +140,13 @@ def _dense(t: Tensor) -> Tensor:
 
 
 def _plain_mm_nt(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``a @ bᵀ (+ bias)`` with oneDNN; ``a`` (N, k), ``b`` (M, k), plain tensors."""
+    """``a @ bᵀ (+ bias)`` with oneDNN; ``a`` (N, k), ``b`` (M, k), plain tensors.
+
+    Empty operands (a zero-size dimension, e.g. a weight gradient over 0 rows) go to
+    torch: oneDNN cannot create the primitive for them."""
+    if a.numel() == 0 or b.numel() == 0:
+        out = a @ b.T
+        return out if bias is None else out + bias
     return _OP(_dense(a), _dense(b), bias, "none", [], "")
 
 

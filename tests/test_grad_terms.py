@@ -55,12 +55,12 @@ def actor_case():
     return actor, terms
 
 
-def run(path: str, module: nn.Module, terms, balancer, rows: tuple[Tensor, ...]):
+def run(path: str, module: nn.Module, terms, balancer, rows: tuple[Tensor, ...], **kwargs):
     params = dict(module.named_parameters())
     for p in params.values():
         p.grad = None
     if path == "terms":
-        stats = balanced_backward_terms(terms, params, rows, K, balancer)
+        stats = balanced_backward_terms(terms, params, rows, K, balancer, **kwargs)
     else:
         blocks = [t.reshape(K, N_PER, *t.shape[1:]) for t in rows]
         stats = balanced_backward(mean_of_terms(terms), params, blocks, balancer)
@@ -256,9 +256,19 @@ def test_errors():
         balanced_backward_terms(terms, params, rows, 0, build("cagrad"))
     with pytest.raises(ValueError, match="same number of rows"):
         balanced_backward_terms(terms, params, (rows[0], rows[1][:-1]), K, build("cagrad"))
-    with pytest.raises(ValueError, match=r"one term per data row, shape \(N,\), got \(2, 24\)"):
+    with pytest.raises(ValueError, match=r"one term per data row, shape \(24,\), got \(2, 24\)"):
         balanced_backward_terms(lambda p, *r: terms(p, *r).expand(2, N), params, rows, K,
                                 build("mean"))  # fmt: skip
+    # 2N terms (both critic members, member-major) would split into wrong task blocks
+    def twice(p, *r):
+        return torch.cat([terms(p, *r), terms(p, *r)])
+
+    for name in ("mean", "cagrad", "sdmgrad-os"):
+        with pytest.raises(ValueError, match=r"one term per data row, shape \(\d+,\), got \(\d+,\)"):
+            balanced_backward_terms(twice, params, rows, K, build(name))
+    blocks = [t.reshape(K, N_PER, *t.shape[1:]) for t in rows]
+    with pytest.raises(ValueError, match=r"one term per data row, shape \(6,\), got \(12,\)"):
+        balanced_backward(mean_of_terms(twice), params, blocks, build("cagrad"))
     with pytest.raises(ValueError, match="positive multiple of blocks"):
         with onednn.block_gradients(3, 10):
             pass
@@ -268,3 +278,73 @@ def test_errors():
                 pass
     with onednn.block_gradients(2, 4) as recorded:  # state was reset after the error
         assert recorded == []
+
+
+# ----------------------------------------------------------------- the row contract
+def _reordered_case():
+    """Row i's term depends on data row i only, but the layers see the rows rolled."""
+    module, terms = critic_case()
+
+    def terms2(params, obs, act, y, task):
+        rolled = [t.roll(3, 0) for t in (obs, act, y, task)]
+        return terms(params, *rolled).roll(-3, 0)
+
+    return module, terms2
+
+
+def _table_case():
+    """A second stack fed a constant table that happens to have N rows."""
+    critic, terms = critic_case()
+    module = nn.Module()
+    module.critic, module.enc = critic, mlp(5, (16,), OBS)
+    table = torch.randn(N, 5, generator=torch.Generator().manual_seed(5))
+
+    def terms2(params, obs, act, y, task):
+        def sub(prefix):
+            return {k.split(".", 1)[1]: v for k, v in params.items() if k.startswith(prefix)}
+
+        shift = functional_call(module.enc, sub("enc."), (table,)).mean(0)
+        return terms(sub("critic."), obs + shift, act, y, task)
+
+    return module, terms2
+
+
+def _random_case():
+    module, terms = critic_case()
+
+    def terms2(params, *rows):
+        return terms(params, *rows) + 1e-3 * torch.randn(N)
+
+    return module, terms2
+
+
+@pytest.mark.parametrize("make", [_reordered_case, _table_case, _random_case])
+def test_verify_catches_a_broken_row_contract(make):
+    module, terms = make()
+    rows = data()
+    params = dict(module.named_parameters())
+    with pytest.raises(ValueError, match="breaks the row contract.*fast_path=False"):
+        balanced_backward_terms(terms, params, rows, K, build("cagrad"), verify=True)
+    if make is not _random_case:  # the vmap path is right for these terms
+        slow = run("terms", module, terms, build("cagrad"), rows, fast_path=False)
+        assert_same_result(slow, run("vmap", module, terms, build("cagrad"), rows))
+
+
+@pytest.mark.parametrize("case", ["critic", "critic-multihead", "actor"])
+@pytest.mark.parametrize("name", ["cagrad", "sdmgrad-os"])
+def test_verify_accepts_the_sac_losses(case, name, no_vmap):
+    module, terms = {"critic": critic_case, "critic-multihead": lambda: critic_case(heads=K),
+                     "actor": actor_case}[case]()  # fmt: skip
+    rows = data()
+    rng = torch.get_rng_state()
+    checked = run("terms", module, terms, BALANCERS[name](), rows, verify=True)
+    assert torch.equal(torch.get_rng_state(), rng)  # its coefficients use their own generator
+    assert_same_result(checked, run("terms", module, terms, BALANCERS[name](), rows), rtol=0)
+
+
+def test_fast_path_false_takes_the_vmap_path(vmap_calls):
+    module, terms = critic_case()
+    rows = data()
+    slow = run("terms", module, terms, build("cagrad"), rows, fast_path=False)
+    assert vmap_calls == [1]
+    assert_same_result(slow, run("terms", module, terms, build("cagrad"), rows))

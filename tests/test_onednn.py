@@ -290,3 +290,19 @@ def test_mlp_double_backward_is_refused(gen):
     (gx,) = torch.autograd.grad(ours(x).pow(2).sum(), [x], create_graph=True)
     with pytest.raises(RuntimeError, match="double backward through mtrl.onednn.MLP"):
         torch.autograd.grad(gx.sum(), list(ours.parameters()))
+
+
+def test_empty_operands_fall_back_to_torch(gen):
+    """A batch of 0 rows (weight gradients over no rows) and a 0-wide product: torch's
+    answer (zeros), where oneDNN cannot create its primitive."""
+    net = onednn.MLP(Linear(5, 32), nn.ReLU(), Linear(32, 24))
+    x = torch.randn(0, 5, generator=gen, requires_grad=True)
+    y = net(x)
+    assert y.shape == (0, 24)
+    y.sum().backward()
+    for p in net.parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
+    assert torch.equal(mm_nt(torch.randn(4, 0), torch.randn(3, 0)), torch.zeros(4, 3))
+    lin = Linear(5, 32)
+    lin(torch.randn(0, 5)).sum().backward()
+    assert torch.equal(lin.weight.grad, torch.zeros(32, 5))
