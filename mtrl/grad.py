@@ -615,7 +615,7 @@ def _verify_blocks(
         objective = (c.to(ref_losses) * ref_losses).sum()
         ref = torch.autograd.grad(objective, plist, allow_unused=True)
     err2 = scale2 = 0.0
-    for p, piece, r in zip(plist, pieces, ref, strict=True):
+    for piece, r in zip(pieces, ref, strict=True):
         got = c.to(piece) @ piece
         want = torch.zeros_like(got) if r is None else r.detach().reshape(-1).to(got)
         err2 += float((got - want).double().square().sum())

@@ -263,8 +263,9 @@ def test_errors():
     def twice(p, *r):
         return torch.cat([terms(p, *r), terms(p, *r)])
 
+    wrong = r"one term per data row, shape \(\d+,\), got \(\d+,\)"
     for name in ("mean", "cagrad", "sdmgrad-os"):
-        with pytest.raises(ValueError, match=r"one term per data row, shape \(\d+,\), got \(\d+,\)"):
+        with pytest.raises(ValueError, match=wrong):
             balanced_backward_terms(twice, params, rows, K, build(name))
     blocks = [t.reshape(K, N_PER, *t.shape[1:]) for t in rows]
     with pytest.raises(ValueError, match=r"one term per data row, shape \(6,\), got \(12,\)"):
