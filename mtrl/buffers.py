@@ -151,7 +151,10 @@ class MultiTaskReplayBuffer:
         early in a run with the default 1M capacity stays small.
         """
         filled = int(self.size.max())
-        state: dict[str, Any] = {name: getattr(self, name)[:, :filled] for name in self._FIELDS}
+        # clone: torch.save writes a view's whole storage (the full 1M-row ring otherwise)
+        state: dict[str, Any] = {
+            name: getattr(self, name)[:, :filled].clone() for name in self._FIELDS
+        }
         return state | {
             "capacity": torch.tensor(self.capacity),
             "pos": self.pos,

@@ -15,11 +15,20 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing or cannot be read; the message says which file and why."""
 
 
+def _umask_mode() -> int:
+    """``0o666`` less the process umask: the mode ``open()`` would give a new file
+    (``mkstemp`` makes its files ``0o600``, unreadable to a group sharing the runs)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, _umask_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -45,6 +54,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, _umask_mode())
         torch.save(state, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

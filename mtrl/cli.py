@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,22 +32,22 @@ def _fail(message: str, code: int = 2) -> None:
 def _train(argv: list[str]) -> None:
     import tyro
 
-    from mtrl.config import TrainConfig, from_dict, load_preset
+    from mtrl.config import TrainConfig, load_preset, read_run_config
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     pre.add_argument("--resume", default=None, metavar="RUN_DIR")
     known, rest = pre.parse_known_args(argv)
-    if known.resume:
-        config_file = Path(known.resume) / "config.json"
-        if not config_file.is_file():
-            _fail(f"cannot resume: {str(config_file)!r} not found (is {known.resume!r} a run dir?)")
-        data = json.loads(config_file.read_text())
-        data.pop("task_names", None)
-        base = from_dict(TrainConfig, data)
-        base = dataclasses.replace(base, run_dir=str(known.resume))
-    elif known.config:
+    if known.resume and not (Path(known.resume) / "config.json").is_file():
+        _fail(f"cannot resume: {str(Path(known.resume) / 'config.json')!r} not found "
+              f"(is {known.resume!r} a run dir?)")
+    if known.config:
         base = load_preset(known.config)
+        if known.resume and base.run_dir is None:
+            base = dataclasses.replace(base, run_dir=str(known.resume))
+    elif known.resume:  # the run's own settings, before the command-line overrides
+        base, _ = read_run_config(Path(known.resume) / "config.json")
+        base = dataclasses.replace(base, run_dir=str(known.resume))  # where it is now
     else:
         base = TrainConfig()
     cfg = tyro.cli(
@@ -57,18 +56,23 @@ def _train(argv: list[str]) -> None:
         args=rest,
         prog="mtrl train",
         description="Train multi-task SAC. Options override --config PRESET (a JSON file or a "
-        "name in configs/); --resume RUN_DIR continues a run from its checkpoint.",
+        "name in configs/); --resume RUN_DIR continues a run from its checkpoint (with its "
+        "saved config, or --config if given; only the run length, intervals, device and "
+        "threads may differ from the run's).",
     )
-    if known.resume and cfg.run_dir != known.resume:
+    if known.resume and Path(cfg.run_dir or "").resolve() != Path(known.resume).resolve():
         _fail("--resume and --run-dir must name the same directory")
-
     from mtrl.trainer import train
 
     result = train(cfg, resume=bool(known.resume))
+    if result.already_finished:
+        print(f"{result.run_dir} already finished at step {result.steps} (total_steps); "
+              "nothing to do. Pass a larger --total-steps to train on.")
     if result.final_eval is not None:
         _print_success_table(result.final_eval)
-    state = "interrupted" if result.interrupted else "finished"
-    print(f"{state} at step {result.steps}; run directory: {result.run_dir}")
+    if not result.already_finished:
+        state = "interrupted" if result.interrupted else "finished"
+        print(f"{state} at step {result.steps}; run directory: {result.run_dir}")
     if result.interrupted:
         raise SystemExit(130)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -79,32 +81,111 @@ def _field_types(cls: type) -> dict[str, Any]:
 def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, recursing into nested dataclasses.
 
-    Unknown keys raise :class:`ConfigError` naming the key and the valid ones.
+    Unknown keys and values of the wrong JSON type (``"false"`` for a bool, ``"3e-4"``
+    for a number, ``400`` for a list) raise :class:`ConfigError` naming the key; integers
+    are accepted for float fields and lists for tuple fields.
     """
     if not isinstance(data, Mapping):
         raise ConfigError(f"config section {prefix or '<root>'!r} must be an object, got {data!r}")
-    types = _field_types(cls)
-    unknown = sorted(set(data) - set(types))
+    hints = _field_types(cls)
+    unknown = sorted(set(data) - set(hints))
     if unknown:
         where = f" in section {prefix.rstrip('.')!r}" if prefix else ""
         raise ConfigError(
             f"unknown config key(s) {', '.join(prefix + k for k in unknown)}{where}; "
-            f"valid keys: {', '.join(types)}"
+            f"valid keys: {', '.join(hints)}"
         )
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        tp = types[key]
+        tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value, prefix=f"{prefix}{key}.")
-        elif isinstance(value, list):
-            kwargs[key] = tuple(value)
-        else:
-            kwargs[key] = value
+            continue
+        if not _matches(value, tp):
+            raise ConfigError(f"{prefix}{key} must be {_describe(tp)}, got {value!r}")
+        kwargs[key] = _convert(value, tp)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:  # __post_init__ checks of the dataclass
         where = f" in section {prefix.rstrip('.')!r}" if prefix else ""
         raise ConfigError(f"invalid config{where}: {exc}") from exc
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether a JSON value fits the field type ``tp`` (the types configs use)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if _is_union(tp):
+        return any(_matches(value, a) for a in args)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(
+            _matches(v, a) for v, a in zip(value, args, strict=True)
+        )
+    if origin is dict:
+        key_tp, value_tp = args
+        return isinstance(value, Mapping) and all(
+            _matches(k, key_tp) and _matches(v, value_tp) for k, v in value.items()
+        )
+    return True  # another type: left to the dataclass's own checks
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is type(None):
+        return "null"
+    if _is_union(tp):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(a) for a in args)
+    simple = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if tp in simple:
+        return simple[tp]
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list (each {_describe(args[0])})"
+        return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
+    if origin is dict:
+        return f"an object (names to {_describe(args[1])})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any) -> Any:
+    """A matching JSON value as the field wants it: lists to tuples, ints to floats."""
+    if value is None:
+        return None
+    if _is_union(tp):
+        # the first member that matches (unions here are X | None or number-like kwargs)
+        tp = next(a for a in typing.get_args(tp) if _matches(value, a))
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is float:
+        return float(value)
+    if origin is tuple:
+        each = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        return tuple(_convert(v, a) for v, a in zip(value, each, strict=True))
+    if origin is dict:
+        return dict(value)
+    return value
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -129,6 +210,56 @@ def load_preset(path: str | Path) -> TrainConfig:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid JSON: {exc}") from exc
     return from_dict(TrainConfig, data)
+
+
+def read_run_config(path: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """A run's ``config.json``: the config and the raw JSON (with ``task_names``).
+
+    A missing or unreadable file raises :class:`ConfigError` naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{str(p)!r} not found (is {str(p.parent)!r} a run directory?)")
+    try:
+        raw = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"run config {str(p)!r} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"run config {str(p)!r} must hold a JSON object")
+    data = {k: v for k, v in raw.items() if k != "task_names"}
+    try:
+        return from_dict(TrainConfig, data), raw
+    except ConfigError as exc:
+        raise ConfigError(f"run config {str(p)!r}: {exc}") from exc
+
+
+#: Settings a resumed run may change: they affect how long it runs, how it logs, evaluates
+#: and checkpoints and where it computes, not what is trained.
+RESUME_MAY_CHANGE = (
+    "total_steps", "log_every", "eval_every", "checkpoint_every", "save_buffer",
+    "max_consecutive_skips", "device", "threads", "progress", "run_dir",
+)
+
+
+def resume_changes(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
+    """``"key: old -> new"`` for each setting of ``cfg`` that differs from the run's saved
+    config (``config.json`` contents) and may not change on resume."""
+
+    def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, Mapping) and k != "balancer_kwargs":
+                out |= flat(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v
+        return out
+
+    old = flat({k: v for k, v in saved.items() if k != "task_names"})
+    new = flat(to_dict(cfg))
+    return [
+        f"{key}: {json.dumps(old.get(key))} -> {json.dumps(new.get(key))}"
+        for key in sorted(set(old) | set(new))
+        if key not in RESUME_MAY_CHANGE and old.get(key) != new.get(key)
+    ]
 
 
 def presets_dir() -> Path:
@@ -157,9 +288,8 @@ def validate(cfg: TrainConfig, num_tasks: int | None = None) -> None:
         _positive("eval_episodes", cfg.eval_episodes)
     if cfg.protocol not in ("mtrl", "metaworld-plus"):
         raise ConfigError(f"protocol must be one of mtrl, metaworld-plus; got {cfg.protocol!r}")
-    if not (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")
-            or cfg.device == "mps"):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {cfg.device!r}")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps; got {cfg.device!r}")
     valid_losses = ("critic", "actor", "alpha")
     bad = [x for x in cfg.sac.balance if x not in valid_losses]
     if bad:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from mtrl.checkpoint import (
     atomic_write_text,
     load_checkpoint,
 )
-from mtrl.config import TrainConfig, from_dict
+from mtrl.config import read_run_config
 from mtrl.runtime import configure_cpu
 
 
@@ -41,23 +40,22 @@ def evaluate_run(
     """Evaluate the policy in a checkpoint; write ``eval_<step>.json`` and ``.csv``."""
     from mtrl.agents.sac import MultiTaskSAC
     from mtrl.balancers import build
-    from mtrl.envs import PROTOCOLS, eval_env_config, evaluate, make_envs
+    from mtrl.envs import PROTOCOLS, eval_env_config, eval_seed, evaluate, make_envs
     from mtrl.trainer import resolve_device
 
     run_dir, ckpt = _locate(path)
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{str(config_file)!r} not found next to the checkpoint")
-    data = json.loads(config_file.read_text())
-    data.pop("task_names", None)
-    cfg: TrainConfig = from_dict(TrainConfig, data)
+    cfg, _ = read_run_config(config_file)
     dev = resolve_device(device)
     configure_cpu(cfg.threads)
     protocol = protocol or cfg.protocol
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
     episodes = episodes_per_task or PROTOCOLS[protocol].episodes_per_task
-    state = load_checkpoint(ckpt, map_location=dev)
+    state = load_checkpoint(ckpt, map_location="cpu")
+    step = int(state["step"])
 
     envs = make_envs(replace(eval_env_config(cfg.env, protocol), device=str(dev)))
     try:
@@ -71,11 +69,13 @@ def evaluate_run(
             raise CheckpointError(
                 f"checkpoint {str(ckpt)!r} does not match the run's config: {exc}"
             ) from exc
-        result = evaluate(lambda o: agent.act(o, deterministic=True), envs, episodes)
+        # the run's own evaluation seed at this step: same protocol and episodes -> the
+        # same numbers as the run's evaluation of this checkpoint
+        result = evaluate(lambda o: agent.act(o, deterministic=True), envs, episodes,
+                          seed=eval_seed(cfg.env.seed, step))
     finally:
         envs.close()
 
-    step = int(state["step"])
     record = {
         "step": step,
         "protocol": protocol,

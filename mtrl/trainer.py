@@ -23,9 +23,17 @@ from torch import Tensor
 from mtrl.agents.sac import MultiTaskSAC
 from mtrl.balancers import build
 from mtrl.buffers import MultiTaskReplayBuffer
-from mtrl.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
-from mtrl.config import ConfigError, TrainConfig, to_dict, validate
-from mtrl.envs import PROTOCOLS, eval_env_config, evaluate, make_envs
+from mtrl.checkpoint import CheckpointError, atomic_write_json, load_checkpoint, save_checkpoint
+from mtrl.config import (
+    RESUME_MAY_CHANGE,
+    ConfigError,
+    TrainConfig,
+    read_run_config,
+    resume_changes,
+    to_dict,
+    validate,
+)
+from mtrl.envs import PROTOCOLS, eval_env_config, eval_seed, evaluate, make_envs
 from mtrl.runtime import configure_cpu
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -43,14 +51,25 @@ class TrainResult:
     final_eval: dict[str, Any] | None
     skipped_updates: int
     interrupted: bool = False
+    already_finished: bool = False
+    """Resumed a run that had already reached ``total_steps``: nothing was run or written."""
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(
+            f"invalid device {name!r}; valid: auto, cpu, cuda, cuda:N, mps"
+        ) from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available; use cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+        )
     return dev
 
 
@@ -134,44 +153,82 @@ def train(
     resume: bool = False,
     env_factory: Callable[..., Any] = make_envs,
 ) -> TrainResult:
-    """Run (or resume) a training run described by ``cfg``; returns where it wrote."""
+    """Run (or resume) a training run described by ``cfg``; returns where it wrote.
+
+    ``resume=True`` continues from ``run_dir/checkpoint.pt``. ``cfg`` must then equal the
+    run's saved ``config.json`` except for the settings in
+    :data:`mtrl.config.RESUME_MAY_CHANGE` (length, intervals, device, threads, ...); any
+    other change is a :class:`ConfigError` listing it. Nothing in the run directory is
+    written before the checkpoint has been restored, so a failed resume leaves the run as
+    it was. Resuming a run that already reached ``total_steps`` (it has ``result.json``)
+    runs and writes nothing (``TrainResult.already_finished``).
+    """
     # ------------------------------------------------------------------ set-up
     validate(cfg)
     device = resolve_device(cfg.device)
     configure_cpu(cfg.threads)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     ckpt_path = run_dir / CHECKPOINT_NAME
-    if not resume and ckpt_path.exists():
+    state: dict[str, Any] | None = None
+    if resume:
+        config_file = run_dir / "config.json"
+        if config_file.is_file():
+            _, saved = read_run_config(config_file)
+            changed = resume_changes(saved, cfg)
+            if changed:
+                raise ConfigError(
+                    f"cannot resume {str(run_dir)!r} with a different configuration: "
+                    f"{'; '.join(changed)}. Only these may change on resume: "
+                    f"{', '.join(RESUME_MAY_CHANGE)}"
+                )
+        # CPU first: tensors go where they belong below (the agent's device, the envs'
+        # and generators' own places).
+        state = load_checkpoint(ckpt_path, map_location="cpu")
+        start = int(state["step"])
+        if start > cfg.total_steps:
+            raise ConfigError(
+                f"total_steps {cfg.total_steps} is below the checkpoint's step {start}; "
+                f"resume with --total-steps >= {start}"
+            )
+        result_file = run_dir / "result.json"
+        if start == cfg.total_steps and result_file.is_file():
+            try:
+                final = json.loads(result_file.read_text()).get("final_eval")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                final = None
+            return TrainResult(run_dir, start, final, int(state["skipped_total"]),
+                               already_finished=True)
+    elif ckpt_path.exists():
         raise ConfigError(
             f"run directory {str(run_dir)!r} already holds a checkpoint; "
             "resume it with --resume or choose another --run-dir"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.env.seed)
 
     env_cfg = replace(cfg.env, device=str(device))
     envs = env_factory(env_cfg)
     num_tasks = envs.num_tasks
-    validate(cfg, num_tasks=num_tasks)
-    atomic_write_json(run_dir / "config.json", to_dict(cfg) | {"task_names": envs.task_names})
-
-    agent = MultiTaskSAC(
-        envs.obs_dim,
-        envs.act_dim,
-        num_tasks,
-        cfg.sac,
-        lambda: build(cfg.balancer, **cfg.balancer_kwargs),
-        device=device,
-    )
-    buffer = MultiTaskReplayBuffer(
-        max(1, cfg.buffer_capacity // num_tasks), num_tasks, envs.obs_dim, envs.act_dim,
-        device=device, seed=cfg.env.seed,
-    )
+    try:
+        validate(cfg, num_tasks=num_tasks)
+        agent = MultiTaskSAC(
+            envs.obs_dim,
+            envs.act_dim,
+            num_tasks,
+            cfg.sac,
+            lambda: build(cfg.balancer, **cfg.balancer_kwargs),
+            device=device,
+        )
+        buffer = MultiTaskReplayBuffer(
+            max(1, cfg.buffer_capacity // num_tasks), num_tasks, envs.obs_dim, envs.act_dim,
+            device=device, seed=cfg.env.seed,
+        )
+    except BaseException:
+        envs.close()
+        raise
     action_gen = torch.Generator(device=device).manual_seed(cfg.env.seed + 1)
     protocol = PROTOCOLS[cfg.protocol]
     eval_episodes = cfg.eval_episodes or protocol.episodes_per_task
     eval_envs = None
-    log = _MetricsLog(run_dir)
 
     # Training-episode statistics, kept on the device; read at log intervals only.
     ep_return = torch.zeros(num_tasks, device=device)
@@ -179,30 +236,49 @@ def train(
     done_return = torch.zeros(num_tasks, device=device)
     done_success = torch.zeros(num_tasks, device=device)
     done_count = torch.zeros(num_tasks, device=device)
+    episode_stats = (ep_return, ep_success, done_return, done_success, done_count)
 
     start_step, skipped_total = 0, 0
     best_success, last_eval = -1.0, None
     wall_before = 0.0  # wall-clock seconds spent in earlier sessions of a resumed run
     obs = envs.reset(seed=cfg.env.seed)
-    if resume:
-        state = load_checkpoint(ckpt_path, map_location=device)
-        agent.load_state_dict(state["agent"])
-        agent.load_optimizer_state_dict(state["optim"])
-        if "buffer" in state:
-            buffer.load_state_dict(state["buffer"])
+    if state is not None:
+        try:
+            agent.load_state_dict(state["agent"])
+            agent.load_optimizer_state_dict(state["optim"])
+            if "buffer" in state:
+                buffer.load_state_dict(state["buffer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            envs.close()
+            raise CheckpointError(
+                f"checkpoint {str(ckpt_path)!r} does not match this run's configuration: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
         action_gen.set_state(state["rng"]["actions"].cpu())
-        if "env" in state and hasattr(envs, "load_state_dict"):
+        restored_env = "env" in state and hasattr(envs, "load_state_dict")
+        if restored_env:
             envs.load_state_dict(state["env"])
             obs = state["obs"].to(device)
         else:  # Meta-World simulators cannot be restored: start fresh episodes.
             obs = envs.reset(seed=cfg.env.seed + int(state["step"]))
+        saved_stats = state.get("episode_stats")
+        if saved_stats is not None:  # the log window's finished episodes, and (when the
+            # env resumes mid-episode) the running episodes' return and success
+            for i, (mine, saved_t) in enumerate(zip(episode_stats, saved_stats, strict=True)):
+                if i >= 2 or restored_env:
+                    mine.copy_(saved_t.to(mine.device))
         start_step = int(state["step"])
         skipped_total = int(state["skipped_total"])
         best_success = float(state["best_success"])
         wall_before = float(state.get("wall_clock_s", 0.0))
+        del state  # the buffer copy can be large
+    # Written only now: a resume that failed above leaves the run's files untouched.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", to_dict(cfg) | {"task_names": envs.task_names})
+    log = _MetricsLog(run_dir)
     skips = _SkipCounter(device, cfg.max_consecutive_skips, skipped_total)
 
     def checkpoint(step: int) -> None:
@@ -218,6 +294,7 @@ def train(
             "optim": agent.optimizer_state_dict(),
             "rng": rng,
             "obs": obs.cpu(),
+            "episode_stats": [t.cpu() for t in episode_stats],
             "skipped_total": skipped_total,
             "best_success": best_success,
             "wall_clock_s": wall_before + time.perf_counter() - t_start,
@@ -235,7 +312,7 @@ def train(
                                             device=str(device)))
         with torch.random.fork_rng(devices=[]):  # evaluation must not shift training RNG
             result = evaluate(lambda o: agent.act(o, deterministic=True), eval_envs,
-                              eval_episodes)
+                              eval_episodes, seed=eval_seed(cfg.env.seed, step))
         mean = float(result.mean_success)
         best_success = max(best_success, mean)
         record = {
@@ -317,15 +394,22 @@ def train(
                 now = time.perf_counter()
                 sps = (step - step_last) * num_tasks / max(now - t_last, 1e-9)
                 t_last, step_last = now, step
-                finished = done_count.clamp(min=1)
+                # Means over the tasks that finished an episode in this window (None if
+                # none did): a task without a finished episode is not a 0.
+                ended_tasks = done_count > 0
+                n_ended = int(ended_tasks.sum())
+                per_task = done_count.clamp(min=1)
                 record = {
                     "step": step,
                     "env_steps": step * num_tasks,
                     "env_steps_per_s": sps,
                     "skipped_updates": skipped_total,
-                    "train_return": (done_return / finished).mean().item(),
-                    "train_success": (done_success / finished).mean().item(),
+                    "train_return": (done_return / per_task)[ended_tasks].mean().item()
+                    if n_ended else None,
+                    "train_success": (done_success / per_task)[ended_tasks].mean().item()
+                    if n_ended else None,
                     "train_episodes": int(done_count.sum().item()),
+                    "train_tasks_ended": n_ended,
                 } | _to_python(metrics)
                 done_return.zero_(), done_success.zero_(), done_count.zero_()
                 log.write("metrics.jsonl", record)
@@ -355,7 +439,8 @@ def train(
                 "step": step,
                 "env_steps": step * num_tasks,
                 "wall_clock_s": wall_before + wall,
-                "env_steps_per_s": (step - start_step) * num_tasks / max(wall, 1e-9),
+                # over the whole run, all sessions (evaluations included)
+                "env_steps_per_s": step * num_tasks / max(wall_before + wall, 1e-9),
                 "resumed_from_step": start_step if resume else None,
                 "skipped_updates": skipped_total,
                 "final_eval": last_eval,

@@ -75,6 +75,28 @@ def test_train_resume_extends_a_toy_run(tmp_path, capsys):
     assert code == 0 and "finished at step 60" in out
     result = json.loads((run / "result.json").read_text())
     assert result["step"] == 60 and result["resumed_from_step"] == 40
+    # a finished run: nothing to do, nothing rewritten
+    code, out, _ = run_cli(["train", "--resume", str(run)], capsys)
+    assert code == 0 and "already finished at step 60" in out
+    assert json.loads((run / "result.json").read_text()) == result
+    # another spelling of the same directory, and --config naming the run's settings
+    # (what `mtrl bench` passes); a changed setting is refused in one line
+    preset = tmp_path / "preset.json"
+    settings = json.loads((run / "config.json").read_text())
+    del settings["task_names"]
+    preset.write_text(json.dumps(settings))
+    spelled = str(run / ".." / "run")
+    code, out, err = run_cli(["train", "--resume", spelled, "--config", str(preset),
+                              "--total-steps", "70"], capsys)  # fmt: skip
+    assert code == 0 and "finished at step 70" in out, err
+    code, _, err = run_cli(["train", "--resume", str(run), "--config", str(preset),
+                            "--total-steps", "80", "--batch-size", "80"], capsys)  # fmt: skip
+    assert code == 2 and "batch_size: 40 -> 80" in err and "Traceback" not in err
+    (run / "config.json").write_text("{broken")
+    code, _, err = run_cli(["train", "--resume", str(run), "--total-steps", "80"], capsys)
+    assert code == 2 and f"run config '{run / 'config.json'}' is not valid JSON" in err
+    code, _, err = run_cli(["eval", str(run)], capsys)
+    assert code == 2 and "is not valid JSON" in err and "Traceback" not in err
 
 
 @pytest.mark.metaworld

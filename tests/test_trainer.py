@@ -67,9 +67,16 @@ def test_every_balancer_trains_on_toy_env(tmp_path, balancer):
     assert any("actor" in k for k in changed) and any("critic" in k for k in changed)
 
 
+def _jsonl(path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
 def test_resume_from_checkpoint_is_exact(tmp_path):
-    full = train(toy_config(tmp_path / "a", balancer="cagrad"))
-    part_cfg = toy_config(tmp_path / "b", balancer="cagrad", total_steps=60)
+    # evaluations at 30, 60, 90, 120; episodes of 20 steps run across the split at step 50;
+    # log window 20 (steps 41-60 straddle the split)
+    cfg = toy_config(tmp_path / "a", balancer="cagrad", eval_every=30, checkpoint_every=50)
+    full = train(cfg)
+    part_cfg = replace(cfg, run_dir=str(tmp_path / "b" / "run"), total_steps=50)
     train(part_cfg)
     resumed = train(replace(part_cfg, total_steps=120), resume=True)
     assert resumed.steps == 120
@@ -78,6 +85,86 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
     for key, value in a["agent"].items():
         assert torch.equal(value, b["agent"][key]), f"{key} differs after resume"
     assert torch.equal(a["buffer"]["obs"], b["buffer"]["obs"])
+    # evaluations and training statistics do not depend on the interruption either
+    evals_a = {e["step"]: e for e in _jsonl(full.run_dir / "eval.jsonl")}
+    evals_b = {e["step"]: e for e in _jsonl(resumed.run_dir / "eval.jsonl")}
+    assert evals_a.keys() == {30, 60, 90, 120} and evals_b.keys() == {30, 50, 60, 90, 120}
+    for step in (30, 60, 90, 120):
+        assert evals_a[step]["return"] == evals_b[step]["return"], step
+    assert full.final_eval["return"] == resumed.final_eval["return"]
+    logs_b = {m["step"]: m for m in _jsonl(resumed.run_dir / "metrics.jsonl")}
+    for m in _jsonl(full.run_dir / "metrics.jsonl"):
+        for key in ("train_return", "train_success", "train_episodes", "critic/losses"):
+            assert m.get(key) == logs_b[m["step"]].get(key), (m["step"], key)
+    # `mtrl eval` of the final checkpoint repeats the run's final evaluation
+    from mtrl.evaluate_run import evaluate_run
+
+    record, _ = evaluate_run(full.run_dir, out_dir=tmp_path / "eval")
+    assert record["return"] == full.final_eval["return"]
+
+
+def test_resume_refuses_other_settings_and_leaves_the_run_intact(tmp_path):
+    cfg = toy_config(tmp_path, total_steps=40, checkpoint_every=20)
+    train(cfg)
+    (tmp_path / "run" / "result.json").unlink()  # as if it had stopped at its checkpoint
+    before = (tmp_path / "run" / "config.json").read_text()
+    for change in ({"sac": SACConfig(hidden_sizes=(64, 64))}, {"buffer_capacity": 8000},
+                   {"balancer": "cagrad"}, {"env": replace(cfg.env, seed=9)}):
+        with pytest.raises(ConfigError, match="cannot resume .* with a different configuration: "
+                           r"(sac\.hidden_sizes: \[32, 32\] -> \[64, 64\]|buffer_capacity: "
+                           r"4000 -> 8000|balancer: \"mean\" -> \"cagrad\"|env\.seed: 3 -> 9)"
+                           r"\. Only these may change on resume: total_steps"):
+            train(replace(cfg, total_steps=60, **change), resume=True)
+        assert (tmp_path / "run" / "config.json").read_text() == before
+    done = train(replace(cfg, total_steps=60, log_every=10, threads=1), resume=True)
+    assert done.steps == 60 and not done.already_finished
+
+
+def test_resume_of_a_finished_run_runs_and_writes_nothing(tmp_path):
+    cfg = toy_config(tmp_path, total_steps=40, checkpoint_every=20)
+    first = train(cfg)
+    run = tmp_path / "run"
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    again = train(cfg, resume=True)
+    assert again.already_finished and again.steps == 40
+    assert again.final_eval == first.final_eval
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
+    with pytest.raises(ConfigError, match="total_steps 30 is below the checkpoint's step 40"):
+        train(replace(cfg, total_steps=30), resume=True)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
+
+
+def test_a_checkpoint_that_does_not_fit_is_a_checkpoint_error(tmp_path):
+    from mtrl.checkpoint import CheckpointError
+
+    cfg = toy_config(tmp_path, total_steps=40, checkpoint_every=20)
+    train(cfg)
+    (tmp_path / "run" / "config.json").unlink()  # no saved config to compare with
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with pytest.raises(CheckpointError, match="does not match this run's configuration"):
+        train(replace(cfg, total_steps=60, sac=SACConfig(hidden_sizes=(64, 64))), resume=True)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_training_statistics_skip_windows_without_finished_episodes(tmp_path):
+    cfg = toy_config(tmp_path, total_steps=42, log_every=7, warmup_steps=10)  # episodes: 20
+    result = train(cfg)
+    logs = {m["step"]: m for m in _jsonl(result.run_dir / "metrics.jsonl")}
+    for step in (7, 14, 28, 35):  # no episode ended in these windows: no number, not 0
+        assert logs[step]["train_return"] is None and logs[step]["train_success"] is None
+        assert logs[step]["train_episodes"] == 0
+    for step in (21, 42):  # all four tasks ended one (steps 20 and 40)
+        assert logs[step]["train_episodes"] == 4 and logs[step]["train_tasks_ended"] == 4
+        assert isinstance(logs[step]["train_return"], float) and logs[step]["train_return"] < 0
+
+
+def test_run_files_are_readable_like_any_new_file(tmp_path):
+    result = train(toy_config(tmp_path, total_steps=30))
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("checkpoint.pt", "config.json", "result.json", "metrics.jsonl"):
+        assert (result.run_dir / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
 
 
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
@@ -167,6 +254,42 @@ def test_unknown_config_key_names_key_and_valid_choices(tmp_path):
         load_preset(p)
     with pytest.raises(ConfigError, match="not found; presets: .*mt10_cagrad"):
         load_preset(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"stratified": "false"}, "stratified must be true or false, got 'false'"),
+    ({"device": 5}, "device must be a string, got 5"),
+    ({"balancer_kwargs": [1]}, "balancer_kwargs must be an object"),
+    ({"sac": {"actor_lr": "3e-4"}}, "sac.actor_lr must be a number, got '3e-4'"),
+    ({"sac": {"hidden_sizes": 400}}, r"sac.hidden_sizes must be a list \(each an integer\)"),
+    ({"sac": {"log_std_bounds": [-5]}}, r"sac.log_std_bounds must be a list of 2"),
+    ({"protocol": "atari"}, 'protocol must be one of "mtrl", "metaworld-plus"'),
+    ({"eval_episodes": 2.5}, "eval_episodes must be an integer or null, got 2.5"),
+    ({"env": {"seed": True}}, "env.seed must be an integer, got True"),
+])
+def test_json_values_of_the_wrong_type_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(TrainConfig, data)
+
+
+def test_json_numbers_and_lists_convert_to_the_field_types():
+    cfg = from_dict(TrainConfig, {"sac": {"actor_lr": 1, "hidden_sizes": [8, 8],
+                                          "log_std_bounds": [-5, 2]},
+                                  "balancer_kwargs": {"c": 1, "seed": 3}})  # fmt: skip
+    assert cfg.sac.actor_lr == 1.0 and isinstance(cfg.sac.actor_lr, float)
+    assert cfg.sac.hidden_sizes == (8, 8) and cfg.sac.log_std_bounds == (-5.0, 2.0)
+    assert cfg.balancer_kwargs == {"c": 1, "seed": 3}
+
+
+@pytest.mark.parametrize("device", ["cuda:x", "cudaa", "gpu", "cpu:0:1"])
+def test_bad_device_names_are_config_errors(tmp_path, device):
+    from mtrl.trainer import resolve_device
+
+    with pytest.raises(ConfigError, match="device"):
+        train(toy_config(tmp_path, device=device))
+    if device != "cudaa":
+        with pytest.raises(ConfigError, match=f"invalid device '{device}'; valid: auto, cpu"):
+            resolve_device(device)
 
 
 def test_invalid_values_are_rejected_before_training(tmp_path):

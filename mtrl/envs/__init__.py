@@ -25,6 +25,7 @@ from mtrl.envs.evaluation import (
     EvalResult,
     ProtocolSpec,
     eval_env_config,
+    eval_seed,
     evaluate,
     get_protocol,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "all_task_names",
     "benchmark_task_names",
     "eval_env_config",
+    "eval_seed",
     "evaluate",
     "expert_policy",
     "get_protocol",

@@ -60,6 +60,18 @@ def eval_env_config(train_cfg: EnvConfig, protocol: str | ProtocolSpec) -> EnvCo
     )
 
 
+def eval_seed(seed: int, step: int) -> int:
+    """The reset seed of the evaluation at training step ``step`` of a run seeded ``seed``.
+
+    Training and ``mtrl eval`` both use it, so an evaluation depends only on the policy,
+    the run's seed and the step: not on how many evaluations came before in the process
+    (a resumed run evaluates like an uninterrupted one, and ``mtrl eval`` of a checkpoint
+    repeats the run's own evaluation at that step). Different steps get different seeds
+    (random goals differ between evaluations).
+    """
+    return int(np.random.SeedSequence([int(seed), int(step), 0x6D74726C]).generate_state(1)[0])
+
+
 @dataclass(frozen=True)
 class EvalResult:
     """Outcome of :func:`evaluate`.

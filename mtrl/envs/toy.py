@@ -97,6 +97,6 @@ class ToyMultiTaskEnv:
         return {"pos": self.pos.clone(), "t": self.t.clone(), "generator": self._gen.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pos = state["pos"].clone()
-        self.t = state["t"].clone()
-        self._gen.set_state(state["generator"])
+        self.pos = state["pos"].to(self.pos.device, copy=True)
+        self.t = state["t"].to(self.t.device, copy=True)
+        self._gen.set_state(state["generator"].cpu())
