@@ -100,9 +100,20 @@ def vmap_calls(monkeypatch):
     return calls
 
 
+class RowsPCGrad(type(build("pcgrad"))):
+    """PCGrad through its own ``combine_rows``: the plumbing must hand it the (K, D) rows."""
+
+    name = "test-rows-pcgrad"
+
+    def combine_rows(self, grads, losses=None):
+        assert grads.ndim == 2 and grads.shape[1] > 1000  # the concatenated rows
+        return self.weights_for(grads, losses).to(grads) @ grads
+
+
 BALANCERS = {
     "cagrad": lambda: build("cagrad"),  # Gramian weights, direction written per block
-    "pcgrad": lambda: build("pcgrad", seed=3),  # its own combine_rows: the (K, D) matrix
+    "pcgrad": lambda: build("pcgrad", seed=3),  # Gramian weights too
+    "rows": lambda: RowsPCGrad(seed=3),  # its own combine_rows: the (K, D) matrix
     "sdmgrad-os": lambda: build("sdmgrad-os", num_sampled=2, seed=4),  # sampled rows only
     "mean": lambda: build("mean"),  # loss only
 }
