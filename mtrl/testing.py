@@ -25,6 +25,12 @@ Properties whose truth depends on the method are declared by class attributes of
   (mean scale). When False only a positive multiple of the row is required.
 * ``reads_losses`` (default True): when False, other loss values must give the same
   output (the plumbing then does not copy the losses to the host).
+
+Besides those: NaN/Inf inputs raise ``ValueError``; the state survives ``state_dict()``
+over several calls; ``combine(grads)`` without losses works (or raises ``ValueError``);
+and the training plumbing (``select()``, then ``weights_for(gram=...)`` or
+``combine_rows`` on the selected rows, as :mod:`mtrl.grad` calls them) gives the same
+direction as ``combine``.
 """
 
 from __future__ import annotations
@@ -64,6 +70,32 @@ def _fail(label: str, what: str) -> AssertionError:
 
 def _close(a: Tensor, b: Tensor, rtol: float, scale: float) -> bool:
     return bool(torch.allclose(a, b, rtol=rtol, atol=rtol * max(scale, 1e-30)))
+
+
+def _plumbing_direction(b: Balancer, grads: Tensor, losses: Tensor) -> Tensor:
+    """The direction :mod:`mtrl.grad` would write, from the (K, D) ``grads``."""
+    k = grads.shape[0]
+    idx = b.select(k)
+    if idx is not None:
+        ok = (isinstance(idx, Tensor) and idx.ndim == 1 and idx.numel() > 0
+              and not idx.is_floating_point() and int(idx.min()) >= 0
+              and int(idx.max()) < k and torch.unique(idx).numel() == idx.numel())
+        if not ok:
+            raise AssertionError(
+                f"select({k}) must return None or a non-empty 1-D integer tensor of distinct "
+                f"task indices in [0, {k}), got {idx!r}"
+            )
+        idx = idx.to(grads.device)
+        grads, losses = grads.index_select(0, idx), losses.index_select(0, idx)
+    cls = type(b)
+    if not b.needs_grads:
+        w = b.weights_for(None, losses)
+    elif cls.combine_rows is Balancer.combine_rows and cls.weights_for is Balancer.weights_for:
+        g64 = grads.detach().to("cpu", torch.float64)
+        w = b.weights_for(None, losses, gram=g64 @ g64.T, grads_dtype=grads.dtype)
+    else:
+        return b.combine_rows(grads, losses)
+    return w.to(device=grads.device, dtype=grads.dtype) @ grads
 
 
 def check_balancer(
@@ -212,11 +244,19 @@ def check_balancer(
         else:
             raise _fail(label, f"{bad} in grads did not raise ValueError")
 
-    # 9. state_dict round trip: a fresh instance loaded with the state continues identically
+    # 9. state_dict round trip: a fresh instance loaded with the state after three calls
+    # continues identically for three more (state kept outside buffers would not)
+    steps = [base + 0.1 * i * rand(k, d) for i in range(6)]
+
+    def call(b: Balancer, i: int, what: str) -> Tensor:
+        out = run(b, steps[i], losses * (1.0 - 0.05 * i), what)
+        if getattr(b, "needs_losses_after_step", False):
+            b.after_step(losses * (0.95 - 0.05 * i))
+        return out
+
     b1 = fresh()
-    run(b1, base, losses, "first call")
-    if getattr(b1, "needs_losses_after_step", False):
-        b1.after_step(losses * 0.9)
+    for i in range(3):
+        call(b1, i, f"call {i + 1}")
     b2 = fresh()
     try:
         b2.load_state_dict(b1.state_dict())
@@ -224,10 +264,48 @@ def check_balancer(
         raise _fail(
             label, f"load_state_dict of a used instance failed: {type(exc).__name__}: {exc}"
         ) from exc
-    out1 = run(b1, base, losses, "second call")
-    out2 = run(b2, base, losses, "second call after load_state_dict")
-    if not _close(out1, out2, 1e-9, float(out1.norm())):
-        raise _fail(label, f"state_dict did not capture the state: {out1} vs {out2}")
+    for i in range(3, 6):
+        out1 = call(b1, i, f"call {i + 1}")
+        out2 = call(b2, i, f"call {i + 1} after load_state_dict")
+        if not _close(out1, out2, 1e-9, float(out1.norm())):
+            raise _fail(label, f"state_dict did not capture the state (call {i + 1}): "
+                        f"{out1} vs {out2}")
+
+    # 9b. losses are optional for gradient methods: combine(grads) works, or raises a
+    # ValueError (a method that needs the losses says so)
+    if proto.needs_grads:
+        try:
+            out = fresh().combine(base)
+        except ValueError:
+            pass
+        except Exception as exc:
+            raise _fail(
+                label,
+                f"combine(grads) without losses raised {type(exc).__name__}: {exc}; return a "
+                "direction, or raise ValueError saying that the losses are needed",
+            ) from exc
+        else:
+            if out.shape != (d,) or not bool(torch.isfinite(out).all()):
+                raise _fail(label, f"combine(grads) without losses returned {out}")
+
+    # 9c. the training plumbing (mtrl.grad) calls select(), then weights_for(gram=...)
+    # (or, for methods with their own combine_rows / weights_for, combine_rows) on the
+    # selected rows only: it must give combine's direction
+    b_ref = fresh()
+    b_plumb = copy.deepcopy(b_ref)  # the same state (a seed drawn at construction, say)
+    ref = run(b_ref, base, losses, "combine (plumbing reference)")
+    try:
+        out = _plumbing_direction(b_plumb, base, losses)
+    except AssertionError as exc:
+        raise _fail(label, str(exc)) from exc
+    except Exception as exc:
+        raise _fail(
+            label,
+            f"the training plumbing (select, then weights_for(gram=...) or combine_rows) "
+            f"raised {type(exc).__name__}: {exc}; implement weights() (or combine_rows())",
+        ) from exc
+    if not _close(out, ref, 1e-9, float(ref.norm())):
+        raise _fail(label, f"the training plumbing gives {out}, combine gives {ref}")
 
     # 10. hyper-parameters are visible in repr
     text = repr(proto)

@@ -315,3 +315,99 @@ def test_famo_matches_torch_adam_reference():
         opt.step()
         assert torch.allclose(b.logits, xi.detach(), rtol=1e-10, atol=1e-13)
     assert int(b.adam_step) == 25
+
+
+# --------------------------------------------------------------------------- very different norms
+# One task's gradient 1e6 times larger or smaller than the others': conditions are checked
+# per task, at that task's own scale (a check at the largest scale cannot see the small rows).
+
+
+def lopsided(factor: float, seed: int, k: int = 5, d: int = 8, offset: float = 0.0):
+    g = problem(k, d, seed, offset=offset)
+    g[2] *= factor
+    return g
+
+
+def min_norm_by_enumeration(a: np.ndarray) -> np.ndarray:
+    """MGDA by brute force: the best KKT point over every support (small K only)."""
+    import itertools
+
+    k, best, best_val = a.shape[0], None, math.inf
+    for m in range(1, k + 1):
+        for support in itertools.combinations(range(k), m):
+            s = list(support)
+            mat = np.ones((m + 1, m + 1))
+            mat[:m, :m], mat[m, m] = a[np.ix_(s, s)], 0.0
+            rhs = np.zeros(m + 1)
+            rhs[m] = 1.0
+            x = np.linalg.lstsq(mat, rhs, rcond=None)[0][:m]
+            if x.min() < -1e-12:
+                continue
+            w = np.zeros(k)
+            w[s] = np.clip(x, 0.0, None) / np.clip(x, 0.0, None).sum()
+            if w @ a @ w < best_val:
+                best, best_val = w, float(w @ a @ w)
+    return best
+
+
+@pytest.mark.parametrize("factor", [1e-6, 1e3, 1e6])
+@pytest.mark.parametrize("seed", range(3))
+def test_mgda_with_very_different_norms(factor, seed):
+    g = lopsided(factor, seed)
+    out = build("mgda").combine(g)
+    ref = torch.from_numpy(min_norm_by_enumeration((g @ g.T).numpy())) @ g
+    # relative error, plus round-off of weights ~1e-16 on the largest gradient
+    tol = 1e-9 * float(ref.norm()) + 1e-14 * float(g.norm(dim=1).max())
+    assert float((out - ref).norm()) <= tol
+    # g_iᵀd >= |d|² for every task, at the task's own scale |g_i||d|
+    slack = (g @ out - out.dot(out)) / (g.norm(dim=1) * out.norm())
+    assert float(slack.min()) >= -1e-10
+
+
+@pytest.mark.parametrize("factor", [1e-6, 1e6])
+@pytest.mark.parametrize("seed", range(3))
+def test_upgrad_with_very_different_norms(factor, seed):
+    g = lopsided(factor, seed, k=6)
+    b = build("upgrad")
+    out = b.combine(g)
+    # never conflicts with any task, at each task's own scale
+    cos = (g @ out) / (g.norm(dim=1) * out.norm())
+    assert float(cos.min()) >= -1e-10
+    for i, v in enumerate(b.info["projections"].numpy()):
+        p = torch.from_numpy(v) @ g  # the projection of g_i/K onto the dual cone
+        x = v - np.eye(6)[i] / 6  # its multipliers: x >= 0, g_jᵀp >= 0, x_j g_jᵀp = 0
+        gp = (g @ p / (g.norm(dim=1) * p.norm())).numpy()
+        assert x.min() >= -1e-12 and gp.min() >= -1e-10
+        assert np.abs(x * gp).max() <= 1e-10 * max(1.0, float(np.abs(x).max()))
+
+
+@pytest.mark.parametrize("factor", [1e-4, 1e6])  # (below 1e-4 the dual's KKT tolerance,
+@pytest.mark.parametrize("seed", range(3))  # relative to the largest norm, shows)
+def test_cagrad_with_very_different_norms(factor, seed):
+    g = lopsided(factor, seed, offset=0.3)
+    c = 0.9
+    b, dvec, g0, r = cagrad_parts(g, c)
+    assert "fallback" not in b.info
+    w = b.info["w"].numpy()
+    a = (g @ g.T).numpy()
+    primal = float((g @ dvec).min())
+    dual = float(w @ a.mean(axis=1) + r * math.sqrt(w @ a @ w))
+    # the duality gap at the scale of the smallest task's g_iᵀg0
+    assert abs(primal - dual) <= 1e-8 * float(g.norm(dim=1).min() * g0.norm())
+    assert float((dvec - g0).norm()) <= r * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("name, alpha", [("nash-mtl", 1.0), ("fairgrad", 2.0), ("fairgrad", 0.5)])
+@pytest.mark.parametrize("factor", [1e-8, 1e8])
+def test_fixed_points_with_very_different_norms(name, alpha, factor):
+    """A positive solution exists (0 is far from the hull of the unit gradients): no
+    fallback to mean weights however small or large one gradient is."""
+    g = lopsided(factor, 0, k=6, d=20, offset=0.5)
+    b = build(name) if name == "nash-mtl" else build(name, alpha=alpha)
+    out = b.combine(g)
+    assert "fallback" not in b.info
+    w = b.info["weights"].numpy()
+    a = (g @ g.T).numpy()
+    assert w.min() > 0
+    assert np.abs((a @ w) * w ** (1.0 / alpha) - 1.0).max() < 1e-8
+    assert torch.allclose(out, torch.from_numpy(w) @ g)

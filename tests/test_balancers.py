@@ -266,6 +266,44 @@ def test_cagrad_zero_row():
         assert b.info["weights"].abs().max() < 10
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cagrad_half_precision_is_no_degenerate_case(dtype):
+    """Half-precision Gramians are formed in float32: their noise level is float32's."""
+    g = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    want = build("cagrad").combine(g.double())
+    b = build("cagrad")
+    got = b.combine(g.to(dtype))
+    assert "fallback" not in b.info
+    torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-22])
+def test_float32_gramian_out_of_range_is_redone_in_float64(scale):
+    from mtrl.balancers.base import gramian
+
+    g = torch.randn(4, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = g * scale
+    rounded = g.float().double()  # float32 inputs, products without float32 range limits
+    want = rounded @ rounded.T
+    got = gramian(g.float())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0.0)
+    for name in ("mgda", "fairgrad", "aligned-mtl", "imtl-g", "upgrad"):
+        d = build(name).combine(g.float()).double()
+        ref = build(name).combine(g)
+        assert float((d - ref).norm()) <= 1e-5 * float(ref.norm()), name
+
+
+def test_imtl_g_flags_k_above_the_rank():
+    g = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    b = build("imtl-g")
+    b.combine(g)
+    assert "no direction has equal projections" in b.info["fallback"]
+    ok = build("imtl-g")
+    ok.combine(torch.randn(4, 6, dtype=torch.float64))
+    assert "fallback" not in ok.info
+
+
 def test_all_zero_gradients_give_zero():
     z = torch.zeros(3, 5, dtype=torch.float64)
     losses = torch.ones(3, dtype=torch.float64)
@@ -336,6 +374,9 @@ def test_unknown_hparam_lists_valid():
         ("famo", {"gamma": -0.01}, "gamma"),
         ("famo", {"gamma": None}, "gamma"),
         ("pcgrad", {"seed": 1.5}, "seed"),
+        ("pcgrad", {"seed": 2**64}, "seed"),  # above what torch.Generator takes
+        ("sdmgrad-os", {"seed": 2**64}, "seed"),
+        ("cagrad", {"c": 10**400}, "c"),  # too large for a float
     ],
 )
 def test_out_of_range_hparams(name, hp, param):
@@ -345,6 +386,11 @@ def test_out_of_range_hparams(name, hp, param):
     assert name in msg and param in msg
     if param not in ("restart",):
         assert any(s in msg for s in (">=", ">")), msg
+
+
+def test_the_abstract_base_class_is_not_a_balancer():
+    with pytest.raises(ValueError, match="names the abstract base class"):
+        build("mtrl.balancers.base:Balancer")
 
 
 def test_integral_float_accepted():
@@ -537,3 +583,58 @@ def test_mean_never_copies_the_losses_to_the_host():
 def test_check_balancer_catches_a_wrong_reads_losses_flag():
     with pytest.raises(AssertionError, match="reads_losses = False, but other loss values"):
         check_balancer(_LossSoftmax)
+
+
+class _Uniform(Balancer):
+    name = "test-uniform"
+
+    def weights(self, gram, losses):
+        k = gram.shape[0]
+        return torch.full((k,), 1.0 / k, dtype=torch.float64)
+
+
+class _CrashesWithoutLosses(_Uniform):
+    def weights(self, gram, losses):
+        return super().weights(gram, losses) * (losses / losses)  # TypeError on None
+
+
+class _OnlyCombine(Balancer):
+    """Overrides combine only: the training plumbing (weights_for/combine_rows) fails."""
+
+    def combine(self, grads, losses=None):
+        from mtrl.balancers.base import check_inputs
+
+        check_inputs(grads, losses)
+        return grads.mean(0)
+
+
+class _StateInAnAttribute(_Uniform):
+    """A call counter outside the buffers: lost by state_dict, and it matters from call 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def weights(self, gram, losses):
+        self.calls += 1
+        w = super().weights(gram, losses)
+        return w if self.calls < 5 else torch.eye(gram.shape[0], dtype=torch.float64)[0]
+
+
+class _BadSelect(_Uniform):
+    permutation_equivariant = False
+
+    def select(self, num_tasks):
+        return torch.tensor([0, 0])
+
+
+@pytest.mark.parametrize(("cls", "message"), [
+    (_CrashesWithoutLosses, "without losses raised TypeError"),
+    (_OnlyCombine, "the training plumbing .* raised NotImplementedError"),
+    (_StateInAnAttribute, r"state_dict did not capture the state \(call 5\)"),
+    (_BadSelect, "select.*distinct task indices"),
+])
+def test_check_balancer_catches_what_training_would_hit(cls, message):
+    check_balancer(_Uniform)  # the well-formed version passes
+    with pytest.raises(AssertionError, match=message):
+        check_balancer(cls)

@@ -45,41 +45,49 @@ def check_number(
     low: float | None = None,
     low_open: bool = False,
     integer: bool = False,
+    high: float | None = None,
 ) -> Any:
     """Validate a numeric hyper-parameter and return it (``int`` or ``float``).
 
-    Raises ``ValueError`` naming ``name`` and the valid range for non-numeric, NaN/Inf,
-    non-integral (when ``integer``) or out-of-range values.
+    Raises ``ValueError`` naming ``name`` and the valid range for non-numeric, NaN/Inf
+    (or too large for a float), non-integral (when ``integer``) or out-of-range values.
     """
     kind = "an integer" if integer else "a finite number"
-    if low is None:
-        rng = ""
-    else:
-        rng = f" {'>' if low_open else '>='} {low:g}"
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        bounds.append(f"<= {high:g}" if high < 1e15 else f"<= {int(high)}")
+    rng = (" " + " and ".join(bounds)) if bounds else ""
     msg = f"{name} must be {kind}{rng}, got {value!r}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(msg)
-    if integer:
-        if isinstance(value, numbers.Integral):
-            value = int(value)
-        elif float(value).is_integer():
-            value = int(value)
+    try:
+        if integer:
+            if isinstance(value, numbers.Integral):
+                value = int(value)
+            elif float(value).is_integer():
+                value = int(value)
+            else:
+                raise ValueError(msg)
         else:
-            raise ValueError(msg)
-    else:
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(msg)
+            value = float(value)
+            if not math.isfinite(value):
+                raise ValueError(msg)
+    except OverflowError as exc:  # e.g. 10**400 as a float
+        raise ValueError(msg) from exc
     if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(msg)
+    if high is not None and value > high:
         raise ValueError(msg)
     return value
 
 
 def check_seed(seed: Any) -> int | None:
-    """``None`` or a non-negative integer."""
+    """``None`` or an integer in ``[0, 2**64 - 1]`` (what ``torch.Generator`` takes)."""
     if seed is None:
         return None
-    return check_number("seed", seed, low=0, integer=True)
+    return check_number("seed", seed, low=0, integer=True, high=2**64 - 1)
 
 
 # --------------------------------------------------------------------------- buffers
@@ -120,18 +128,6 @@ def with_generator(module: nn.Module, fn: Callable[[torch.Generator], Any]) -> A
 
 # --------------------------------------------------------------------------- QPs
 
-_CONSTRAINTS_CACHE: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-
-def _simplex_constraints(k: int) -> tuple[np.ndarray, np.ndarray]:
-    if k not in _CONSTRAINTS_CACHE:
-        c = np.hstack([np.ones((k, 1)), np.eye(k)])
-        rhs = np.zeros(k + 1)
-        rhs[0] = 1.0
-        _CONSTRAINTS_CACHE[k] = (c, rhs)
-    return _CONSTRAINTS_CACHE[k]
-
-
 def _sym(a: np.ndarray) -> np.ndarray:
     return 0.5 * (a + a.T)
 
@@ -158,26 +154,36 @@ def _quadprog_psd(a: np.ndarray, lin: np.ndarray, c: np.ndarray, rhs: np.ndarray
         return quadprog.solve_qp(a + ridge * np.eye(k), lin, c, rhs, meq)[0], a
 
 
-def simplex_kkt_residual(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> float:
-    """KKT violation of ``w`` for ``min_{w∈Δ} ½wᵀAw + bᵀw`` (scale of ``a``, ``b``)."""
+def simplex_kkt_residual(
+    a: np.ndarray, b: np.ndarray, w: np.ndarray, c: np.ndarray | None = None
+) -> float:
+    """KKT violation of ``w`` for ``min ½wᵀAw + bᵀw`` s.t. ``w ≥ 0``, ``cᵀw = 1``
+    (``c = 1``: the simplex), in the scale of ``a`` and ``b``."""
+    if c is None:
+        c = np.ones_like(w)
     grad = a @ w + b
-    mu = float(w @ grad)
-    dual = max(0.0, float(mu - grad.min()))  # grad_i >= mu for all i
-    comp = float(np.max(w * np.abs(grad - mu)))  # grad_i == mu where w_i > 0
-    primal = max(0.0, float(-w.min())) + abs(float(w.sum()) - 1.0)
+    mu = float(w @ grad)  # the multiplier of cᵀw = 1 (Σ w_i (grad_i − μ c_i) = 0)
+    dual = max(0.0, float(np.max(mu * c - grad)))  # grad_i >= mu c_i for all i
+    comp = float(np.max(w * np.abs(grad - mu * c)))  # equality where w_i > 0
+    primal = max(0.0, float(-w.min())) + abs(float(c @ w) - 1.0)
     return max(dual, comp, primal)
 
 
-def _solve_on_support(a: np.ndarray, b: np.ndarray, support: np.ndarray) -> np.ndarray | None:
-    """KKT solution of the simplex QP with the given support (inactive entries = 0)."""
+def _solve_on_support(
+    a: np.ndarray, b: np.ndarray, support: np.ndarray, c: np.ndarray | None = None
+) -> np.ndarray | None:
+    """KKT solution of ``min ½wᵀAw + bᵀw``, ``w ≥ 0``, ``cᵀw = 1`` with the given support
+    (inactive entries = 0; ``c = 1`` by default); None if infeasible there."""
+    if c is None:
+        c = np.ones(a.shape[0])
     idx = np.flatnonzero(support)
     m = idx.size
     if m == 0:
         return None
     mat = np.zeros((m + 1, m + 1))
     mat[:m, :m] = a[np.ix_(idx, idx)]
-    mat[:m, m] = 1.0
-    mat[m, :m] = 1.0
+    mat[:m, m] = c[idx]
+    mat[m, :m] = c[idx]
     rhs = np.empty(m + 1)
     rhs[:m] = -b[idx]
     rhs[m] = 1.0
@@ -189,10 +195,18 @@ def _solve_on_support(a: np.ndarray, b: np.ndarray, support: np.ndarray) -> np.n
         return None
     w = np.zeros(a.shape[0])
     w[idx] = np.clip(sol[:m], 0.0, None)
-    s = w.sum()
+    s = float(c @ w)
     if s <= 0:
         return None
     return w / s
+
+
+def _jacobi(a: np.ndarray) -> np.ndarray:
+    """``s_i = sqrt(A_ii)`` (``sqrt(max A_ii)`` for rows below ``1e-30 ×`` the largest:
+    zero gradients), so that ``A / (s sᵀ)`` has a unit diagonal."""
+    d = np.diag(a)
+    dmax = float(d.max())
+    return np.sqrt(np.where(d > 1e-30 * dmax, d, dmax))
 
 
 def simplex_qp(
@@ -200,42 +214,53 @@ def simplex_qp(
 ) -> np.ndarray:
     """``argmin_{w ∈ Δ} ½ wᵀAw + bᵀw`` for a PSD ``A`` (K×K), solved to machine precision.
 
-    The problem is rescaled to unit largest diagonal, solved by quadprog with a relative
-    ridge of :data:`RIDGE` (quadprog needs a positive-definite matrix), then polished by
-    solving the KKT system on the active set of the unridged problem, which is kept when
-    it is feasible and has a smaller KKT residual. ``guess`` (weights from a previous
-    call) is tried first: if the KKT system on its support solves the problem, quadprog
-    is skipped.
+    Solved in Jacobi-scaled variables ``w = c ⊙ z`` (``c_i ∝ 1/sqrt(A_ii)``, so the
+    matrix in ``z`` has a unit diagonal and ``Σ c_i z_i = 1``): gradients of very
+    different norms (measured: ratios of 1e3 and more) are then treated alike by the
+    ridge and the tolerances, which a scale common to all rows cannot do. quadprog solves
+    it with a relative ridge of :data:`RIDGE` (it needs a positive-definite matrix); the
+    result is polished by solving the KKT system on the active set of the unridged
+    problem, which is kept when it is feasible and has a smaller KKT residual. ``guess``
+    (weights from a previous call) is tried first: if the KKT system on its support
+    solves the problem, quadprog is skipped.
     """
     k = a.shape[0]
     if b is None:
         b = np.zeros(k)
     if k == 1:
         return np.ones(1)
-    scale = float(np.max(np.diag(a)))
-    if not scale > 0.0:  # all gradients zero: the objective is linear in w
+    a = _sym(a)
+    if not float(np.max(np.diag(a))) > 0.0:  # all gradients zero: the objective is linear
         bmin = b.min()
         w = (b <= bmin + 1e-15 * max(1.0, abs(bmin))).astype(np.float64)
         return w / w.sum()
-    a_s = _sym(a) / scale
-    b_s = b / scale
-    tol = 1e-13 * (1.0 + float(np.abs(b_s).max()))
+    s = _jacobi(a)
+    c = s.min() / s  # in (0, 1]
+    a_z = a / np.outer(s, s)  # = cm² · diag(c) A diag(c), cm = 1 / min(s)
+    b_z = b / (s * s.min())  # = cm² · c ⊙ b
+    tol = 1e-13 * (1.0 + float(np.abs(b_z).max()))
+
+    def weights(z: np.ndarray) -> np.ndarray:
+        w = np.clip(c * z, 0.0, None)
+        return w / w.sum()
 
     if guess is not None and guess.shape == (k,):
-        w = _solve_on_support(a_s, b_s, guess > 1e-12)
-        if w is not None and simplex_kkt_residual(a_s, b_s, w) <= tol:
-            return w
+        z = _solve_on_support(a_z, b_z, guess > 1e-12, c)
+        if z is not None and simplex_kkt_residual(a_z, b_z, z, c) <= tol:
+            return weights(z)
 
-    c, rhs = _simplex_constraints(k)
-    w, a_s = _quadprog_psd(a_s, -b_s, c, rhs, 1)
-    w = np.clip(w, 0.0, None)
-    w = w / w.sum()
-    res = simplex_kkt_residual(a_s, b_s, w)
+    constraints = np.hstack([c[:, None], np.eye(k)])
+    rhs = np.zeros(k + 1)
+    rhs[0] = 1.0
+    z, a_z = _quadprog_psd(a_z, -b_z, constraints, rhs, 1)
+    z = np.clip(z, 0.0, None)
+    z = z / float(c @ z)
+    res = simplex_kkt_residual(a_z, b_z, z, c)
     if res > tol:
-        polished = _solve_on_support(a_s, b_s, w > 1e-10 * w.max())
-        if polished is not None and simplex_kkt_residual(a_s, b_s, polished) < res:
-            w = polished
-    return w
+        polished = _solve_on_support(a_z, b_z, z > 1e-10 * z.max(), c)
+        if polished is not None and simplex_kkt_residual(a_z, b_z, polished, c) < res:
+            z = polished
+    return weights(z)
 
 
 def _nnqp_pivoting(
@@ -294,28 +319,32 @@ def dual_cone_weights(a: np.ndarray, u: np.ndarray) -> np.ndarray:
 
     ``u`` is one weight vector (K,) or a stack of them (M, K); the result has its shape.
     By duality (Quinton & Rey 2024, Prop. 1) ``v = argmin_{v ≥ u} vᵀAv``; written as
-    ``v = u + x`` it is ``x = argmin_{x ≥ 0} ½xᵀAx + (Au)ᵀx``. Solved on ``A`` normalised
-    by its trace with a relative ridge :data:`RIDGE`: no QP when ``Au ≥ 0`` (already in
-    the cone), else block pivoting from the set ``{(Au)_j < 0}``, else quadprog.
+    ``v = u + x`` it is ``x = argmin_{x ≥ 0} ½xᵀAx + (Au)ᵀx``. That problem is unchanged
+    by diagonal scaling (``x = y / s``), so it is solved on the unit-diagonal ``A/(s sᵀ)``,
+    ``s_i = sqrt(A_ii)``, with a relative ridge :data:`RIDGE`: gradients of very
+    different norms are then treated alike (a common scale lets the ridge swamp the small
+    rows). No QP when ``Au ≥ 0`` (already in the cone), else block pivoting from the set
+    ``{(Au)_j < 0}``, else quadprog.
     """
     single = u.ndim == 1
     us = np.atleast_2d(u)
     out = us.copy()
     k = a.shape[0]
-    tr = float(np.trace(a))
-    if k == 1 or not tr > 0.0:
+    if k == 1 or not float(np.max(np.diag(a))) > 0.0:
         return out[0] if single else out
-    a_s = _sym(a) / tr
-    lins = us @ a_s
+    a = _sym(a)
+    s = _jacobi(a)
+    a_s = a / np.outer(s, s)
+    lins = (us @ a) / s
     if lins.min() < 0.0:
         try:  # quadprog / pivoting need a numerically PD matrix (float32 Gramians may not be)
             np.linalg.cholesky(a_s + RIDGE * np.eye(k))
         except np.linalg.LinAlgError:
             a_s = nearest_psd(a_s)
-            lins = us @ a_s
+            lins = (us * s) @ a_s  # (A u) / s with the corrected matrix
         for i, lin in enumerate(lins):
             if lin.min() < 0.0:
-                out[i] += nonneg_qp(a_s, lin, guess=lin < 0.0)
+                out[i] += nonneg_qp(a_s, lin, guess=lin < 0.0) / s
     return out[0] if single else out
 
 
@@ -452,7 +481,10 @@ def power_weights(
     sol, iters, res, last = power_fixed_point(sub, p, w0=guess, max_iter=30)
     degenerate = False
     if sol is None:
-        degenerate = min_norm_sq(sub) <= 1e-10
+        # 0 is in the hull of the g_i iff it is in the hull of the g_i/|g_i|: test on the
+        # unit-diagonal Gramian, so a small (non-zero) gradient does not look like 0
+        unit = np.sqrt(np.diag(sub))
+        degenerate = min_norm_sq(sub / np.outer(unit, unit)) <= 1e-10
         if not degenerate and last is not None and np.all(np.isfinite(last)):
             sol, more, res, _ = power_fixed_point(sub, p, w0=last, max_iter=300)
             iters += more

@@ -21,6 +21,7 @@ calls it for any balancer with that flag, never by name.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -200,6 +201,18 @@ def gramian_of_blocks(blocks: Sequence[Tensor]) -> Tensor:
         and torch.get_num_threads() == 1
         and not (dtype == torch.float32 and onednn.enabled())
     )
+    total = _gramian_sum(blocks, dtype, use_numpy)
+    if dtype == torch.float32:
+        # float32 overflows beyond |g| ~ 1e19 and loses digits in subnormals below
+        # |g|² ~ 1e-20: redo such (rare) Gramians in float64. The check reads the K×K
+        # result, which goes to the CPU anyway.
+        dmax = float(total.diagonal().max()) if total.numel() else 1.0
+        if not (math.isfinite(dmax) and bool(torch.isfinite(total).all())) or 0 < dmax < 1e-20:
+            total = _gramian_sum(blocks, torch.float64, use_numpy)
+    return (total + total.T) * 0.5
+
+
+def _gramian_sum(blocks: Sequence[Tensor], dtype: torch.dtype, use_numpy: bool) -> Tensor:
     total = None
     for block in blocks:
         g = block.detach().to(dtype)
@@ -209,8 +222,7 @@ def gramian_of_blocks(blocks: Sequence[Tensor]) -> Tensor:
         else:
             prod = onednn.mm_nt(g, g)
         total = prod if total is None else total.add_(prod)
-    total = total.to("cpu", torch.float64)
-    return (total + total.T) * 0.5
+    return total.to("cpu", torch.float64)
 
 
 def check_inputs(grads: Tensor, losses: Tensor | None) -> None:

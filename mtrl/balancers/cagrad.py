@@ -152,10 +152,13 @@ class CAGrad(Balancer):
     20 SGD steps (lr 25, or 50 at K=50, momentum 0.5) keeping the best iterate, with
     ``1e-4`` stabilisers inside square roots and denominators; we solve the dual exactly
     (a one-dimensional search over simplex QPs, quadprog, with an exact quadratic step on
-    the active set) to KKT residual ~1e-12 and use no stabilisers. When the dual optimum
+    the active set) to KKT residual ~1e-12 (relative to the largest gradient norm; the
+    inner simplex QPs are Jacobi-scaled, so small gradients are not lost) and use no
+    stabilisers. When the dual optimum
     has ``Gᵀw = 0`` (0 lies in the convex hull of the gradients, e.g. a zero gradient row,
-    and no other point is better; numerically: ``|Gᵀw| ≤ 10·sqrt(eps)`` relative to the
-    largest gradient norm, eps of the gradients' dtype) the formula divides 0 by 0. The
+    and no other point is better; numerically: ``|Gᵀw| ≤ 10·sqrt(eps)·Σ w_i|g_i|``, the
+    rounding noise of a Gramian formed with relative precision eps (the gradients' dtype,
+    at least float32), plus 1e-9 of the largest gradient norm) the formula divides 0 by 0. The
     primal optimum value is then 0 and the projection ``p`` of ``g0`` onto the cone
     ``{d : Gd ≥ 0}`` lies in the ball, so it is a primal optimum: we return
     ``p / (1+c²)`` and set ``info["fallback"]``. Note that K=1 or identical rows return
@@ -185,10 +188,15 @@ class CAGrad(Balancer):
         self.info["iterations"] = iters
         self.info["kkt_residual"] = res
         nrm = 0.0 if w is None else math.sqrt(max(float(w @ a_s @ w), 0.0))
-        # The Gramian is formed in the gradients' precision: |Gᵀw| below ~sqrt(eps)
-        # (relative) is rounding noise, and dividing by it would amplify that noise.
-        eps = float(torch.finfo(self.grads_dtype or torch.float64).eps)
-        if nrm <= 10.0 * math.sqrt(eps):
+        # The Gramian is formed in the gradients' precision (at least float32, see
+        # gramian_of_blocks), each entry to relative precision ~eps: |Gᵀw| below sqrt(eps)
+        # times the norm it would have without cancellation (Σ w_i |g_i|) is rounding
+        # noise, and dividing by it would amplify that noise; so is anything below the
+        # dual solve's own accuracy (~1e-12 of the largest gradient norm, here 1).
+        formed = torch.promote_types(self.grads_dtype or torch.float64, torch.float32)
+        eps = float(torch.finfo(formed).eps)
+        uncancelled = 0.0 if w is None else float(w @ np.sqrt(np.clip(np.diag(a_s), 0, None)))
+        if nrm <= 10.0 * math.sqrt(eps) * uncancelled + 1e-9:
             # Degenerate dual (Gᵀw = 0): the primal optimum value is 0, and the projection
             # of g0 onto {d : Gd ≥ 0} lies in the ball, so it is a primal optimum.
             self.info["fallback"] = (

@@ -31,10 +31,11 @@ class IMTLG(Balancer):
     Deviations from the reference implementation: it inverts ``D Uᵀ`` in D-space (adding
     ``1e-8·I`` when that fails); we solve the equivalent K×K Gramian system in float64
     with ``numpy.linalg.lstsq`` (minimum-norm solution when singular).
-    Degenerate inputs: zero gradient rows get weight 0 (they impose no condition); if
-    ``Σ A⁺n`` vanishes (relative 1e-12; no direction with equal projections of sum-1
-    weights) or all rows are zero, the mean weights are returned with
-    ``info["fallback"]`` set.
+    Degenerate inputs: zero gradient rows get weight 0 (they impose no condition); when
+    the system ``Aα ∝ n`` has no exact solution (possible with K > rank, e.g. K > D) the
+    least-squares weights are kept and ``info["fallback"]`` says so; if ``Σ A⁺n``
+    vanishes (relative 1e-12; no direction with equal projections of sum-1 weights) or
+    all rows are zero, the mean weights are returned with ``info["fallback"]`` set.
     """
 
     name = "imtl-g"
@@ -61,4 +62,13 @@ class IMTLG(Balancer):
         w[keep] = v / total
         if not keep.all():
             self.info["fallback"] = f"{int((~keep).sum())} zero gradient row(s) get weight 0"
+        # With K > rank(G) the equal-projection system may have no exact solution with a
+        # non-zero direction: then the least-squares weights are returned, and said so.
+        miss = float(np.linalg.norm(sub @ v - norms)) / float(np.linalg.norm(norms))
+        if miss > 1e-8:
+            self.info["fallback"] = (
+                f"no direction has equal projections on all unit gradients (relative "
+                f"residual {miss:.2g}; K exceeds the rank of the gradients); used the "
+                "least-squares weights"
+            )
         return torch.from_numpy(w)

@@ -40,6 +40,11 @@ def names() -> list[str]:
 def _check_class(obj: Any, origin: str) -> type[Balancer]:
     if not (inspect.isclass(obj) and issubclass(obj, Balancer)):
         raise ValueError(f"{origin} does not name a subclass of mtrl.balancers.Balancer: {obj!r}")
+    if obj is Balancer:
+        raise ValueError(
+            f"{origin} names the abstract base class; give a subclass that implements "
+            "weights() (or combine_rows())"
+        )
     return obj
 
 
