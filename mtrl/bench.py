@@ -221,10 +221,17 @@ def run_config(
     return cfg
 
 
-def run_state(run_dir: Path) -> str:
-    """``done`` (result.json), ``resume`` (checkpoint.pt, no result.json) or ``new``."""
-    if (run_dir / "result.json").is_file():
-        return "done"
+def run_state(run_dir: Path, total_steps: int | None = None) -> str:
+    """``done`` (a result.json, for at least ``total_steps`` when given), ``resume``
+    (checkpoint.pt, not done) or ``new``."""
+    result = run_dir / "result.json"
+    if result.is_file():
+        try:
+            step = json.loads(result.read_text()).get("step")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            step = None
+        if total_steps is None or not isinstance(step, int) or step >= total_steps:
+            return "done"  # (a result without a step: trust it)
     if (run_dir / "checkpoint.pt").is_file():
         return "resume"
     return "new"
@@ -273,7 +280,7 @@ def plan_runs(spec: BenchSpec) -> list[RunPlan]:
             cfg = run_config(benchmark, balancer, seed, spec.steps, spec.protocol, run_dir,
                              spec.threads_per_run, overrides)
             config = to_dict(cfg)
-            state = run_state(run_dir)
+            state = run_state(run_dir, cfg.total_steps)
             existing = run_dir / "config.json"
             if state != "new" and existing.is_file():
                 try:

@@ -28,6 +28,7 @@ Outputs (all written atomically): ``results.csv`` (one row per run × evaluation
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -44,9 +45,8 @@ from mtrl.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_
 CSV_COLUMNS = ("balancer", "seed", "step", "env_steps", "task", "success", "return", "protocol",
                "benchmark")
 PROTOCOL_NOTES = {
-    "mtrl": "fixed goal per task, 150-step episodes, 1 deterministic episode per task per "
-            "evaluation",
-    "metaworld-plus": "goals resampled per episode, 500-step episodes, 50 episodes per task",
+    "mtrl": "fixed goal per task, 150-step episodes, deterministic policy",
+    "metaworld-plus": "goals resampled per episode, 500-step episodes, deterministic policy",
 }
 DEFAULT_REPS = 10_000
 DEFAULT_POI_REPS = 1_000
@@ -252,7 +252,12 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return self.result is not None
+        """A result.json that covers the configured length (a run extended with a larger
+        ``total_steps`` and not yet done is unfinished, whatever an old result says)."""
+        if self.result is None:
+            return False
+        step, total = self.result.get("step"), self.config.get("total_steps")
+        return not (isinstance(step, int) and isinstance(total, int) and step < total)
 
     @property
     def task_names(self) -> list[str]:
@@ -269,11 +274,20 @@ class Run:
 
     def final_scores(self, tasks: Sequence[str]) -> np.ndarray:
         final = self.final_eval or {"success": {}}
-        return np.array([float(final["success"].get(t, np.nan)) for t in tasks])
+        return np.array([_number(final["success"].get(t)) for t in tasks])
+
+    def final_step(self) -> int | None:
+        final = self.final_eval
+        return int(final["step"]) if final and isinstance(final.get("step"), int) else None
 
     def success_curve(self) -> dict[int, float]:
-        return {int(r["step"]): float(np.mean(list(r["success"].values())))
+        return {int(r["step"]): float(np.mean([_number(v) for v in r["success"].values()]))
                 for r in self.evals if r.get("success")}
+
+
+def _number(x: Any) -> float:
+    """A logged value as a float; NaN for anything that is not a number (None, text)."""
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan
 
 
 def load_runs(root: str | Path) -> list[Run]:
@@ -336,10 +350,21 @@ class GroupSummary:
     methods: dict[str, MethodSummary]
     poi: dict[tuple[str, str], tuple[float, float, float]] = field(default_factory=dict)
     runs: list[Run] = field(default_factory=list)
+    #: Things that make the group's numbers harder to compare (mixed run lengths, ...).
+    warnings: list[str] = field(default_factory=list)
+    #: Distinguishes groups with the same benchmark and protocol (other task lists).
+    tag: str = ""
 
     @property
     def slug(self) -> str:
-        return f"{self.benchmark}_{self.protocol}".lower().replace("-", "_").replace(" ", "_")
+        base = f"{self.benchmark}_{self.protocol}" + (f"_{self.tag}" if self.tag else "")
+        return base.lower().replace("-", "_").replace(" ", "_")
+
+    @property
+    def episodes_per_task(self) -> list[int]:
+        """The episodes per task of the runs' final evaluations (one value unless mixed)."""
+        return sorted({int(f["episodes_per_task"]) for r in self.runs
+                       if (f := r.final_eval) and isinstance(f.get("episodes_per_task"), int)})
 
 
 def _method_order(labels: Iterable[str]) -> list[str]:
@@ -383,12 +408,39 @@ def summarize_group(
             env_steps_per_s=_nanmean(x.get("env_steps_per_s") for x in res),
         )
     group = GroupSummary(first.benchmark, first.protocol, tasks, methods, runs=runs)
+    # write_report leaves out runs with missing final scores; NaNs here would come from a
+    # direct caller and cannot go into rliable
     scores = {k: np.nan_to_num(m.final_scores, nan=0.0) for k, m in methods.items()}
+    nan3 = (math.nan, math.nan, math.nan)
     for k, est in interval_estimates(scores, reps=reps, seed=seed).items():
         methods[k].mean_ci, methods[k].iqm_ci = est["mean"], est["iqm"]
+        if len(methods[k].seeds) < 2:  # a bootstrap over one run has no width: no interval
+            methods[k].mean_ci = (est["mean"][0], math.nan, math.nan)
+            methods[k].iqm_ci = (est["iqm"][0], math.nan, math.nan)
     if group.protocol == "metaworld-plus" and len(methods) > 1:
         group.poi = probability_of_improvement(scores, reps=poi_reps, seed=seed)
+        for (x, y), (p, _, _) in list(group.poi.items()):
+            if min(len(methods[x].seeds), len(methods[y].seeds)) < 2:
+                group.poi[(x, y)] = (p, nan3[1], nan3[2])
+    group.warnings = _group_warnings(runs)
     return group
+
+
+def _group_warnings(runs: Sequence[Run]) -> list[str]:
+    out = []
+    lengths = sorted({r.config.get("total_steps") for r in runs
+                      if isinstance(r.config.get("total_steps"), int)})
+    if len(lengths) > 1:
+        out.append(f"runs of different lengths are pooled (total_steps {lengths})")
+    ends = sorted({s for r in runs if (s := r.final_step()) is not None})
+    if len(ends) > 1:
+        out.append(f"final evaluations at different steps are pooled ({ends}); best over "
+                   "time only counts steps every seed reached")
+    episodes = sorted({int(f["episodes_per_task"]) for r in runs
+                       if (f := r.final_eval) and isinstance(f.get("episodes_per_task"), int)})
+    if len(episodes) > 1:
+        out.append(f"final evaluations with different episodes per task are pooled ({episodes})")
+    return out
 
 
 # ====================================================================== formatting
@@ -430,9 +482,14 @@ SUMMARY_HEADER = (
 
 
 def group_markdown(g: GroupSummary, reps: int, poi_reps: int, plots: dict[str, str]) -> list[str]:
-    lines = [f"## {g.benchmark} — `{g.protocol}` protocol", ""]
+    title = f"## {g.benchmark} — `{g.protocol}` protocol"
+    lines = [title + (f" ({len(g.tasks)} tasks: {', '.join(g.tasks)})" if g.tag else ""), ""]
     if g.protocol in PROTOCOL_NOTES:
-        lines += [f"Evaluation: {PROTOCOL_NOTES[g.protocol]}. {len(g.tasks)} tasks.", ""]
+        eps = g.episodes_per_task
+        per = (f"{eps[0]} episode(s) per task per evaluation" if len(eps) == 1 else
+               f"episodes per task per evaluation: {', '.join(map(str, eps)) or 'unknown'}")
+        lines += [f"Evaluation: {PROTOCOL_NOTES[g.protocol]}, {per}. {len(g.tasks)} tasks.", ""]
+    lines += [f"**Note:** {w}." for w in g.warnings] + ([""] if g.warnings else [])
     rows = []
     for m in g.methods.values():
         rows.append((
@@ -520,6 +577,8 @@ def group_json(g: GroupSummary) -> dict[str, Any]:
             for k, m in g.methods.items()
         },
         "probability_of_improvement": {f"{x} > {y}": ci(v) for (x, y), v in g.poi.items()},
+        "episodes_per_task": g.episodes_per_task,
+        "warnings": g.warnings,
     }
 
 
@@ -533,8 +592,8 @@ def results_csv(runs: Sequence[Run]) -> str:
             for task, success in e.get("success", {}).items():
                 ret = returns.get(task, float("nan"))
                 w.writerow((r.label, r.seed, e["step"], e.get("env_steps", ""), task,
-                            repr(float(success)), repr(float(ret)), e.get("protocol", r.protocol),
-                            r.benchmark))
+                            repr(_number(success)), repr(_number(ret)),
+                            e.get("protocol", r.protocol), r.benchmark))
     return buf.getvalue()
 
 
@@ -764,16 +823,33 @@ def write_report(
          else "no checkpoint, no result.json")
         for r in incomplete
     ]
-    keys = sorted({(r.benchmark, r.protocol) for r in finished})
+    # One group per benchmark, protocol and task list (custom benchmarks may differ)
+    keys = sorted({(r.benchmark, r.protocol, tuple(r.task_names)) for r in finished})
     groups: list[GroupSummary] = []
-    for bench, proto in keys:
-        members = [r for r in finished if (r.benchmark, r.protocol) == (bench, proto)]
-        tasks = members[0].task_names
-        same = [r for r in members if r.task_names == tasks]
-        for r in members:
-            if r.task_names != tasks:  # e.g. custom benchmarks with other task lists
-                skipped.append((r, f"task list differs from {_rel(members[0].path, root)}"))
-        groups.append(summarize_group(same, reps=reps, poi_reps=poi_reps, seed=seed))
+    for bench, proto, tasks in keys:
+        members, seen = [], {}
+        for r in finished:
+            if (r.benchmark, r.protocol, tuple(r.task_names)) != (bench, proto, tasks):
+                continue
+            missing = [t for t, v in zip(tasks, r.final_scores(tasks), strict=True)
+                       if not math.isfinite(v)]
+            if missing or r.final_eval is None:
+                skipped.append((r, "final evaluation has no success value for task(s) "
+                                   f"{', '.join(missing) or 'all'}"))
+            elif (r.label, r.seed) in seen:  # two runs of one seed would count twice
+                first = _rel(seen[(r.label, r.seed)], root)
+                skipped.append((r, f"same balancer and seed as {first} (report one "
+                                   "experiment per folder)"))
+            else:
+                seen[(r.label, r.seed)] = r.path
+                members.append(r)
+        if not members:
+            continue
+        g = summarize_group(members, reps=reps, poi_reps=poi_reps, seed=seed)
+        if sum(k[:2] == (bench, proto) for k in keys) > 1:
+            digest = hashlib.sha1(",".join(tasks).encode()).hexdigest()[:6]
+            g.tag = f"{len(tasks)}tasks_{digest}"
+        groups.append(g)
 
     files: list[Path] = []
     csv_path = out / "results.csv"

@@ -23,7 +23,13 @@ from torch import Tensor
 from mtrl.agents.sac import MultiTaskSAC
 from mtrl.balancers import build
 from mtrl.buffers import MultiTaskReplayBuffer
-from mtrl.checkpoint import CheckpointError, atomic_write_json, load_checkpoint, save_checkpoint
+from mtrl.checkpoint import (
+    CheckpointError,
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+)
 from mtrl.config import (
     RESUME_MAY_CHANGE,
     ConfigError,
@@ -135,6 +141,24 @@ class _SkipCounter:
                 f"{ckpt_path}"
             )
         return int(self.total)
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the records of a JSONL log up to step ``last_step`` (rewritten atomically)."""
+    if not path.is_file():
+        return
+    kept, dropped = [], False
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            step = None  # a line cut short by a crash
+        if isinstance(step, int) and step <= last_step:
+            kept.append(line)
+        else:
+            dropped = True
+    if dropped:
+        atomic_write_text(path, "".join(x + "\n" for x in kept))
 
 
 def _to_python(metrics: dict[str, Tensor]) -> dict[str, Any]:
@@ -277,6 +301,13 @@ def train(
         del state  # the buffer copy can be large
     # Written only now: a resume that failed above leaves the run's files untouched.
     run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        # The run goes on from its checkpoint: an older result.json (a shorter run being
+        # extended) no longer describes it, and log records after the checkpoint step
+        # come from a session whose work was lost (they would mix into the curves).
+        (run_dir / "result.json").unlink(missing_ok=True)
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            _truncate_jsonl(run_dir / name, start_step)
     atomic_write_json(run_dir / "config.json", to_dict(cfg) | {"task_names": envs.task_names})
     log = _MetricsLog(run_dir)
     skips = _SkipCounter(device, cfg.max_consecutive_skips, skipped_total)

@@ -126,6 +126,19 @@ def test_existing_runs_with_another_config_are_refused(tmp_path):
     assert plan_runs(spec)[0].state == "done"
 
 
+def test_a_result_shorter_than_the_run_is_not_done(tmp_path):
+    """A run extended (total_steps raised) and interrupted before the new end: resumed."""
+    from mtrl.bench import run_state
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "result.json").write_text(json.dumps({"step": 40}))
+    assert run_state(run) == "done" and run_state(run, 40) == "done"
+    assert run_state(run, 100) == "new"
+    (run / "checkpoint.pt").write_bytes(b"")
+    assert run_state(run, 100) == "resume" and run_state(run, 30) == "done"
+
+
 # ---------------------------------------------------------------------- launchers
 def test_local_bench_resume_and_failed_run(tmp_path, capsys):
     out = tmp_path / "bench"

@@ -288,3 +288,70 @@ def test_report_cli(mtrl_bench, capsys):
 def test_report_without_runs_is_a_clear_error(tmp_path):
     with pytest.raises(ReportError, match="no run directories"):
         write_report(tmp_path)
+
+
+def test_runs_are_grouped_by_task_list_and_duplicates_and_gaps_are_left_out(tmp_path):
+    root = tmp_path / "mixed"
+    for seed in range(2):
+        write_run(root / "a" / "mean" / f"seed{seed}", "mean", seed, {10: [1.0, 1.0, 0.0, 0.0]})
+        # the same (balancer, seed) in another experiment folder: not counted twice
+        write_run(root / "b" / "mean" / f"seed{seed}", "mean", seed, {10: [0.0] * 4})
+    # a run on another task list (its config names other tasks): its own group
+    other = root / "c" / "mean" / "seed0"
+    write_run(other, "mean", 0, {10: [1.0] * 4})
+    config = json.loads((other / "config.json").read_text())
+    config["task_names"] = ["w", "x", "y", "z"]
+    (other / "config.json").write_text(json.dumps(config))
+    for name in ("eval.jsonl", "result.json"):
+        text = (other / name).read_text()
+        for old, new in zip(TASKS, ["w", "x", "y", "z"], strict=True):
+            text = text.replace(old, new)
+        (other / name).write_text(text)
+    # a final evaluation without a number for one task (null): listed, not counted
+    gap = root / "d" / "cagrad" / "seed0"
+    write_run(gap, "cagrad", 0, {10: [1.0, math.nan, 1.0, 1.0]})
+    for name in ("eval.jsonl", "result.json"):
+        (gap / name).write_text((gap / name).read_text().replace("NaN", "null"))
+    report = write_report(root, reps=REPS, poi_reps=POI_REPS, plots=False)
+    by_tasks = {tuple(g.tasks): g for g in report.groups}
+    assert set(by_tasks) == {tuple(TASKS), ("w", "x", "y", "z")}
+    g = by_tasks[tuple(TASKS)]
+    assert list(g.methods) == ["mean"] and g.methods["mean"].seeds == [0, 1]
+    assert g.methods["mean"].final_mean == 0.5  # folder a's runs, not a + b
+    why = {str(r.path.relative_to(root)): reason for r, reason in report.skipped}
+    assert why["b/mean/seed0"].startswith("same balancer and seed as a/mean/seed0")
+    assert why["d/cagrad/seed0"] == "final evaluation has no success value for task(s) task-b"
+    assert len({g.slug for g in report.groups}) == 2  # plot files do not collide
+    md = (root / "summary.md").read_text()
+    assert "(4 tasks: w, x, y, z)" in md
+
+
+def test_single_seed_has_no_interval_and_mixed_runs_are_flagged(tmp_path):
+    root = tmp_path / "one"
+    write_run(root / "mean" / "seed0", "mean", 0, {100: [0.0] * 4, 200: [0.5] * 4},
+              protocol="metaworld-plus")
+    write_run(root / "fairgrad" / "seed0", "fairgrad", 0, {100: [1.0] * 4},
+              protocol="metaworld-plus")
+    report = write_report(root, reps=REPS, poi_reps=POI_REPS, plots=False)
+    (g,) = report.groups
+    m = g.methods["mean"]
+    assert m.mean_ci[0] == 0.5 and math.isnan(m.mean_ci[1]) and math.isnan(m.iqm_ci[2])
+    p, low, high = g.poi[("fairgrad", "mean")]
+    assert p == 1.0 and math.isnan(low) and math.isnan(high)
+    assert any("final evaluations at different steps" in w for w in g.warnings)
+    md = (root / "summary.md").read_text()
+    assert "0.500 [n/a, n/a]" in md and "**Note:** final evaluations at different steps" in md
+    assert "1 episode(s) per task per evaluation" in md  # from the records, not a constant
+
+
+def test_an_extended_run_with_an_old_result_is_unfinished(tmp_path):
+    root = tmp_path / "ext"
+    write_run(root / "mean" / "seed0", "mean", 0, {10: [1.0] * 4})
+    config_path = root / "mean" / "seed0" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["total_steps"] = 1000  # result.json says step 10
+    config_path.write_text(json.dumps(config))
+    write_run(root / "mean" / "seed1", "mean", 1, {10: [0.0] * 4})
+    report = write_report(root, reps=REPS, poi_reps=POI_REPS, plots=False)
+    assert report.groups[0].methods["mean"].seeds == [1]
+    assert [r.seed for r, _ in report.skipped] == [0]

@@ -337,3 +337,30 @@ def test_uniform_sampling_and_multihead_train(tmp_path):
     assert math.isfinite(last["critic/loss"]) and len(last["critic/losses"]) == 4
     saved = json.loads((result.run_dir / "config.json").read_text())
     assert saved["stratified"] is False and saved["sac"]["multihead"] is True
+
+
+def test_extending_a_run_drops_its_old_result_and_a_lost_sessions_logs(tmp_path):
+    cfg = toy_config(tmp_path, total_steps=40, checkpoint_every=20, eval_every=10)
+    train(cfg)
+    run = tmp_path / "run"
+    assert (run / "result.json").is_file()
+    for name in ("eval.jsonl", "metrics.jsonl"):  # records of a session lost after step 40
+        with open(run / name, "a") as f:
+            f.write(json.dumps({"step": 45, "lost": True}) + "\n")
+    # extend to 100 steps; interrupted at step 50: the run is unfinished again
+    made = []
+
+    def factory(c):  # Ctrl-C from the training env only (the eval env is built later)
+        made.append(c)
+        return NaNRewardAfter(c, start=10**9, signal_at=10) if len(made) == 1 else make_envs(c)
+
+    part = train(replace(cfg, total_steps=100), resume=True, env_factory=factory)
+    assert part.interrupted and part.steps == 50
+    assert not (run / "result.json").exists()
+    for name in ("eval.jsonl", "metrics.jsonl"):
+        records = _jsonl(run / name)
+        assert not any(r.get("lost") for r in records), name
+        steps = [r["step"] for r in records]  # evaluations every 10, logs every 20
+        assert steps == ([10, 20, 30, 40, 50] if name == "eval.jsonl" else [20, 40]), steps
+    done = train(replace(cfg, total_steps=100), resume=True)
+    assert done.steps == 100 and json.loads((run / "result.json").read_text())["step"] == 100
