@@ -621,3 +621,58 @@ def test_diagnostics_switch():
     agent.diagnostics = False
     m = agent.update(make_batch(1))
     assert torch.isnan(m["critic/grad_norms"]).all() and m["skipped"] == 0
+
+
+@pytest.mark.parametrize("guard", ["sync", "masked"])
+@pytest.mark.parametrize("make", [lambda: build("nash-mtl", update_every=3),
+                                  lambda: build("sdmgrad-os", num_sampled=2, seed=1),
+                                  lambda: build("pcgrad", seed=2)])
+def test_a_skipped_update_leaves_the_balancers_as_they_were(make, guard):
+    """The next good updates equal those of an agent that never saw the bad batch: the
+    balancers' state (cache, step counter, a sampler's generator) is put back in both
+    modes (under masked, the actor's and temperature's balancers ran on finite losses)."""
+    cfg = SACConfig(hidden_sizes=(16, 16), nan_guard=guard)
+    agent, clean = make_agent(cfg, factory=make), make_agent(cfg, factory=make)
+    for a in (agent, clean):
+        torch.manual_seed(5)
+        a.update(make_batch(0))
+    bad = make_batch(1)
+    bad.reward[0] = float("nan")
+    torch.manual_seed(6)
+    assert agent.update(bad)["skipped"] == 1
+    for i in range(2, 5):
+        for a in (agent, clean):
+            torch.manual_seed(10 + i)
+            m = a.update(make_batch(i))
+            assert m["skipped"] == 0
+    assert_same(params_of(clean), params_of(agent))
+    for name, b in clean.balancers.items():
+        for key, v in b.state_dict().items():
+            assert torch.equal(agent.balancers[name].state_dict()[key], v), (name, key)
+
+
+def test_deterministic_actions_draw_no_random_numbers():
+    agent = make_agent(SACConfig(hidden_sizes=(16, 16), multihead=True))
+    obs = make_batch(0).obs
+    state = torch.get_rng_state()
+    a = agent.act(obs, deterministic=True)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(a, agent.actor(obs, obs[:, -K:].argmax(1))[2])
+    agent.act(obs)  # a sample does
+    assert not torch.equal(torch.get_rng_state(), state)
+
+
+def test_optimizer_state_from_a_capturable_run_loads_on_the_cpu():
+    """A CUDA run (masked guard: capturable Adam) resumed on the CPU, and the reverse: the
+    loaded state follows this agent's choice of `capturable` and its step counts move."""
+    src = make_agent(SACConfig(hidden_sizes=(16, 16), nan_guard="sync"))
+    src.update(make_batch(0))
+    sd = copy.deepcopy(src.optimizer_state_dict())
+    for opt in sd.values():  # what a CUDA run's checkpoint holds
+        for group in opt["param_groups"]:
+            group["capturable"] = True
+    agent = make_agent(SACConfig(hidden_sizes=(16, 16), nan_guard="sync"))
+    agent.load_optimizer_state_dict(sd)
+    for opt in (agent.actor_optimizer, agent.critic_optimizer, agent.alpha_optimizer):
+        assert all(g["capturable"] is False for g in opt.param_groups)
+    assert agent.update(make_batch(1))["skipped"] == 0  # capturable=True raised here

@@ -411,3 +411,47 @@ def test_fixed_points_with_very_different_norms(name, alpha, factor):
     assert w.min() > 0
     assert np.abs((a @ w) * w ** (1.0 / alpha) - 1.0).max() < 1e-8
     assert torch.allclose(out, torch.from_numpy(w) @ g)
+
+
+def simplex_qp_by_enumeration(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``argmin_{w∈Δ} ½wᵀAw + bᵀw`` by brute force over every support (small K only)."""
+    import itertools
+
+    k, best, best_val = a.shape[0], None, math.inf
+    for m in range(1, k + 1):
+        for support in itertools.combinations(range(k), m):
+            s = list(support)
+            mat = np.ones((m + 1, m + 1))
+            mat[:m, :m], mat[m, m] = a[np.ix_(s, s)], 0.0
+            rhs = np.append(-b[s], 1.0)
+            x = np.linalg.lstsq(mat, rhs, rcond=None)[0][:m]
+            if x.min() < -1e-12:
+                continue
+            w = np.zeros(k)
+            w[s] = np.clip(x, 0.0, None) / np.clip(x, 0.0, None).sum()
+            val = 0.5 * w @ a @ w + b @ w
+            if val < best_val:
+                best, best_val = w, val
+    return best
+
+
+@pytest.mark.parametrize("scales", [(1e-3, 1e-9), (1e-3, 1e-12), (1e-4, 1e-14)])
+def test_simplex_qp_with_a_linear_term_and_tiny_rows(scales):
+    """SDMGrad's problem (b = λ A 1/K) with two rows far smaller than the others: the
+    Jacobi-scaled solve must not fail or stop early (it falls back to the common scale)."""
+    from mtrl.balancers._solvers import simplex_qp
+
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        g = rng.standard_normal((5, 8))
+        g[0] *= scales[0]
+        g[1] *= scales[1]
+        a = g @ g.T
+        b = 0.6 * a.mean(axis=1)
+        w, ref = simplex_qp(a, b), simplex_qp_by_enumeration(a, b)
+        ours, best = (0.5 * x @ a @ x + b @ x for x in (w, ref))
+        assert ours <= best + 1e-9 * abs(best) + 1e-15 * float(np.abs(a).max())
+    g = torch.tensor([[1.0, -1.0, 0.0], [1e-6, 2e-6, 3e-6], [1e-13, 0.0, 0.0]],
+                     dtype=torch.float64)  # quadprog refused the scaled problem here
+    for name in ("sdmgrad", "cagrad"):
+        assert torch.isfinite(build(name).combine(g)).all()

@@ -58,6 +58,11 @@ as non-finite. ``SACConfig.nan_guard`` picks how:
   wants the losses after the step (FAMO) reads the flag, since it copies losses to the
   host anyway; gradient balancers sync regardless when they solve their K×K problem on
   the CPU.
+
+In both modes a skipped step also leaves the balancers as they were: their state
+(carried weights, caches, a sampler's generator) is snapshotted before each balanced
+backward and put back (under "masked" this reads the flags once per update, only when a
+balancer keeps state), and the plumbing refuses a non-finite Gramian before any solve.
 """
 
 from __future__ import annotations
@@ -226,6 +231,7 @@ class MultiTaskSAC(nn.Module):
         self.critic_optimizer = adam(self.critic.parameters(), lr=cfg.critic_lr)
         self.alpha_optimizer = adam([self.log_alpha], lr=cfg.alpha_lr)
         self._task_major: bool | None = None  # batch layout, decided on the first update
+        self._balancer_snapshots: dict[str, dict[str, Tensor]] = {}  # see update()
         #: Compute the gradient statistics (mean cosine, conflicts, norms) of balanced
         #: losses. They cost a K×K Gramian (K² D FLOPs, about one backward at K = 50);
         #: a trainer may set this False on updates whose metrics it does not log.
@@ -253,8 +259,10 @@ class MultiTaskSAC(nn.Module):
         if obs.ndim != 2 or obs.shape[1] != self.obs_dim:
             raise ValueError(f"obs must be (N, {self.obs_dim}), got {tuple(obs.shape)}")
         task_id = self.task_ids_from_obs(obs) if self.actor.num_heads > 1 else None
-        action, _, mean_action = self.actor(obs, task_id)
-        out = mean_action if deterministic else action
+        if deterministic:  # no sample drawn: evaluation leaves every RNG as it was
+            out = torch.tanh(self.actor.distribution_params(obs, task_id)[0])
+        else:
+            out = self.actor(obs, task_id)[0]
         return out[0] if single else out
 
     # ------------------------------------------------------------------ per-sample terms
@@ -292,6 +300,9 @@ class MultiTaskSAC(nn.Module):
         task_major = self._check_layout(task_id)
 
         metrics: dict[str, Tensor] = {}
+        # Balancer state before each balanced backward: a skipped step puts it back (a
+        # sampler's generator, a cache), like the parameters and Adam's state.
+        self._balancer_snapshots = {}
         nan_k = torch.full((K,), float("nan"), device=dev)
         nan_0 = torch.tensor(float("nan"), device=dev)
         for name in LOSS_NAMES:
@@ -349,6 +360,16 @@ class MultiTaskSAC(nn.Module):
         self._step("actor", self.actor_optimizer, a_terms, a_params, a_data, a_norm, mask)
         self._step("alpha", self.alpha_optimizer, self._alpha_terms, t_params, t_data, t_norm,
                    mask)
+
+        if mask is not None and self._balancer_snapshots:
+            # masked: the balancers of undone steps go back too. This reads the flags (a
+            # host sync), only for balancers that keep state, which sync anyway when
+            # their K×K problem is solved on the CPU.
+            flags = {"critic": ok_critic, "actor": ok, "alpha": ok}
+            for name, state in self._balancer_snapshots.items():
+                if not bool(flags[name]):
+                    self.balancers[name].load_state_dict(state)
+            self._balancer_snapshots = {}
 
         # ---- target critic (not moved when the update was skipped)
         target, online = list(self.critic_target.parameters()), list(self.critic.parameters())
@@ -429,6 +450,9 @@ class MultiTaskSAC(nn.Module):
             checked = mean.detach()
             metrics[f"{name}/losses"] = self._per_task(terms.detach(), task_id, task_major)
         else:  # task-major here (see _check_layout)
+            state = balancer.state_dict()
+            if state:  # stateless balancers (cagrad, mgda, ...) need no snapshot
+                self._balancer_snapshots[name] = {k: v.clone() for k, v in state.items()}
             try:
                 stats = balanced_backward_terms(
                     terms_fn, params, data, self.num_tasks, balancer,
@@ -489,6 +513,8 @@ class MultiTaskSAC(nn.Module):
             optimizer.step()
         else:
             _masked_step(optimizer, ok)
+        if ok is None:
+            self._balancer_snapshots.pop(name, None)  # this step stands
         balancer = self.balancers[name] if name in self.balancers else None
         if (
             balancer is not None
@@ -503,6 +529,9 @@ class MultiTaskSAC(nn.Module):
     def _skip(self, metrics: dict[str, Tensor], params: Any) -> dict[str, Tensor]:
         for p in params:
             p.grad = None
+        for name, state in self._balancer_snapshots.items():  # the losses not stepped
+            self.balancers[name].load_state_dict(state)
+        self._balancer_snapshots = {}
         metrics["alpha/temperature"] = self.temperatures().clone()
         metrics["skipped"] = torch.ones((), device=self.device)
         return metrics
@@ -522,9 +551,21 @@ class MultiTaskSAC(nn.Module):
         if not isinstance(sd, dict) or set(sd) != want:
             got = sorted(sd) if isinstance(sd, dict) else type(sd).__name__
             raise ValueError(f"optimizer state must have keys {sorted(want)}, got {got}")
-        self.actor_optimizer.load_state_dict(sd["actor"])
-        self.critic_optimizer.load_state_dict(sd["critic"])
-        self.alpha_optimizer.load_state_dict(sd["alpha"])
+        capturable = self.masked_guard and self.device.type != "cpu"
+        for opt, key in ((self.actor_optimizer, "actor"), (self.critic_optimizer, "critic"),
+                         (self.alpha_optimizer, "alpha")):
+            opt.load_state_dict(sd[key])
+            # The state may come from another device (a CUDA run resumed on the CPU, or the
+            # reverse): Adam's `capturable` is this agent's choice, not the saved one, and
+            # its step counts go where that choice wants them.
+            for group in opt.param_groups:
+                group["capturable"] = capturable
+                for p in group["params"]:
+                    state = opt.state.get(p, {})
+                    step = state.get("step")
+                    if isinstance(step, Tensor):
+                        where = p.device if capturable else torch.device("cpu")
+                        state["step"] = step.detach().to(where, torch.float32)
 
 
 def _finite(losses: Tensor, norm: Tensor) -> Tensor:

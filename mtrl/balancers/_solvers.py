@@ -215,14 +215,17 @@ def simplex_qp(
     """``argmin_{w ∈ Δ} ½ wᵀAw + bᵀw`` for a PSD ``A`` (K×K), solved to machine precision.
 
     Solved in Jacobi-scaled variables ``w = c ⊙ z`` (``c_i ∝ 1/sqrt(A_ii)``, so the
-    matrix in ``z`` has a unit diagonal and ``Σ c_i z_i = 1``): gradients of very
-    different norms (measured: ratios of 1e3 and more) are then treated alike by the
-    ridge and the tolerances, which a scale common to all rows cannot do. quadprog solves
-    it with a relative ridge of :data:`RIDGE` (it needs a positive-definite matrix); the
-    result is polished by solving the KKT system on the active set of the unridged
-    problem, which is kept when it is feasible and has a smaller KKT residual. ``guess``
-    (weights from a previous call) is tried first: if the KKT system on its support
-    solves the problem, quadprog is skipped.
+    matrix in ``z`` has a unit diagonal and ``Σ c_i z_i = 1``; norms below ``1e-8`` of the
+    largest are scaled as if they were that large): gradients of very different norms
+    (measured: ratios of 1e3 and more) are then treated alike by the ridge and the
+    tolerances, which a scale common to all rows cannot do. quadprog solves it with a
+    relative ridge of :data:`RIDGE` (it needs a positive-definite matrix); the result is
+    polished by solving the KKT system on the active set of the unridged problem, kept
+    when it is feasible and has a smaller KKT residual. If that solve fails or does not
+    converge (quadprog on a badly scaled linear term, e.g. norms 1e-3 and 1e-12 of the
+    largest with ``b ≠ 0``), the problem is solved again in the common scale (largest
+    diagonal 1). ``guess`` (weights from a previous call) is tried first: if the KKT
+    system on its support solves the problem, quadprog is skipped.
     """
     k = a.shape[0]
     if b is None:
@@ -230,11 +233,24 @@ def simplex_qp(
     if k == 1:
         return np.ones(1)
     a = _sym(a)
-    if not float(np.max(np.diag(a))) > 0.0:  # all gradients zero: the objective is linear
+    dmax = float(np.max(np.diag(a)))
+    if not dmax > 0.0:  # all gradients zero: the objective is linear
         bmin = b.min()
         w = (b <= bmin + 1e-15 * max(1.0, abs(bmin))).astype(np.float64)
         return w / w.sum()
-    s = _jacobi(a)
+    jacobi = np.maximum(_jacobi(a), 1e-8 * math.sqrt(dmax))
+    w = _simplex_solve(a, b, guess, jacobi, strict=True)
+    if w is None:
+        w = _simplex_solve(a, b, guess, np.full(k, math.sqrt(dmax)), strict=False)
+    return w
+
+
+def _simplex_solve(
+    a: np.ndarray, b: np.ndarray, guess: np.ndarray | None, s: np.ndarray, strict: bool
+) -> np.ndarray | None:
+    """:func:`simplex_qp` in the variables ``w = c ⊙ z``, ``c = min(s)/s``. ``strict``:
+    ``None`` when quadprog fails or the KKT residual stays above 1e3 × the tolerance."""
+    k = a.shape[0]
     c = s.min() / s  # in (0, 1]
     a_z = a / np.outer(s, s)  # = cm² · diag(c) A diag(c), cm = 1 / min(s)
     b_z = b / (s * s.min())  # = cm² · c ⊙ b
@@ -252,14 +268,23 @@ def simplex_qp(
     constraints = np.hstack([c[:, None], np.eye(k)])
     rhs = np.zeros(k + 1)
     rhs[0] = 1.0
-    z, a_z = _quadprog_psd(a_z, -b_z, constraints, rhs, 1)
+    try:
+        z, a_z = _quadprog_psd(a_z, -b_z, constraints, rhs, 1)
+    except ValueError:
+        if strict:
+            return None
+        raise
     z = np.clip(z, 0.0, None)
     z = z / float(c @ z)
     res = simplex_kkt_residual(a_z, b_z, z, c)
     if res > tol:
         polished = _solve_on_support(a_z, b_z, z > 1e-10 * z.max(), c)
-        if polished is not None and simplex_kkt_residual(a_z, b_z, polished, c) < res:
-            z = polished
+        if polished is not None:
+            pres = simplex_kkt_residual(a_z, b_z, polished, c)
+            if pres < res:
+                z, res = polished, pres
+    if strict and not res <= 1e3 * tol:
+        return None
     return weights(z)
 
 

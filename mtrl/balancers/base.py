@@ -137,6 +137,15 @@ class Balancer(nn.Module):
             loss64 = losses.detach().to("cpu", torch.float64)
         else:  # only the length is used: no device-to-host copy
             loss64 = torch.zeros(losses.shape[0], dtype=torch.float64)
+        # NaN/Inf task gradients or losses (the plumbing does not check them; combine does):
+        # refuse before weights() runs, so no state (carried weights, caches, counters,
+        # generators) moves on a step that the agent's NaN guard will skip
+        for what, t in (("Gramian", gram), ("losses", loss64)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise FloatingPointError(
+                    f"balancer {self.name!r} got a non-finite {what} (NaN/Inf task gradients "
+                    "or losses); nothing was solved"
+                )
         w = self.weights(gram, loss64)
         if not torch.isfinite(w).all():
             raise FloatingPointError(f"balancer {self.name!r} produced non-finite weights {w}")
