@@ -8,6 +8,7 @@ loop over tasks.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -69,6 +70,7 @@ class MultiTaskReplayBuffer:
         self.pos = torch.zeros(k, dtype=torch.long, device=dev)
         self.size = torch.zeros(k, dtype=torch.long, device=dev)
         self._tasks = torch.arange(k, device=dev)
+        self.seed = seed
         self.generator = torch.Generator(device=dev)
         self.generator.manual_seed(seed)
 
@@ -193,7 +195,15 @@ class MultiTaskReplayBuffer:
             current[:, : saved.shape[1]].copy_(saved)
         self.pos.copy_(state["pos"])
         self.size.copy_(state["size"])
-        self.generator.set_state(state["generator"].cpu())
+        try:
+            self.generator.set_state(state["generator"].cpu())
+        except RuntimeError:  # saved on another device type (CUDA <-> CPU): reseed
+            self.generator.manual_seed(self.seed + int(self.size.sum()))
+            warnings.warn(
+                "the replay buffer's sampling generator was saved on another device type "
+                "and was reseeded: sampling is not bit-identical to an uninterrupted run",
+                stacklevel=2,
+            )
 
     def nbytes(self) -> int:
         """Bytes held by the transition storage (ring counters and generator excluded)."""

@@ -15,11 +15,29 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing or cannot be read; the message says which file and why."""
 
 
+def _read_umask() -> int:
+    """The process umask without changing it (``/proc/self/status`` on Linux); elsewhere
+    ``os.umask`` is set and put back, which is safe only before threads start."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK_AT_IMPORT = _read_umask()
+
+
 def _umask_mode() -> int:
     """``0o666`` less the process umask: the mode ``open()`` would give a new file
-    (``mkstemp`` makes its files ``0o600``, unreadable to a group sharing the runs)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    (``mkstemp`` makes its files ``0o600``, unreadable to a group sharing the runs). Read
+    without touching the umask where the OS allows (threads write runs concurrently)."""
+    mask = _read_umask() if os.path.exists("/proc/self/status") else _UMASK_AT_IMPORT
     return 0o666 & ~mask
 
 

@@ -101,9 +101,18 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value, prefix=f"{prefix}{key}.")
             continue
+        if key == "balancer_kwargs" and isinstance(value, Mapping):
+            # the values are the balancer's to check (build() names the bad one); any
+            # JSON value may be valid for a plug-in (None for a seed, a list, ...)
+            if all(isinstance(k, str) for k in value):
+                kwargs[key] = dict(value)
+                continue
         if not _matches(value, tp):
             raise ConfigError(f"{prefix}{key} must be {_describe(tp)}, got {value!r}")
-        kwargs[key] = _convert(value, tp)
+        try:
+            kwargs[key] = _convert(value, tp)
+        except OverflowError as exc:  # e.g. a 400-digit integer for a float
+            raise ConfigError(f"{prefix}{key} is too large: {value!r}") from exc
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:  # __post_init__ checks of the dataclass
@@ -209,6 +218,8 @@ def load_preset(path: str | Path) -> TrainConfig:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid JSON: {exc}") from exc
+    if isinstance(data, dict):  # a run's config.json as a preset: its recorded task list
+        data.pop("task_names", None)
     return from_dict(TrainConfig, data)
 
 

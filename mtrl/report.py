@@ -264,7 +264,8 @@ class Run:
         names = self.config.get("task_names")
         if names:
             return list(names)
-        return list(self.evals[-1]["success"]) if self.evals else []
+        final = self.final_eval  # older runs: the tasks their evaluations name
+        return list(final.get("success") or {}) if final else []
 
     @property
     def final_eval(self) -> dict[str, Any] | None:
@@ -833,7 +834,10 @@ def write_report(
                 continue
             missing = [t for t, v in zip(tasks, r.final_scores(tasks), strict=True)
                        if not math.isfinite(v)]
-            if missing or r.final_eval is None:
+            if not tasks:
+                skipped.append((r, "no task list (config.json names none and no evaluation "
+                                   "was logged)"))
+            elif missing or r.final_eval is None:
                 skipped.append((r, "final evaluation has no success value for task(s) "
                                    f"{', '.join(missing) or 'all'}"))
             elif (r.label, r.seed) in seen:  # two runs of one seed would count twice
@@ -852,8 +856,8 @@ def write_report(
         groups.append(g)
 
     files: list[Path] = []
-    csv_path = out / "results.csv"
-    atomic_write_text(csv_path, results_csv(finished))
+    csv_path = out / "results.csv"  # the runs in the statistics (no duplicates)
+    atomic_write_text(csv_path, results_csv([r for g in groups for r in g.runs]))
     files.append(csv_path)
 
     md = ["# Benchmark report", "",

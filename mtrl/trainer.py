@@ -12,6 +12,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -143,6 +144,34 @@ class _SkipCounter:
         return int(self.total)
 
 
+def _set_generator(gen: torch.Generator, saved: Tensor, seed: int, what: str) -> None:
+    """Restore a generator; a state from another device type (a CUDA run resumed on the
+    CPU, or the reverse) cannot be, so reseed from ``seed`` and say so."""
+    try:
+        gen.set_state(saved.cpu())
+    except RuntimeError:
+        gen.manual_seed(seed)
+        warnings.warn(
+            f"{what} was saved on another device type and was reseeded: the resumed run "
+            "is not bit-identical to an uninterrupted one", stacklevel=2,
+        )
+
+
+def _eval_at(path: Path, step: int) -> dict[str, Any] | None:
+    """The evaluation record of ``step`` in a JSONL log, if there is one."""
+    if not path.is_file():
+        return None
+    found = None
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("step") == step:
+            found = rec
+    return found
+
+
 def _truncate_jsonl(path: Path, last_step: int) -> None:
     """Keep the records of a JSONL log up to step ``last_step`` (rewritten atomically)."""
     if not path.is_file():
@@ -197,8 +226,10 @@ def train(
     if resume:
         config_file = run_dir / "config.json"
         if config_file.is_file():
-            _, saved = read_run_config(config_file)
-            changed = resume_changes(saved, cfg)
+            saved_cfg, _ = read_run_config(config_file)
+            # compared as parsed, so keys that older versions did not write count as
+            # their defaults
+            changed = resume_changes(to_dict(saved_cfg), cfg)
             if changed:
                 raise ConfigError(
                     f"cannot resume {str(run_dir)!r} with a different configuration: "
@@ -281,7 +312,8 @@ def train(
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
-        action_gen.set_state(state["rng"]["actions"].cpu())
+        _set_generator(action_gen, state["rng"]["actions"], cfg.env.seed + 1 + int(state["step"]),
+                       "the warm-up action generator")
         restored_env = "env" in state and hasattr(envs, "load_state_dict")
         if restored_env:
             envs.load_state_dict(state["env"])
@@ -295,6 +327,7 @@ def train(
                 if i >= 2 or restored_env:
                     mine.copy_(saved_t.to(mine.device))
         start_step = int(state["step"])
+        last_eval = _eval_at(run_dir / "eval.jsonl", start_step)  # not repeated at the end
         skipped_total = int(state["skipped_total"])
         best_success = float(state["best_success"])
         wall_before = float(state.get("wall_clock_s", 0.0))

@@ -355,3 +355,25 @@ def test_an_extended_run_with_an_old_result_is_unfinished(tmp_path):
     report = write_report(root, reps=REPS, poi_reps=POI_REPS, plots=False)
     assert report.groups[0].methods["mean"].seeds == [1]
     assert [r.seed for r, _ in report.skipped] == [0]
+
+
+def test_runs_without_a_task_list_are_left_out_and_the_csv_has_no_duplicates(tmp_path):
+    root = tmp_path / "r"
+    write_run(root / "a" / "mean" / "seed0", "mean", 0, {10: [1.0] * 4})
+    write_run(root / "b" / "mean" / "seed0", "mean", 0, {10: [0.0] * 4})  # duplicate seed
+    bare = root / "c" / "cagrad" / "seed0"  # an old run: no task_names, no logs, a result
+    write_run(bare, "cagrad", 0, {10: [1.0] * 4})
+    config = json.loads((bare / "config.json").read_text())
+    del config["task_names"]
+    (bare / "config.json").write_text(json.dumps(config))
+    (bare / "eval.jsonl").unlink()
+    result = json.loads((bare / "result.json").read_text())
+    result["final_eval"] = None
+    (bare / "result.json").write_text(json.dumps(result))
+    report = write_report(root, reps=REPS, poi_reps=POI_REPS, plots=False)
+    assert [len(g.tasks) for g in report.groups] == [4]
+    why = {str(r.path.relative_to(root)): reason for r, reason in report.skipped}
+    assert why["c/cagrad/seed0"].startswith("no task list")
+    with open(root / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["success"] for r in rows} == {"1.0"}  # a's rows only

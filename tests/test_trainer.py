@@ -364,3 +364,68 @@ def test_extending_a_run_drops_its_old_result_and_a_lost_sessions_logs(tmp_path)
         assert steps == ([10, 20, 30, 40, 50] if name == "eval.jsonl" else [20, 40]), steps
     done = train(replace(cfg, total_steps=100), resume=True)
     assert done.steps == 100 and json.loads((run / "result.json").read_text())["step"] == 100
+
+
+def test_resume_accepts_a_config_written_before_a_setting_existed(tmp_path):
+    cfg = toy_config(tmp_path, total_steps=40, checkpoint_every=20)
+    train(cfg)
+    (tmp_path / "run" / "result.json").unlink()
+    path = tmp_path / "run" / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["sac"]["nan_guard"], saved["save_buffer"]  # as an older version wrote it
+    path.write_text(json.dumps(saved))
+    assert train(replace(cfg, total_steps=60), resume=True).steps == 60
+
+
+def test_resume_at_the_last_step_without_result_evaluates_once(tmp_path):
+    """Stopped after the final checkpoint, before result.json: the resume writes the
+    result from the logged final evaluation instead of evaluating that step again."""
+    cfg = toy_config(tmp_path, total_steps=40, checkpoint_every=20, eval_every=20)
+    first = train(cfg)
+    (tmp_path / "run" / "result.json").unlink()
+    again = train(cfg, resume=True)
+    assert not again.already_finished and again.final_eval == first.final_eval
+    assert [e["step"] for e in _jsonl(tmp_path / "run" / "eval.jsonl")] == [20, 40]
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["final_eval"]["step"] == 40
+
+
+def test_generator_states_from_another_device_type_are_reseeded(tmp_path):
+    """A CUDA generator's state (16 bytes) cannot go into a CPU generator: the run resumes
+    with reseeded generators and a warning, instead of failing."""
+    from mtrl.checkpoint import save_checkpoint
+
+    cfg = toy_config(tmp_path, total_steps=40, checkpoint_every=20)
+    train(cfg)
+    (tmp_path / "run" / "result.json").unlink()
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    state = load_checkpoint(ckpt)
+    state["rng"]["actions"] = torch.zeros(16, dtype=torch.uint8)
+    state["buffer"]["generator"] = torch.zeros(16, dtype=torch.uint8)
+    save_checkpoint(ckpt, state)
+    with pytest.warns(UserWarning, match="saved on another device type"):
+        assert train(replace(cfg, total_steps=60), resume=True).steps == 60
+
+
+def test_file_modes_are_read_without_changing_the_umask(monkeypatch, tmp_path):
+    import mtrl.checkpoint as ckpt_mod
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("reads the umask from /proc")
+    mask = os.umask(0o022)
+    os.umask(mask)
+
+    def no_umask(_):  # another thread would see umask 0 in between
+        raise AssertionError("os.umask called")
+
+    monkeypatch.setattr(ckpt_mod.os, "umask", no_umask)
+    ckpt_mod.atomic_write_text(tmp_path / "x.json", "{}")
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_balancer_kwargs_take_any_json_value_and_presets_may_be_run_configs(tmp_path):
+    cfg = from_dict(TrainConfig, {"balancer": "pcgrad", "balancer_kwargs": {"seed": None}})
+    assert cfg.balancer_kwargs == {"seed": None}
+    with pytest.raises(ConfigError, match="sac.gamma is too large"):
+        from_dict(TrainConfig, {"sac": {"gamma": 10**400}})
+    result = train(toy_config(tmp_path, total_steps=30))
+    assert load_preset(result.run_dir / "config.json").total_steps == 30  # task_names dropped

@@ -66,9 +66,11 @@ class IMTLG(Balancer):
         # non-zero direction: then the least-squares weights are returned, and said so.
         miss = float(np.linalg.norm(sub @ v - norms)) / float(np.linalg.norm(norms))
         if miss > 1e-8:
-            self.info["fallback"] = (
+            note = (
                 f"no direction has equal projections on all unit gradients (relative "
                 f"residual {miss:.2g}; K exceeds the rank of the gradients); used the "
                 "least-squares weights"
             )
+            earlier = self.info.get("fallback")
+            self.info["fallback"] = f"{earlier}; {note}" if earlier else note
         return torch.from_numpy(w)
