@@ -101,12 +101,16 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value, prefix=f"{prefix}{key}.")
             continue
-        if key == "balancer_kwargs" and isinstance(value, Mapping):
+        if key == "balancer_kwargs":
             # the values are the balancer's to check (build() names the bad one); any
             # JSON value may be valid for a plug-in (None for a seed, a list, ...)
-            if all(isinstance(k, str) for k in value):
-                kwargs[key] = dict(value)
-                continue
+            if not (isinstance(value, Mapping) and all(isinstance(k, str) for k in value)):
+                raise ConfigError(
+                    f"{prefix}{key} must be an object (hyper-parameter names to values), "
+                    f"got {value!r}"
+                )
+            kwargs[key] = dict(value)
+            continue
         if not _matches(value, tp):
             raise ConfigError(f"{prefix}{key} must be {_describe(tp)}, got {value!r}")
         try:
@@ -218,8 +222,11 @@ def load_preset(path: str | Path) -> TrainConfig:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid JSON: {exc}") from exc
-    if isinstance(data, dict):  # a run's config.json as a preset: its recorded task list
-        data.pop("task_names", None)
+    if isinstance(data, dict) and "task_names" in data:
+        # a run's config.json as a preset: its settings, not that run's task record or
+        # its directory (a new run goes to its own folder)
+        data.pop("task_names")
+        data.pop("run_dir", None)
     return from_dict(TrainConfig, data)
 
 

@@ -825,8 +825,13 @@ def write_report(
         for r in incomplete
     ]
     # One group per benchmark, protocol and task list (custom benchmarks may differ)
-    keys = sorted({(r.benchmark, r.protocol, tuple(r.task_names)) for r in finished})
+    keys = sorted({(r.benchmark, r.protocol, tuple(r.task_names)) for r in finished
+                   if r.task_names})
     groups: list[GroupSummary] = []
+    for r in finished:
+        if not r.task_names:
+            skipped.append((r, "no task list (config.json names none and no evaluation "
+                               "was logged)"))
     for bench, proto, tasks in keys:
         members, seen = [], {}
         for r in finished:
@@ -834,10 +839,7 @@ def write_report(
                 continue
             missing = [t for t, v in zip(tasks, r.final_scores(tasks), strict=True)
                        if not math.isfinite(v)]
-            if not tasks:
-                skipped.append((r, "no task list (config.json names none and no evaluation "
-                                   "was logged)"))
-            elif missing or r.final_eval is None:
+            if missing or r.final_eval is None:
                 skipped.append((r, "final evaluation has no success value for task(s) "
                                    f"{', '.join(missing) or 'all'}"))
             elif (r.label, r.seed) in seen:  # two runs of one seed would count twice

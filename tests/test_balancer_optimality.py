@@ -455,3 +455,27 @@ def test_simplex_qp_with_a_linear_term_and_tiny_rows(scales):
                      dtype=torch.float64)  # quadprog refused the scaled problem here
     for name in ("sdmgrad", "cagrad"):
         assert torch.isfinite(build(name).combine(g)).all()
+
+
+def test_simplex_qp_never_worse_than_the_common_scale_and_never_nan():
+    """The Jacobi-scaled solve falls back to (and is compared with) the common-scale one;
+    quadprog returning no usable point must not turn into NaN weights."""
+    from mtrl.balancers._solvers import _simplex_solve, simplex_qp
+
+    a = np.array([[1.1220839945283837e-20, -3.5155289663522923e-12],
+                  [-3.5155289663522923e-12, 1.1014276982407656e-03]])
+    b = np.array([-1.0553529696781704e-08, 1.6434841356898055e-09])
+    assert np.allclose(simplex_qp(a, b), [1.0, 0.0])  # was [nan, nan]
+    rng = np.random.default_rng(2)
+    for _ in range(400):
+        k = int(rng.integers(2, 5))
+        g = rng.standard_normal((k, int(rng.integers(1, 4))))
+        g *= 10.0 ** rng.uniform(-14, 0, size=(k, 1))
+        a = g @ g.T
+        a /= np.diag(a).max()
+        b = rng.standard_normal(k) * 10.0 ** rng.uniform(-10, 0)
+        w = simplex_qp(a, b)
+        assert np.all(np.isfinite(w)) and abs(w.sum() - 1) < 1e-12 and w.min() >= 0
+        common, _ = _simplex_solve(a, b, None, np.ones(k), strict=False)
+        f, f_common = (0.5 * x @ a @ x + b @ x for x in (w, common))
+        assert f <= f_common + 1e-10 * (1 + np.abs(b).max())

@@ -372,6 +372,7 @@ def test_runs_without_a_task_list_are_left_out_and_the_csv_has_no_duplicates(tmp
     (bare / "result.json").write_text(json.dumps(result))
     report = write_report(root, reps=REPS, poi_reps=POI_REPS, plots=False)
     assert [len(g.tasks) for g in report.groups] == [4]
+    assert report.groups[0].tag == ""  # the left-out run does not make a second group
     why = {str(r.path.relative_to(root)): reason for r, reason in report.skipped}
     assert why["c/cagrad/seed0"].startswith("no task list")
     with open(root / "results.csv") as f:

@@ -428,4 +428,7 @@ def test_balancer_kwargs_take_any_json_value_and_presets_may_be_run_configs(tmp_
     with pytest.raises(ConfigError, match="sac.gamma is too large"):
         from_dict(TrainConfig, {"sac": {"gamma": 10**400}})
     result = train(toy_config(tmp_path, total_steps=30))
-    assert load_preset(result.run_dir / "config.json").total_steps == 30  # task_names dropped
+    preset = load_preset(result.run_dir / "config.json")  # task_names and run_dir dropped
+    assert preset.total_steps == 30 and preset.run_dir is None
+    with pytest.raises(ConfigError, match=r"balancer_kwargs must be an object \(hyper-param"):
+        from_dict(TrainConfig, {"balancer_kwargs": [1]})

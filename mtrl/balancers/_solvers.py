@@ -161,6 +161,8 @@ def simplex_kkt_residual(
     (``c = 1``: the simplex), in the scale of ``a`` and ``b``."""
     if c is None:
         c = np.ones_like(w)
+    if not (np.all(np.isfinite(w)) and np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return math.inf  # (max(0.0, nan) would read as converged)
     grad = a @ w + b
     mu = float(w @ grad)  # the multiplier of cᵀw = 1 (Σ w_i (grad_i − μ c_i) = 0)
     dual = max(0.0, float(np.max(mu * c - grad)))  # grad_i >= mu c_i for all i
@@ -239,17 +241,24 @@ def simplex_qp(
         w = (b <= bmin + 1e-15 * max(1.0, abs(bmin))).astype(np.float64)
         return w / w.sum()
     jacobi = np.maximum(_jacobi(a), 1e-8 * math.sqrt(dmax))
-    w = _simplex_solve(a, b, guess, jacobi, strict=True)
-    if w is None:
-        w = _simplex_solve(a, b, guess, np.full(k, math.sqrt(dmax)), strict=False)
-    return w
+    w, converged = _simplex_solve(a, b, guess, jacobi)
+    if converged:
+        return w
+    w2, _ = _simplex_solve(a, b, guess, np.full(k, math.sqrt(dmax)), strict=False)
+    if w is not None:  # keep the better of the two (objective in the original scale)
+        f1, f2 = (0.5 * float(x @ a @ x) + float(b @ x) for x in (w, w2))
+        if f1 < f2:
+            return w
+    return w2
 
 
 def _simplex_solve(
-    a: np.ndarray, b: np.ndarray, guess: np.ndarray | None, s: np.ndarray, strict: bool
-) -> np.ndarray | None:
-    """:func:`simplex_qp` in the variables ``w = c ⊙ z``, ``c = min(s)/s``. ``strict``:
-    ``None`` when quadprog fails or the KKT residual stays above 1e3 × the tolerance."""
+    a: np.ndarray, b: np.ndarray, guess: np.ndarray | None, s: np.ndarray, strict: bool = True
+) -> tuple[np.ndarray | None, bool]:
+    """:func:`simplex_qp` in the variables ``w = c ⊙ z``, ``c = min(s)/s``: ``(w,
+    converged)``, converged meaning a KKT residual within 1e3 × the tolerance. With
+    ``strict`` a failed solve gives ``(None, False)``; without, quadprog's error is raised
+    (and a non-converged ``w`` is returned as it is)."""
     k = a.shape[0]
     c = s.min() / s  # in (0, 1]
     a_z = a / np.outer(s, s)  # = cm² · diag(c) A diag(c), cm = 1 / min(s)
@@ -263,7 +272,7 @@ def _simplex_solve(
     if guess is not None and guess.shape == (k,):
         z = _solve_on_support(a_z, b_z, guess > 1e-12, c)
         if z is not None and simplex_kkt_residual(a_z, b_z, z, c) <= tol:
-            return weights(z)
+            return weights(z), True
 
     constraints = np.hstack([c[:, None], np.eye(k)])
     rhs = np.zeros(k + 1)
@@ -272,10 +281,16 @@ def _simplex_solve(
         z, a_z = _quadprog_psd(a_z, -b_z, constraints, rhs, 1)
     except ValueError:
         if strict:
-            return None
+            return None, False
         raise
     z = np.clip(z, 0.0, None)
-    z = z / float(c @ z)
+    total = float(c @ z)
+    if not (math.isfinite(total) and total > 0.0):  # quadprog gave no usable point
+        if strict:
+            return None, False
+        z = np.ones(k)  # start the polish from uniform weights
+        total = float(c @ z)
+    z = z / total
     res = simplex_kkt_residual(a_z, b_z, z, c)
     if res > tol:
         polished = _solve_on_support(a_z, b_z, z > 1e-10 * z.max(), c)
@@ -283,9 +298,11 @@ def _simplex_solve(
             pres = simplex_kkt_residual(a_z, b_z, polished, c)
             if pres < res:
                 z, res = polished, pres
-    if strict and not res <= 1e3 * tol:
-        return None
-    return weights(z)
+    w = weights(z)
+    converged = bool(res <= 1e3 * tol) and bool(np.all(np.isfinite(w)))
+    if strict and not np.all(np.isfinite(w)):
+        return None, False
+    return w, converged
 
 
 def _nnqp_pivoting(
