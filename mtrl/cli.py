@@ -32,7 +32,7 @@ def _fail(message: str, code: int = 2) -> None:
 def _train(argv: list[str]) -> None:
     import tyro
 
-    from mtrl.config import TrainConfig, load_preset, read_run_config
+    from mtrl.config import RESUME_MAY_CHANGE, TrainConfig, load_preset, read_run_config
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
@@ -57,8 +57,8 @@ def _train(argv: list[str]) -> None:
         prog="mtrl train",
         description="Train multi-task SAC. Options override --config PRESET (a JSON file or a "
         "name in configs/); --resume RUN_DIR continues a run from its checkpoint (with its "
-        "saved config, or --config if given; only the run length, intervals, device and "
-        "threads may differ from the run's).",
+        "saved config, or --config if given; only "
+        + ", ".join(RESUME_MAY_CHANGE) + " may differ from the run's).",
     )
     if known.resume and Path(cfg.run_dir or "").resolve() != Path(known.resume).resolve():
         _fail("--resume and --run-dir must name the same directory")
@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(exc))
     except TrainingError as exc:
         _fail(str(exc), code=1)
+    except ArithmeticError as exc:  # e.g. a plug-in balancer returning NaN weights
+        _fail(f"{type(exc).__name__}: {exc}", code=1)
     except ValueError as exc:  # bad values surfacing from dataclass/env validation
         _fail(str(exc))
 

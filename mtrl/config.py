@@ -29,8 +29,13 @@ class ConfigError(ValueError):
 class TrainConfig:
     """Everything a training run needs. Steps count vector-env steps: one transition per task."""
 
-    env: EnvConfig = field(default_factory=EnvConfig)
-    """Environment: benchmark (MT10, MT50, MT1, custom, toy), seed, episode length, goals."""
+    env: EnvConfig = field(
+        default_factory=lambda: EnvConfig(max_episode_steps=150, goal_mode="fixed")
+    )
+    """Environment: benchmark (MT10, MT50, MT1, custom, toy), seed, episode length, goals.
+    Default: MT10 with the mtrl protocol's episodes (150 steps, one fixed goal per task);
+    with --protocol metaworld-plus also set --env.max-episode-steps 500 --env.goal-mode
+    random (the presets and `mtrl bench` do)."""
     sac: SACConfig = field(default_factory=SACConfig)
     """Multi-task SAC: network sizes, learning rates, which losses are balanced."""
     balancer: str = "mean"
@@ -99,6 +104,11 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
+            if isinstance(value, Mapping):  # keys not given keep the field's own default
+                # (TrainConfig's env default is not EnvConfig())
+                fld = next(f for f in dataclasses.fields(cls) if f.name == key)
+                if fld.default_factory is not dataclasses.MISSING:
+                    value = {**dataclasses.asdict(fld.default_factory()), **value}
             kwargs[key] = from_dict(tp, value, prefix=f"{prefix}{key}.")
             continue
         if key == "balancer_kwargs":

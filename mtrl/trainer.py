@@ -136,10 +136,11 @@ class _SkipCounter:
         longest = int(self.longest)
         self.longest = self.run.clone()
         if longest >= self.limit:
+            kept = (f"the last good checkpoint is kept at {ckpt_path}" if ckpt_path.is_file()
+                    else "no checkpoint had been written yet")
             raise TrainingError(
                 f"stopped at step {step}: {longest} consecutive updates had NaN/Inf losses "
-                f"or gradients and were skipped; the last good checkpoint is kept at "
-                f"{ckpt_path}"
+                f"or gradients and were skipped; {kept}"
             )
         return int(self.total)
 
@@ -320,6 +321,12 @@ def train(
             obs = state["obs"].to(device)
         else:  # Meta-World simulators cannot be restored: start fresh episodes.
             obs = envs.reset(seed=cfg.env.seed + int(state["step"]))
+            warnings.warn(
+                "these environments cannot be checkpointed: the resumed run starts new "
+                "episodes at the checkpoint step (agent, optimisers, buffer and generators "
+                "are restored exactly; the run is not bit-identical to an uninterrupted one)",
+                stacklevel=2,
+            )
         saved_stats = state.get("episode_stats")
         if saved_stats is not None:  # the log window's finished episodes, and (when the
             # env resumes mid-episode) the running episodes' return and success

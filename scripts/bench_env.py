@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import time
 
@@ -149,6 +150,7 @@ def main() -> None:
     warmup = args.warmup if args.warmup is not None else (10 if args.quick else 50)
     buffer_steps = args.buffer_steps or (200 if args.quick else 2000)
 
+    load_start = os.getloadavg()[0]
     rows: list[dict] = []
     for bench in args.benchmarks:
         for strategy in args.strategies:
@@ -173,6 +175,8 @@ def main() -> None:
         "\ncalls/s: vector steps/s for env rows (one call steps all K tasks), add or sample "
         "calls/s for buffer rows; rows/s: env-steps/s, transitions added/s, or rows sampled/s."
     )
+    print(f"\n- load average at start: {load_start:.2f}, at end: {os.getloadavg()[0]:.2f} "
+          "(other processes make timings noisy)")
 
 
 if __name__ == "__main__":

@@ -3,19 +3,20 @@
 Part A -- one easy task. MT1 ``reach-v3`` (``mtrl`` protocol env: fixed goal, 150-step
 episodes, observation = 39 Meta-World dims + a 1-dim task one-hot), trained with
 ``mtrl.trainer.train`` and settings chosen for a fast CPU run: 2×256 MLPs, batch 256,
-1000 warm-up steps, 30 000 steps, an evaluation every 500 steps (about 8 minutes on
-one idle core; a 15 000-step run reached evaluation returns of ~1,200 but no success,
-the first successes came after ~16 000 steps). Because the goal and the initial state
-are fixed and the evaluation policy is deterministic, one evaluation episode decides a
-task (the ``mtrl`` protocol's 1 episode per task), so the success curve is 0/1 per point;
+1000 warm-up steps, 30 000 steps, an evaluation every 500 steps (about 5 minutes on
+one idle core, measured 2026-11-28; a 15 000-step run reached evaluation returns of
+~1,200 but no success, the first successes came after ~16 000 steps). Because the goal
+and the initial state are fixed and the evaluation policy is deterministic, one
+evaluation episode decides a task (the ``mtrl`` protocol's 1 episode per task), so the
+success curve is 0/1 per point;
 the evaluation return and the training-episode success (stochastic policy, from
 ``metrics.jsonl``) are printed beside it. PASS (A): the best evaluation success >=
 ``--threshold`` (default 0.8); the final one is printed too.
 
 Part B -- MT10, short. The ``mtrl`` protocol MT10 env, balancer ``mean``, the published
 network and batch (3×400, 1280), 500 warm-up steps, 4000 steps, an evaluation every 500
-steps (1 deterministic episode per task); about 15 minutes on one idle core (~0.23 s per
-update). A uniform random policy is evaluated on the same evaluation envs (as many
+steps (1 deterministic episode per task); about 5 minutes on one idle core (measured
+2026-11-28). A uniform random policy is evaluated on the same evaluation envs (as many
 evaluations as the trained run made, 1 episode per task each). PASS (B): the run's best
 mean success > the random policy's mean success. A stricter line (best vs the random
 policy's *best* evaluation, max against max) is printed for information.
@@ -27,7 +28,7 @@ and save one PNG with the curves (``--out``) plus a JSON summary next to it.
 
 Usage:
 
-    python scripts/learning_check.py                     # parts A and B (~8 + ~15 min, 1 thread)
+    python scripts/learning_check.py                     # parts A and B (~5 + ~5 min, 1 thread)
     python scripts/learning_check.py --part a            # reach only
     python scripts/learning_check.py --quick --out /tmp/lc.png   # smoke run, not meaningful
     python scripts/learning_check.py --keep-runs runs/learning_check   # keep the run dirs

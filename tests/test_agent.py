@@ -676,3 +676,13 @@ def test_optimizer_state_from_a_capturable_run_loads_on_the_cpu():
     for opt in (agent.actor_optimizer, agent.critic_optimizer, agent.alpha_optimizer):
         assert all(g["capturable"] is False for g in opt.param_groups)
     assert agent.update(make_batch(1))["skipped"] == 0  # capturable=True raised here
+
+
+def test_non_finite_losses_after_a_step_are_not_fed_to_the_balancer():
+    """A step that makes the losses non-finite (a diverging learning rate) does not crash
+    a FAMO-style balancer; the next update's guard skips."""
+    cfg = SACConfig(hidden_sizes=(16, 16), critic_lr=1e30, balance=("critic",))
+    agent = make_agent(cfg, factory=RecordingBalancer)
+    agent.update(make_batch(0))
+    assert agent.balancers["critic"].after == []  # the losses after the step were inf/nan
+    assert agent.update(make_batch(1))["skipped"] == 1

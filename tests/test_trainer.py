@@ -432,3 +432,23 @@ def test_balancer_kwargs_take_any_json_value_and_presets_may_be_run_configs(tmp_
     assert preset.total_steps == 30 and preset.run_dir is None
     with pytest.raises(ConfigError, match=r"balancer_kwargs must be an object \(hyper-param"):
         from_dict(TrainConfig, {"balancer_kwargs": [1]})
+
+
+def test_the_stop_message_says_whether_a_checkpoint_exists(tmp_path):
+    counter = _SkipCounter(torch.device("cpu"), limit=1, total=0)
+    counter.add(torch.tensor(1.0))
+    with pytest.raises(TrainingError, match="no checkpoint had been written yet"):
+        counter.check(3, tmp_path / "checkpoint.pt")
+    (tmp_path / "checkpoint.pt").write_bytes(b"x")
+    counter.add(torch.tensor(1.0))
+    with pytest.raises(TrainingError, match="last good checkpoint is kept at"):
+        counter.check(4, tmp_path / "checkpoint.pt")
+
+
+def test_a_preset_section_keeps_the_training_defaults_it_does_not_name():
+    """TrainConfig's env default follows the default (mtrl) protocol: 150-step episodes,
+    fixed goals; a preset naming only the benchmark keeps them."""
+    assert TrainConfig().env.max_episode_steps == 150 and TrainConfig().env.goal_mode == "fixed"
+    cfg = from_dict(TrainConfig, {"env": {"benchmark": "MT50"}})
+    assert (cfg.env.benchmark, cfg.env.max_episode_steps, cfg.env.goal_mode) == (
+        "MT50", 150, "fixed")

@@ -524,6 +524,9 @@ class MultiTaskSAC(nn.Module):
             with torch.no_grad():
                 terms_after = terms_fn(params, *data)
                 losses_after = terms_after.view(self.num_tasks, -1).mean(1)
+            # a step that made the losses non-finite (a diverging learning rate, say) is
+            # not fed to the balancer; the next update's guard catches the divergence
+            if bool(torch.isfinite(losses_after).all()):
                 balancer.after_step(losses_after.detach())
 
     def _skip(self, metrics: dict[str, Tensor], params: Any) -> dict[str, Tensor]:

@@ -73,34 +73,33 @@ def fork_available() -> bool:
 class EnvConfig:
     """How to build the multi-task training (or evaluation) environments.
 
-    benchmark: ``"MT10"``, ``"MT50"``, ``"MT1"`` (``task`` required) or ``"custom"``
-        (``tasks`` required). One environment per task; the task one-hot is appended to
-        the observation (MT10: 39 + 10 = 49 dims). ``"toy"``: the tiny point-mass env of
-        ``mtrl.envs.toy`` (no Meta-World; for tests and smoke runs).
-    seed: seeds the goal sets (which goals exist per task), the per-env goal sampling and
-        the simulator. Same seed -> identical transitions for identical actions.
-    vector_strategy: ``"sync"`` (in-process) or ``"async"`` (one forked worker per task).
-    max_episode_steps: time limit, 1..500 (the ``mtrl`` protocol uses 150). Reaching it is
-        truncation, never termination.
-    goal_mode: ``"random"``: a goal is drawn on every reset from a per-task set of 50
-        seeded goals (Meta-World+); ``"fixed"``: exactly one goal per task for the whole run
-        (the ``mtrl`` protocol).
-    reward_function_version: Meta-World reward ``"v2"`` (default) or ``"v1"``.
-    device: torch device the learner wants tensors on.
-    terminate_on_success: end an episode (``terminated=True``) at the first success.
-        Off by default: success is a measurement, not an absorbing state.
+    One environment per task; the task one-hot is appended to the observation (MT10:
+    39 + 10 = 49 dims). Same seed -> identical transitions for identical actions.
     """
 
     benchmark: str = "MT10"
+    """'MT10', 'MT50', 'MT1' (needs task), 'custom' (needs tasks) or 'toy' (a tiny
+    point-mass env without Meta-World, for tests and smoke runs)."""
     task: str | None = None
+    """The one Meta-World task of 'MT1' (e.g. reach-v3)."""
     tasks: tuple[str, ...] | None = None
+    """The Meta-World tasks of 'custom'."""
     seed: int = 0
+    """Seeds the goal sets (which goals exist per task), the per-env goal sampling, the
+    simulator and the run (networks, buffer sampling, warm-up actions)."""
     vector_strategy: str = "sync"
+    """'sync' (in-process) or 'async' (one forked worker per task)."""
     max_episode_steps: int = 500
+    """Time limit, 1..500 (the mtrl protocol uses 150); reaching it is truncation."""
     goal_mode: str = "random"
+    """'random': a goal drawn on every reset from 50 seeded goals per task (Meta-World+);
+    'fixed': one goal per task for the whole run (the mtrl protocol)."""
     reward_function_version: str = "v2"
+    """Meta-World reward version, 'v2' or 'v1'."""
     device: str = "cpu"
+    """Torch device the learner wants tensors on (set by the trainer from --device)."""
     terminate_on_success: bool = False
+    """End an episode at its first success (off: success is measured, not absorbing)."""
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
