@@ -364,6 +364,18 @@ def _headline(tail: str, returncode: int | None) -> str:
     return f"exit status {returncode}" + (f": {lines[-1]}" if lines else "")
 
 
+#: File descriptor of the lock held by :func:`_exclusive` in this process (None: none).
+_LOCK_FD: int | None = None
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
 def _unblock_sigint() -> set[signal.Signals] | None:
     if not hasattr(signal, "pthread_sigmask"):
         return None
@@ -410,9 +422,14 @@ def execute_run(job: Job, on_start: Callable[[subprocess.Popen], None] | None = 
         # which would make the run deaf to the SIGINT that asks it to checkpoint and stop.
         old_mask = _unblock_sigint()
         try:
+            # The run inherits the bench's lock (when this process holds one): if the bench
+            # dies (kill -9, a lost terminal) while runs go on, no second bench can start
+            # the same runs in the same directories until they end.
+            lock_fd = _LOCK_FD if _LOCK_FD is not None and _fd_open(_LOCK_FD) else None
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env, cwd=str(run_dir),
-                                    start_new_session=True)  # Ctrl-C is forwarded once, below
+                                    start_new_session=True,  # Ctrl-C is forwarded once, below
+                                    pass_fds=() if lock_fd is None else (lock_fd,))
         except OSError as exc:
             outcome.error = f"could not start the run: {exc}"
             return asdict(outcome)
@@ -441,9 +458,11 @@ def execute_run(job: Job, on_start: Callable[[subprocess.Popen], None] | None = 
     finished = (run_dir / "result.json").is_file()
     if proc.returncode == 0 and finished:
         outcome.status = "done"
-    elif proc.returncode == 130 or interrupted:
+    elif proc.returncode in (130, -signal.SIGINT) or interrupted:
+        # (-SIGINT: Ctrl-C reached the run before its handler was installed, while it was
+        # still starting up; it had nothing to checkpoint yet)
         outcome.status = "interrupted"
-        outcome.error = "interrupted; rerun the bench to resume it from its checkpoint"
+        outcome.error = "interrupted; rerun the bench to resume (or start) it"
     else:
         tail = _tail(log_path, offset)
         if proc.returncode == 0:
@@ -491,7 +510,12 @@ def local_slots(spec: BenchSpec, uses_gpu: bool) -> tuple[int, list[str | None]]
     gpus = _gpu_count() if uses_gpu else 0
     if gpus and spec.gpus_per_run > 0:
         per_gpu = max(1, int(1 / spec.gpus_per_run + 1e-9))
-        slots = [str(g) for _ in range(per_gpu) for g in range(gpus)]
+        # torch numbers the GPUs this process may see; a child needs the parent's names
+        # for them (its CUDA_VISIBLE_DEVICES entries, indices or UUIDs)
+        visible = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+                   if x.strip()]
+        names = visible[:gpus] if len(visible) >= gpus else [str(g) for g in range(gpus)]
+        slots = [names[g] for _ in range(per_gpu) for g in range(gpus)]
         if spec.workers is None:
             workers = min(workers, len(slots))
         return workers, [slots[i % len(slots)] for i in range(workers)]
@@ -547,37 +571,66 @@ def launch_local(jobs: Sequence[Job], spec: BenchSpec, progress: _Progress,
 
         try:
             return execute_run(job, on_start=started)
+        except Exception as exc:  # setting the run up failed (permissions, a bad path)
+            return asdict(RunOutcome(
+                job.balancer, job.seed, job.run_dir, "resumed" if job.resume else "started",
+                "failed", error=f"could not set up the run: {type(exc).__name__}: {exc}",
+                log=str(Path(job.run_dir) / LOG_NAME)))
         finally:
             with lock:
                 free.append(device)
                 running.difference_update({p for p in running if p.poll() is not None})
 
-    results: list[dict] = []
+    collected: dict[Any, dict] = {}  # future -> outcome (idempotent if interrupted mid-way)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bench")
-    futures = {pool.submit(work, job) for job in jobs}
+    futures = [pool.submit(work, job) for job in jobs]
+
+    def collect(pending: list) -> None:
+        for f in pending:
+            if f not in collected:
+                collected[f] = f.result()
+
     try:
-        while futures:
+        pending = set(futures)
+        while pending:
             # With a timeout, not a blocking wait: a SIGINT that the kernel delivers to a
             # worker thread only sets Python's flag, and the main thread acts on it (raises
             # KeyboardInterrupt) only when it wakes up; a blocking wait would sleep until a
             # run finished.
-            done, futures = wait(futures, timeout=0.5, return_when=FIRST_COMPLETED)
+            done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             for f in done:
-                results.append(f.result())
-                progress.update(results[-1])
+                collected[f] = f.result()
+                pending.discard(f)
+                progress.update(collected[f])
     except KeyboardInterrupt:
         with lock:
             stopping.set()
             for proc in running:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGINT)  # the run checkpoints and exits
-        progress.bar.write("interrupted: waiting for running runs to write checkpoints ...")
-        for f in futures:
-            results.append(f.result())
-        raise _Interrupted(results) from None
+        progress.bar.write("interrupted: waiting for running runs to write checkpoints "
+                           "(Ctrl-C again to stop them at once) ...")
+        killed: set[str] = set()
+        try:
+            collect(futures)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop the runs now
+            with lock:
+                for proc in running:
+                    if proc.poll() is None:
+                        proc.kill()
+                        killed.add(str(proc.args[proc.args.index("--config") + 1]))
+            progress.bar.write("stopped the running runs without a checkpoint")
+            collect(futures)
+        outcomes = [collected[f] for f in futures if f in collected]
+        for o in outcomes:  # killed on request: interrupted, not failed
+            if str(Path(o["run_dir"]) / BENCH_CONFIG) in killed and o["status"] == "failed":
+                o["status"] = "interrupted"
+                o["error"] = ("stopped by a second Ctrl-C; rerun the bench to resume it from "
+                              "its last checkpoint")
+        raise _Interrupted(outcomes) from None
     finally:
         pool.shutdown(wait=True)
-    return results
+    return [collected[f] for f in futures]
 
 
 class _Interrupted(Exception):
@@ -641,7 +694,13 @@ def launch_ray(jobs: Sequence[Job], spec: BenchSpec, progress: _Progress,
             for ref in pending:
                 job = refs[ref]
                 try:
-                    results.append(ray.get(ref))
+                    try:
+                        results.append(ray.get(ref))
+                    except KeyboardInterrupt:  # a second Ctrl-C: stop the runs now
+                        progress.bar.write("stopping the running runs without a checkpoint")
+                        for other in pending:
+                            ray.cancel(other, force=True)
+                        raise RuntimeError("cancelled") from None
                 except Exception:  # TaskCancelledError: judge by what the run left behind
                     status = {"done": "done", "resume": "interrupted"}.get(
                         run_state(Path(job.run_dir)), "not started")
@@ -704,15 +763,19 @@ def _exclusive(out: Path) -> Iterator[None]:
     except ImportError:  # not Unix: no lock
         yield
         return
+    global _LOCK_FD
     with open(out / ".bench.lock", "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise ConfigError(f"another mtrl bench is already running on {str(out)!r}; wait "
-                              "for it or choose another --out") from None
+            raise ConfigError(
+                f"another mtrl bench, or runs started by one that was killed, is still "
+                f"running on {str(out)!r}; wait for it or choose another --out") from None
+        _LOCK_FD = f.fileno()
         try:
             yield
         finally:
+            _LOCK_FD = None
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
@@ -732,6 +795,9 @@ def _run_bench(spec: BenchSpec, plans: list[RunPlan], out: Path, progress: bool)
             raise KeyboardInterrupt
 
         previous = signal.signal(signal.SIGTERM, on_term)
+        # a lost terminal or SSH session: stop the runs cleanly too
+        previous_hup = signal.signal(signal.SIGHUP, on_term) if hasattr(signal, "SIGHUP") \
+            else None
     try:
         launch = launch_ray if spec.launcher == "ray" else launch_local
         outcomes = launch(jobs, spec, bar, uses_gpu) if jobs else []
@@ -741,6 +807,8 @@ def _run_bench(spec: BenchSpec, plans: list[RunPlan], out: Path, progress: bool)
         bar.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+            if previous_hup is not None:
+                signal.signal(signal.SIGHUP, previous_hup)
     order = {(p.balancer, p.seed): i for i, p in enumerate(plans)}
     outcomes = sorted(skipped + outcomes, key=lambda o: order[(o["balancer"], o["seed"])])
     def relative(o: dict) -> dict:  # bench.json is committed with reports: no local paths

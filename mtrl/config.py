@@ -264,8 +264,8 @@ def read_run_config(path: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
 #: and checkpoints and where it computes, not what is trained.
 RESUME_MAY_CHANGE = (
     "total_steps", "log_every", "eval_every", "checkpoint_every", "save_buffer",
-    "max_consecutive_skips", "device", "threads", "progress", "run_dir",
-)
+    "max_consecutive_skips", "device", "env.device", "threads", "progress", "run_dir",
+)  # (env.device is replaced by the resolved --device when the envs are built)
 
 
 def resume_changes(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:

@@ -227,6 +227,7 @@ def test_interrupted_bench_checkpoints_and_resumes(tmp_path):
 
 
 def test_local_slots_share_gpus_by_fraction(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(mtrl.bench, "_cpu_count", lambda: 16)
     spec = BenchSpec(benchmark="toy", balancers=("mean",), seeds=1, steps=1)
     monkeypatch.setattr(mtrl.bench, "_gpu_count", lambda: 0)
@@ -240,6 +241,57 @@ def test_local_slots_share_gpus_by_fraction(monkeypatch):
     assert local_slots(two, uses_gpu=True) == (4, ["0", "1", "0", "1"])
     cpu = BenchSpec(benchmark="toy", balancers=("mean",), seeds=1, steps=1, gpus_per_run=0)
     assert local_slots(cpu, uses_gpu=True) == (16, [""] * 16)  # GPUs hidden from the runs
+    # the bench itself sees a subset: runs get the parent's names for those GPUs
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5b1c,3")
+    assert local_slots(two, uses_gpu=True) == (4, ["GPU-5b1c", "3", "GPU-5b1c", "3"])
+
+
+def test_runs_inherit_the_bench_lock(tmp_path, monkeypatch):
+    """If the bench dies while runs go on, the runs still hold its lock: a second bench
+    cannot start the same runs in the same directories."""
+    seen = []
+
+    class Finished:
+        returncode = 0
+
+        def __init__(self, cmd, **kwargs):
+            seen.append(kwargs.get("pass_fds"))
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(mtrl.bench.subprocess, "Popen", Finished)
+    job = mtrl.bench.Job("mean", 0, str(tmp_path / "run"), "{}\n", resume=False, env={},
+                         pythonpath="")
+    out = tmp_path / "out"
+    out.mkdir()
+    with mtrl.bench._exclusive(out):
+        mtrl.bench.execute_run(job)
+        held = mtrl.bench._LOCK_FD
+    mtrl.bench.execute_run(job)
+    assert seen == [(held,), ()]
+
+
+def test_a_run_stopped_while_starting_up_is_interrupted_not_failed(tmp_path):
+    """Ctrl-C before the trainer's handler is installed: the run dies of SIGINT."""
+    spec = BenchSpec(benchmark="toy", balancers=("mean",), seeds=1, steps=40, out=tmp_path)
+    (job,) = mtrl.bench._jobs(plan_runs(spec), spec)
+    outcome = mtrl.bench.execute_run(job, on_start=lambda p: p.send_signal(signal.SIGINT))
+    assert outcome["returncode"] in (-signal.SIGINT, 130)
+    assert outcome["status"] == "interrupted"
+
+
+def test_a_run_that_cannot_be_set_up_fails_alone(tmp_path, capsys):
+    """An error preparing one run (here its log path is a directory) is that run's failure:
+    the others run, bench.json is written."""
+    out = tmp_path / "bench"
+    (run_dir(out, "mean", 0) / "train.log").mkdir(parents=True)
+    assert bench(out, "--balancers", "mean", "--workers", "1") == 1
+    record = json.loads((out / "bench.json").read_text())
+    status = {r["seed"]: (r["status"], r["error"] or "") for r in record["runs"]}
+    assert status[1][0] == "done"
+    assert status[0][0] == "failed"
+    assert "could not set up the run: IsADirectoryError" in status[0][1]
 
 
 def test_dry_run_shows_the_plan_and_launches_nothing(tmp_path, capsys):
@@ -260,5 +312,6 @@ def test_one_bench_at_a_time_per_output_directory(tmp_path, capsys):
     with open(out / ".bench.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "another bench" holds the lock
         assert bench(out) == 2
-    assert "another mtrl bench is already running on" in capsys.readouterr().err
+    assert "another mtrl bench, or runs started by one that was killed, is still running" \
+        in capsys.readouterr().err
     assert not (out / "runs").exists()
