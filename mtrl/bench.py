@@ -364,10 +364,6 @@ def _headline(tail: str, returncode: int | None) -> str:
     return f"exit status {returncode}" + (f": {lines[-1]}" if lines else "")
 
 
-#: File descriptor of the lock held by :func:`_exclusive` in this process (None: none).
-_LOCK_FD: int | None = None
-
-
 def _fd_open(fd: int) -> bool:
     try:
         os.fstat(fd)
@@ -382,12 +378,17 @@ def _unblock_sigint() -> set[signal.Signals] | None:
     return signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-def execute_run(job: Job, on_start: Callable[[subprocess.Popen], None] | None = None) -> dict:
+def execute_run(
+    job: Job,
+    on_start: Callable[[subprocess.Popen], None] | None = None,
+    lock_fd: int | None = None,
+) -> dict:
     """Run one training run as a subprocess; return a RunOutcome as a dict.
 
     Used by both launchers (inside a Ray task it runs on whichever node got the task).
     KeyboardInterrupt (Ctrl-C, ``ray.cancel``) forwards one SIGINT to the run, which then
-    writes a checkpoint and stops; the outcome is ``interrupted``.
+    writes a checkpoint and stops; the outcome is ``interrupted``. ``lock_fd``: the bench's
+    lock, inherited by the run (local launcher).
     """
     import platform
 
@@ -425,11 +426,11 @@ def execute_run(job: Job, on_start: Callable[[subprocess.Popen], None] | None = 
             # The run inherits the bench's lock (when this process holds one): if the bench
             # dies (kill -9, a lost terminal) while runs go on, no second bench can start
             # the same runs in the same directories until they end.
-            lock_fd = _LOCK_FD if _LOCK_FD is not None and _fd_open(_LOCK_FD) else None
+            keep = lock_fd if lock_fd is not None and _fd_open(lock_fd) else None
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env, cwd=str(run_dir),
                                     start_new_session=True,  # Ctrl-C is forwarded once, below
-                                    pass_fds=() if lock_fd is None else (lock_fd,))
+                                    pass_fds=() if keep is None else (keep,))
         except OSError as exc:
             outcome.error = f"could not start the run: {exc}"
             return asdict(outcome)
@@ -544,7 +545,7 @@ class _Progress:
 
 
 def launch_local(jobs: Sequence[Job], spec: BenchSpec, progress: _Progress,
-                 uses_gpu: bool) -> list[dict]:
+                 uses_gpu: bool, lock_fd: int | None = None) -> list[dict]:
     """Run the jobs in at most ``workers`` parallel subprocesses."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -570,7 +571,7 @@ def launch_local(jobs: Sequence[Job], spec: BenchSpec, progress: _Progress,
                     proc.send_signal(signal.SIGINT)
 
         try:
-            return execute_run(job, on_start=started)
+            return execute_run(job, on_start=started, lock_fd=lock_fd)
         except Exception as exc:  # setting the run up failed (permissions, a bad path)
             return asdict(RunOutcome(
                 job.balancer, job.seed, job.run_dir, "resumed" if job.resume else "started",
@@ -640,7 +641,7 @@ class _Interrupted(Exception):
 
 
 def launch_ray(jobs: Sequence[Job], spec: BenchSpec, progress: _Progress,
-               uses_gpu: bool) -> list[dict]:
+               uses_gpu: bool, lock_fd: int | None = None) -> list[dict]:
     """Each job is a Ray task that runs the same subprocess on whichever node it lands."""
     try:
         import ray
@@ -688,9 +689,9 @@ def launch_ray(jobs: Sequence[Job], spec: BenchSpec, progress: _Progress,
                     results.append(outcome)
                     progress.update(outcome)
         except KeyboardInterrupt:
-            progress.bar.write("interrupted: asking running runs to write checkpoints ...")
-            for ref in pending:
+            for ref in pending:  # first, before anything that could fail (a lost terminal)
                 ray.cancel(ref)  # KeyboardInterrupt inside the task -> SIGINT to the run
+            progress.bar.write("interrupted: asking running runs to write checkpoints ...")
             for ref in pending:
                 job = refs[ref]
                 try:
@@ -751,19 +752,18 @@ def run_bench(spec: BenchSpec, progress: bool = True) -> BenchResult:
     plan_runs(spec)  # validate everything before creating anything
     out = Path(spec.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out):
-        return _run_bench(spec, plan_runs(spec), out, progress)  # states under the lock
+    with _exclusive(out) as lock_fd:
+        return _run_bench(spec, plan_runs(spec), out, progress, lock_fd)  # states under lock
 
 
 @contextlib.contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
+def _exclusive(out: Path) -> Iterator[int | None]:
     """One bench at a time per output directory (two would launch the same runs)."""
     try:
         import fcntl
     except ImportError:  # not Unix: no lock
-        yield
+        yield None
         return
-    global _LOCK_FD
     with open(out / ".bench.lock", "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -771,15 +771,14 @@ def _exclusive(out: Path) -> Iterator[None]:
             raise ConfigError(
                 f"another mtrl bench, or runs started by one that was killed, is still "
                 f"running on {str(out)!r}; wait for it or choose another --out") from None
-        _LOCK_FD = f.fileno()
         try:
-            yield
+            yield f.fileno()  # the runs inherit it (see execute_run)
         finally:
-            _LOCK_FD = None
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _run_bench(spec: BenchSpec, plans: list[RunPlan], out: Path, progress: bool) -> BenchResult:
+def _run_bench(spec: BenchSpec, plans: list[RunPlan], out: Path, progress: bool,
+               lock_fd: int | None = None) -> BenchResult:
     jobs = _jobs(plans, spec)
     skipped = [
         asdict(RunOutcome(p.balancer, p.seed, str(p.run_dir), "skipped", "done",
@@ -792,15 +791,24 @@ def _run_bench(spec: BenchSpec, plans: list[RunPlan], out: Path, progress: bool)
     previous = None
     if threading.current_thread() is threading.main_thread():
         def on_term(signum: int, frame: Any) -> None:
+            if signum == getattr(signal, "SIGHUP", None):
+                # the terminal is gone: writes to it would fail (EIO) and abort the clean
+                # stop, so the rest of the output goes nowhere
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, 1)
+                os.dup2(devnull, 2)
+                os.close(devnull)
             raise KeyboardInterrupt
 
         previous = signal.signal(signal.SIGTERM, on_term)
-        # a lost terminal or SSH session: stop the runs cleanly too
-        previous_hup = signal.signal(signal.SIGHUP, on_term) if hasattr(signal, "SIGHUP") \
-            else None
+        # a lost terminal or SSH session stops the runs cleanly too, unless SIGHUP is
+        # ignored (nohup): then the bench goes on
+        previous_hup = None
+        if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+            previous_hup = signal.signal(signal.SIGHUP, on_term)
     try:
         launch = launch_ray if spec.launcher == "ray" else launch_local
-        outcomes = launch(jobs, spec, bar, uses_gpu) if jobs else []
+        outcomes = launch(jobs, spec, bar, uses_gpu, lock_fd=lock_fd) if jobs else []
     except _Interrupted as exc:
         outcomes, interrupted = exc.results, True
     finally:

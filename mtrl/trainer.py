@@ -295,6 +295,7 @@ def train(
     episode_stats = (ep_return, ep_success, done_return, done_success, done_count)
 
     start_step, skipped_total = 0, 0
+    updates_from = cfg.warmup_steps  # updates start after this step (the buffer has data)
     best_success, last_eval = -1.0, None
     wall_before = 0.0  # wall-clock seconds spent in earlier sessions of a resumed run
     obs = envs.reset(seed=cfg.env.seed)
@@ -335,6 +336,13 @@ def train(
                     mine.copy_(saved_t.to(mine.device))
         start_step = int(state["step"])
         last_eval = _eval_at(run_dir / "eval.jsonl", start_step)  # not repeated at the end
+        if "buffer" not in state:  # saved without the buffer: refill it before updating
+            updates_from = max(cfg.warmup_steps, start_step + cfg.warmup_steps)
+            warnings.warn(
+                f"the checkpoint holds no replay buffer (save_buffer=False): the policy acts "
+                f"and fills a new buffer, and updates resume after step {updates_from}",
+                stacklevel=2,
+            )
         skipped_total = int(state["skipped_total"])
         best_success = float(state["best_success"])
         wall_before = float(state.get("wall_clock_s", 0.0))
@@ -448,7 +456,7 @@ def train(
 
             # Update: one (or updates_per_step) SAC update(s) per vector-env step.
             log_now = step % cfg.log_every == 0 or step == cfg.total_steps
-            if step > cfg.warmup_steps:
+            if step > updates_from:
                 # Gradient statistics (cosines, conflicts) cost a Gramian: only when logged.
                 agent.diagnostics = log_now
                 for _ in range(cfg.updates_per_step):

@@ -265,11 +265,10 @@ def test_runs_inherit_the_bench_lock(tmp_path, monkeypatch):
                          pythonpath="")
     out = tmp_path / "out"
     out.mkdir()
-    with mtrl.bench._exclusive(out):
-        mtrl.bench.execute_run(job)
-        held = mtrl.bench._LOCK_FD
+    with mtrl.bench._exclusive(out) as held:
+        mtrl.bench.execute_run(job, lock_fd=held)
     mtrl.bench.execute_run(job)
-    assert seen == [(held,), ()]
+    assert held is not None and seen == [(held,), ()]
 
 
 def test_a_run_stopped_while_starting_up_is_interrupted_not_failed(tmp_path):

@@ -479,3 +479,23 @@ def test_toy_benchmark_goes_through_make_envs_and_evaluate():
     r = evaluate(lambda o: torch.zeros(o.shape[0], envs.act_dim), envs, episodes_per_task=2)
     assert r.env_steps == 2 * 5 * envs.num_tasks and r.episode_return.shape == (envs.num_tasks, 2)
     assert np.all(r.episode_return < 0)  # reward is minus the distance to the goal
+
+
+def test_toy_env_honours_terminate_on_success_and_random_goals():
+    def drive(cfg, steps=120):
+        env = make_envs(cfg)
+        obs = env.reset()
+        goals, ends = {tuple(obs[0, 2:4].tolist())}, []
+        for _ in range(steps):
+            out = env.step(((obs[:, 2:4] - obs[:, :2]) * 10).clamp(-1, 1))  # straight to goal
+            assert not bool((out.terminated & out.truncated).any())
+            ends.append((int(out.terminated.sum()), int(out.truncated.sum())))
+            goals.add(tuple(out.obs[0, 2:4].tolist()))
+            obs = out.obs
+        return goals, ends
+
+    goals, ends = drive(EnvConfig(benchmark="toy", goal_mode="random", max_episode_steps=30,
+                                  terminate_on_success=True, seed=1))
+    assert sum(t for t, _ in ends) > 4 and len(goals) > 2  # successes end episodes; new goals
+    goals, ends = drive(EnvConfig(benchmark="toy", goal_mode="fixed", max_episode_steps=30))
+    assert sum(t for t, _ in ends) == 0 and sum(t for _, t in ends) == 4 * 4 and len(goals) == 1

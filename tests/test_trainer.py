@@ -454,3 +454,15 @@ def test_a_preset_section_keeps_the_training_defaults_it_does_not_name():
     cfg = from_dict(TrainConfig, {"env": {"benchmark": "MT50"}})
     assert (cfg.env.benchmark, cfg.env.max_episode_steps, cfg.env.goal_mode) == (
         "MT50", 150, "fixed")
+
+
+def test_resume_without_a_buffer_refills_it_before_updating(tmp_path):
+    cfg = toy_config(tmp_path, total_steps=60, checkpoint_every=60, save_buffer=False)
+    train(cfg)
+    (tmp_path / "run" / "result.json").unlink()
+    with pytest.warns(UserWarning, match="updates resume after step 100"):
+        train(replace(cfg, total_steps=120), resume=True)
+    logs = {m["step"]: m for m in _jsonl(tmp_path / "run" / "metrics.jsonl")}
+    assert "critic/loss" in logs[60]  # updated before the checkpoint
+    assert "critic/loss" not in logs[80] and "critic/loss" not in logs[100]  # refilling
+    assert "critic/loss" in logs[120]

@@ -1,8 +1,11 @@
 """A tiny, fast, fully checkpointable multi-task environment for tests and smoke runs.
 
-Each of K tasks is a point mass in ``[-1, 1]^2`` that must reach its own fixed goal.
-Observation: position, goal, task one-hot. Reward: ``-|pos - goal|``; success when the
-distance is below 0.1. Episodes end by time limit only (truncation, never termination).
+Each of K tasks is a point mass in ``[-1, 1]^2`` that must reach its goal. Goals:
+``goal_mode="fixed"``, one per task at angle ``2πk/K`` on the circle of radius 0.6;
+``"random"``, a new point on that circle drawn at every reset of the task. Observation:
+position, goal, task one-hot. Reward: ``-|pos - goal|``; success when the distance is
+below 0.1. Episodes end at the time limit (truncation), or at the first success with
+``terminate_on_success`` (termination).
 It follows the same interface as :class:`mtrl.envs.MultiTaskVecEnv` (reset/step with a
 ``Step`` of device tensors) and adds ``state_dict()`` / ``load_state_dict()`` so a resumed
 run continues the very same episodes, which Meta-World's simulators do not allow.
@@ -27,7 +30,10 @@ class ToyMultiTaskEnv:
         seed: int = 0,
         device: str | torch.device = "cpu",
         goal_mode: str = "fixed",
+        terminate_on_success: bool = False,
     ) -> None:
+        if goal_mode not in ("fixed", "random"):
+            raise ValueError(f"goal_mode must be 'fixed' or 'random', got {goal_mode!r}")
         self.num_tasks = num_tasks
         self.act_dim = TOY_ACT_DIM
         self.obs_dim = 2 * TOY_ACT_DIM + num_tasks
@@ -35,6 +41,7 @@ class ToyMultiTaskEnv:
         self.max_episode_steps = max_episode_steps
         self.device = torch.device(device)
         self.goal_mode = goal_mode
+        self.terminate_on_success = terminate_on_success
         self.action_low = -torch.ones(self.act_dim, device=self.device)
         self.action_high = torch.ones(self.act_dim, device=self.device)
         self._gen = torch.Generator().manual_seed(seed)
@@ -52,6 +59,10 @@ class ToyMultiTaskEnv:
         noise = 0.1 * (2 * torch.rand(self.num_tasks, self.act_dim, generator=self._gen) - 1)
         self.pos = torch.where(rows[:, None], noise, self.pos)
         self.t = torch.where(rows, torch.zeros_like(self.t), self.t)
+        if self.goal_mode == "random":
+            angle = 2 * torch.pi * torch.rand(self.num_tasks, generator=self._gen)
+            drawn = 0.6 * torch.stack([angle.cos(), angle.sin()], dim=1)
+            self.goals = torch.where(rows[:, None], drawn, self.goals)
 
     def reset(self, seed: int | None = None) -> Tensor:
         if seed is not None:
@@ -70,9 +81,11 @@ class ToyMultiTaskEnv:
         success = dist < 0.1
         next_obs = self._obs()
         truncated = self.t >= self.max_episode_steps
-        terminated = torch.zeros_like(truncated)
-        if bool(truncated.any()):
-            self._reset_rows(truncated)
+        terminated = success & self.terminate_on_success
+        truncated = truncated & ~terminated
+        ended = terminated | truncated
+        if bool(ended.any()):
+            self._reset_rows(ended)
         dev = self.device
         return Step(
             obs=self._obs().to(dev),
@@ -94,9 +107,12 @@ class ToyMultiTaskEnv:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        return {"pos": self.pos.clone(), "t": self.t.clone(), "generator": self._gen.get_state()}
+        return {"pos": self.pos.clone(), "t": self.t.clone(), "goals": self.goals.clone(),
+                "generator": self._gen.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pos = state["pos"].to(self.pos.device, copy=True)
         self.t = state["t"].to(self.t.device, copy=True)
+        if "goals" in state:
+            self.goals = state["goals"].to(self.goals.device, copy=True)
         self._gen.set_state(state["generator"].cpu())

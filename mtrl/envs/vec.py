@@ -319,6 +319,7 @@ def make_envs(cfg: EnvConfig) -> MultiTaskVecEnv:
             seed=cfg.seed,
             device=device,
             goal_mode=cfg.goal_mode,
+            terminate_on_success=cfg.terminate_on_success,
         )
 
     task_names = cfg.task_names
