@@ -28,6 +28,7 @@ import copy
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -792,11 +793,18 @@ def _run_bench(spec: BenchSpec, plans: list[RunPlan], out: Path, progress: bool,
     if threading.current_thread() is threading.main_thread():
         def on_term(signum: int, frame: Any) -> None:
             if signum == getattr(signal, "SIGHUP", None):
-                # the terminal is gone: writes to it would fail (EIO) and abort the clean
-                # stop, so the rest of the output goes nowhere
+                # A hangup often comes twice (the shell and the kernel): act on the first
+                # only, so the second is not taken for "Ctrl-C again, stop at once".
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
+                # The terminal is gone: writes to it (or to a dead pipe) would fail and
+                # abort the clean stop, so that output goes nowhere; a log file stays.
                 devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, 1)
-                os.dup2(devnull, 2)
+                for fd in (1, 2):
+                    try:
+                        if not stat.S_ISREG(os.fstat(fd).st_mode):
+                            os.dup2(devnull, fd)
+                    except OSError:
+                        os.dup2(devnull, fd)
                 os.close(devnull)
             raise KeyboardInterrupt
 

@@ -14,14 +14,17 @@ cost of one ordinary backward pass: the forward and input-gradient matmuls are t
 matmuls as for the whole batch, and the weight-gradient matmuls become batched matmuls over
 the K blocks (same FLOPs), whose outputs are the K per-task gradients.
 
-* ``params`` is a ``dict`` name -> tensor, typically ``dict(module.named_parameters())``.
-  ``loss_fn`` receives a dict with the same names (detached copies when gradients are
-  computed by ``torch.func``), suitable for
-  ``torch.func.functional_call(module, params, args)``. Flattened gradients follow the
-  insertion order of ``params``.
+* ``params`` is a ``dict`` name -> tensor, typically ``dict(module.named_parameters())``,
+  each tensor once. ``loss_fn`` receives a dict with the same names (stand-ins with the
+  same values: detached copies, or fresh leaves; entries with ``requires_grad=False``
+  as constants), suitable for ``torch.func.functional_call(module, params, args)``.
+  Flattened gradients follow the insertion order of ``params``.
 * Everything without a task dimension (the critic parameters inside the actor loss, the
   discount, ...) is captured by ``loss_fn`` as a constant. Constants never receive
-  gradients, not even when they have ``requires_grad=True``.
+  gradients, not even when they have ``requires_grad=True`` or were computed from a
+  listed parameter (a buffer derived from it, say): the gradient flows through the
+  ``params`` argument only, whatever the balancer kind. (The fallback
+  :func:`balanced_backward_from_losses` differentiates its loss graph as it is.)
 * Randomness: ``vmap`` runs with ``randomness="error"`` by default, so ``loss_fn`` must not
   draw random numbers. Draw the noise outside (e.g. the reparameterisation noise of the
   policy, shaped ``[K, B/K, act_dim]``) and pass it in ``batch``. ``randomness="different"``
@@ -85,7 +88,7 @@ for a plain update.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -171,6 +174,30 @@ def _check_params(params: Mapping[str, Tensor]) -> None:
         raise ValueError(
             "params must be a non-empty dict name -> tensor, e.g. dict(module.named_parameters())"
         )
+    _check_distinct(params.values())
+
+
+def _check_distinct(tensors: Iterable[Tensor]) -> None:
+    seen: set[int] = set()
+    for t in tensors:
+        if id(t) in seen:
+            raise ValueError(
+                "params name the same tensor twice (tied weights): give each parameter "
+                "once, as dict(module.named_parameters()) does"
+            )
+        seen.add(id(t))
+
+
+def _frozen(params: Mapping[str, Tensor], trainable: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The entries of ``params`` not differentiated, as constants for ``loss_fn``."""
+    return {name: p.detach() for name, p in params.items() if name not in trainable}
+
+
+def _leaves(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Fresh leaves with the parameters' values: ``loss_fn`` differentiated through its
+    ``params`` argument only, as under ``torch.func`` (tensors it captures, and graphs
+    behind them, are constants on every path)."""
+    return {name: p.detach().requires_grad_() for name, p in params.items()}
 
 
 def _trainable(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -286,17 +313,17 @@ def gram_stats(gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Pairs are the ``k (k - 1) / 2`` unordered pairs of distinct rows; with ``k < 2`` the
     pair statistics are NaN. A zero gradient has cosine 0 with everything.
     """
-    gram = gram.detach().to(torch.float32)
+    gram = gram.detach().to(torch.float64)  # float32 only for the results (range)
     k = gram.shape[0]
     norms = gram.diagonal().clamp_min(0).sqrt()
     if k < 2:
         nan = torch.full((), float("nan"), dtype=torch.float32, device=gram.device)
-        return norms, nan, nan.clone()
+        return norms.float(), nan, nan.clone()
     i, j = torch.triu_indices(k, k, offset=1, device=gram.device)
     inner = gram[i, j]
     denom = norms[i] * norms[j]
-    cos = torch.where(denom > 0, inner / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    return norms, cos.mean(), (inner < 0).float().mean()
+    cos = torch.where(denom > 0, inner / denom.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    return norms.float(), cos.mean().float(), (inner < 0).float().mean()
 
 
 # ---------------------------------------------------------------------------- public API
@@ -352,8 +379,15 @@ def _task_gradient_pieces(
     *,
     randomness: str,
     chunk_size: int | None,
+    frozen: Mapping[str, Tensor] | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """Losses ``(K',)`` and per-parameter gradient blocks ``(K', numel)`` (views, no copy)."""
+    if frozen:  # entries not differentiated still reach loss_fn, as constants
+        inner = loss_fn
+
+        def loss_fn(trainable: dict[str, Tensor], *block: Tensor) -> Tensor:
+            return inner({**frozen, **trainable}, *block)
+
     if tasks is not None:
         batch = [t.index_select(0, tasks.to(t.device)) for t in batch]
     rows = batch[0].shape[0]
@@ -399,7 +433,9 @@ def balanced_backward(
     much as the backward pass itself at K = 50, so pass ``False`` on steps that do not
     log.
     """
-    params = _trainable(params)
+    all_params = params
+    params = _trainable(all_params)
+    frozen = _frozen(all_params, params)
     k = _num_tasks(batch)
     param_list = list(params.values())
     idx = balancer.select(k)
@@ -409,21 +445,25 @@ def balanced_backward(
     vkw = {"randomness": randomness, "chunk_size": chunk_size}
 
     if not balancer.needs_grads:
-        losses = task_losses(loss_fn, params, batch, **vkw)
+        leaves = _leaves(params)
+        losses = task_losses(loss_fn, {**frozen, **leaves}, batch, **vkw)
         if idx is not None:
             used = losses.index_select(0, idx.to(losses.device))
         else:
             used = losses
-        return _loss_only_backward(balancer, losses, used, idx, param_list)
+        return _loss_only_backward(balancer, losses, used, idx, param_list,
+                                   leaves=list(leaves.values()))  # fmt: skip
 
-    losses_rows, pieces = _task_gradient_pieces(loss_fn, params, batch, idx, **vkw)
+    losses_rows, pieces = _task_gradient_pieces(loss_fn, params, batch, idx, frozen=frozen,
+                                                **vkw)  # fmt: skip
     grads, gram = _combine_pieces(balancer, param_list, pieces, losses_rows)
 
     if idx is None:
         losses = losses_rows
     else:
         losses = _all_losses(k, idx, losses_rows, lambda rest: task_losses(
-            loss_fn, params, [t.index_select(0, rest.to(t.device)) for t in batch], **vkw
+            loss_fn, {**frozen, **params}, [t.index_select(0, rest.to(t.device)) for t in batch],
+            **vkw,
         ))  # fmt: skip
     return _stats(losses, grads, idx, info, diagnostics, gram)
 
@@ -484,7 +524,9 @@ def balanced_backward_terms(
     path.
     Loss-only balancers need no per-task gradients: one forward, one backward.
     """
-    params = _trainable(params)
+    all_params = params
+    params = _trainable(all_params)
+    frozen = _frozen(all_params, params)
     if not isinstance(num_tasks, int) or num_tasks < 1:
         raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
     k = num_tasks
@@ -500,19 +542,23 @@ def balanced_backward_terms(
     info = _fresh_info(balancer)
 
     if not balancer.needs_grads:
-        losses = _block_means(terms_fn(params, *data), k, n)
+        leaves = _leaves(params)
+        losses = _block_means(terms_fn({**frozen, **leaves}, *data), k, n)
         used = losses if idx is None else losses.index_select(0, idx.to(losses.device))
-        return _loss_only_backward(balancer, losses, used, idx, param_list)
+        return _loss_only_backward(balancer, losses, used, idx, param_list,
+                                   leaves=list(leaves.values()))  # fmt: skip
 
     rows_data = data if idx is None else [_take_blocks(t, idx, k) for t in data]
     rows = k if idx is None else idx.numel()
-    found = _block_pieces(terms_fn, params, rows_data, rows) if fast_path else None
+    found = (_block_pieces(terms_fn, params, rows_data, rows, frozen) if fast_path
+             else None)  # fmt: skip
     if found is not None and verify:
-        _verify_blocks(terms_fn, params, rows_data, *found)
+        _verify_blocks(terms_fn, {**frozen, **params}, rows_data, *found)
     if found is None:
         blocks = [t.reshape(k, n // k, *t.shape[1:]) for t in data]
         losses_rows, pieces = _task_gradient_pieces(
-            mean_of_terms(terms_fn), params, blocks, idx, randomness="error", chunk_size=None
+            mean_of_terms(terms_fn), params, blocks, idx, randomness="error", chunk_size=None,
+            frozen=frozen,
         )
     else:
         losses_rows, pieces = found
@@ -522,7 +568,8 @@ def balanced_backward_terms(
         losses = losses_rows
     else:
         losses = _all_losses(k, idx, losses_rows, lambda rest: _block_means(
-            terms_fn(params, *[_take_blocks(t, rest, k) for t in data]), rest.numel(),
+            terms_fn({**frozen, **params}, *[_take_blocks(t, rest, k) for t in data]),
+            rest.numel(),
             rest.numel() * (n // k),
         ))  # fmt: skip
     return _stats(losses, grads, idx, info, diagnostics, gram)
@@ -564,7 +611,11 @@ def _take_blocks(t: Tensor, idx: Tensor, k: int) -> Tensor:
 
 
 def _block_pieces(
-    terms_fn: TermsFn, params: dict[str, Tensor], data: Sequence[Tensor], blocks: int
+    terms_fn: TermsFn,
+    params: dict[str, Tensor],
+    data: Sequence[Tensor],
+    blocks: int,
+    frozen: Mapping[str, Tensor] | None = None,
 ) -> tuple[Tensor, list[Tensor]] | None:
     """Losses ``(blocks,)`` and per-parameter ``(blocks, numel)`` gradients from one
     forward and one backward with :func:`mtrl.onednn.block_gradients`, or ``None`` when
@@ -575,7 +626,7 @@ def _block_pieces(
         return None  # the layers would not record: skip the forward
     n = data[0].shape[0]
     with onednn.block_gradients(blocks, n) as recorded:
-        terms = terms_fn(params, *data)
+        terms = terms_fn({**(frozen or {}), **params}, *data)
     covered = {id(p) for p, _ in recorded}
     if any(id(p) not in covered for p in params.values()):
         return None
@@ -645,12 +696,22 @@ def _loss_only_backward(
     params: Sequence[Tensor],
     *,
     retain_graph: bool = False,
+    leaves: Sequence[Tensor] | None = None,
 ) -> BalanceStats:
-    """Loss-only balancers: ``w`` from the (used) losses, ONE backward of ``Σ w_k L_k``."""
+    """Loss-only balancers: ``w`` from the (used) losses, ONE backward of ``Σ w_k L_k``.
+
+    With ``leaves`` (the stand-ins the losses were computed from, see :func:`_leaves`)
+    the gradient is taken with respect to them and added to the parameters' ``.grad``."""
     k, device = losses.shape[0], losses.device
     w = balancer.weights_for(None, used.detach())
     objective = (w.to(device=used.device, dtype=used.dtype) * used).sum()
-    torch.autograd.backward(objective, inputs=list(params), retain_graph=retain_graph)
+    if leaves is None:
+        torch.autograd.backward(objective, inputs=list(params), retain_graph=retain_graph)
+    else:
+        grads = torch.autograd.grad(objective, list(leaves), allow_unused=True,
+                                    retain_graph=retain_graph)  # fmt: skip
+        for p, g in zip(params, grads, strict=True):  # unused: zero, as on the vmap path
+            _accumulate_grad(p, torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1))
     return BalanceStats(
         losses=losses.detach(),
         weights=_scatter(w, idx, k, 0.0, device),
@@ -731,6 +792,7 @@ def balanced_backward_from_losses(
     if not isinstance(task_losses, Tensor) or task_losses.ndim != 1 or task_losses.numel() == 0:
         raise ValueError("task_losses must be a non-empty 1-D tensor (K,)")
     param_list = [p for p in params if p.requires_grad]
+    _check_distinct(param_list)
     if not param_list:
         raise ValueError("params must be a non-empty sequence of tensors that require grad")
     k, device = task_losses.shape[0], task_losses.device

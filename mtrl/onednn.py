@@ -144,9 +144,11 @@ def _plain_mm_nt(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
 
     Empty operands (a zero-size dimension, e.g. a weight gradient over 0 rows) go to
     torch: oneDNN cannot create the primitive for them."""
-    if a.numel() == 0 or b.numel() == 0:
+    if a.numel() == 0 or b.numel() == 0 or _OP is None:  # (None: turned off since forward)
         out = a @ b.T
         return out if bias is None else out + bias
+    if bias is not None and not bias.is_contiguous():  # oneDNN reads it as contiguous
+        bias = bias.contiguous()
     return _OP(_dense(a), _dense(b), bias, "none", [], "")
 
 

@@ -336,8 +336,10 @@ def train(
                     mine.copy_(saved_t.to(mine.device))
         start_step = int(state["step"])
         last_eval = _eval_at(run_dir / "eval.jsonl", start_step)  # not repeated at the end
+        # (a checkpoint taken while a buffer was being refilled says until when)
+        updates_from = int(state.get("updates_from", cfg.warmup_steps))
         if "buffer" not in state:  # saved without the buffer: refill it before updating
-            updates_from = max(cfg.warmup_steps, start_step + cfg.warmup_steps)
+            updates_from = start_step + cfg.warmup_steps
             warnings.warn(
                 f"the checkpoint holds no replay buffer (save_buffer=False): the policy acts "
                 f"and fills a new buffer, and updates resume after step {updates_from}",
@@ -377,6 +379,7 @@ def train(
             "skipped_total": skipped_total,
             "best_success": best_success,
             "wall_clock_s": wall_before + time.perf_counter() - t_start,
+            "updates_from": updates_from,
         }
         if cfg.save_buffer:
             state["buffer"] = buffer.state_dict()

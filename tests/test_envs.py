@@ -499,3 +499,19 @@ def test_toy_env_honours_terminate_on_success_and_random_goals():
     assert sum(t for t, _ in ends) > 4 and len(goals) > 2  # successes end episodes; new goals
     goals, ends = drive(EnvConfig(benchmark="toy", goal_mode="fixed", max_episode_steps=30))
     assert sum(t for t, _ in ends) == 0 and sum(t for _, t in ends) == 4 * 4 and len(goals) == 1
+
+
+def test_toy_checkpoints_without_goals_keep_the_fixed_goals():
+    """Toy checkpoints written before goals were saved come from fixed-goal runs."""
+    from mtrl.envs.toy import ToyMultiTaskEnv
+
+    fixed = ToyMultiTaskEnv(goal_mode="fixed").goals.clone()
+    env = ToyMultiTaskEnv(goal_mode="random", seed=1)
+    env.reset()
+    state = env.state_dict()
+    del state["goals"]
+    other = ToyMultiTaskEnv(goal_mode="random", seed=2)
+    other.reset()
+    assert not torch.equal(other.goals, fixed)
+    other.load_state_dict(state)
+    assert torch.equal(other.goals, fixed)

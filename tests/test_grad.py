@@ -449,3 +449,61 @@ def test_frozen_params_are_left_alone(balancer):
     assert frozen.grad is None
     got = torch.cat([p.grad.reshape(-1) for p in net.parameters() if p is not frozen])
     torch.testing.assert_close(got, ref_grads.mean(0)[keep], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("balancer", ["mean", "fixed"])
+def test_frozen_entries_still_reach_loss_fn(balancer):
+    """loss_fn reads every name it was given, frozen ones included (as constants)."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=gen, dtype=torch.float64)  # frozen
+    x = torch.randn(K, 5, 3, generator=gen, dtype=torch.float64)
+
+    def loss_fn(p, x):
+        return ((x @ p["w"].T + p["b"]) ** 2).mean()
+
+    ref = torch.autograd.grad(sum(loss_fn({"w": w, "b": b}, x[k]) for k in range(K)) / K, w)[0]
+    bal = build("mean") if balancer == "mean" else FixedWeights([1 / K] * K)
+    balanced_backward(loss_fn, {"w": w, "b": b}, (x,), bal)
+    torch.testing.assert_close(w.grad, ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("balancer", ["mean", "fixed"])
+def test_a_graph_captured_by_loss_fn_is_a_constant_for_every_balancer_kind(balancer):
+    """A buffer computed from a listed parameter (captured by loss_fn) gives that
+    parameter no gradient, for the loss-only path as for the per-task one."""
+    gen = torch.Generator().manual_seed(4)
+    scale = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    derived = scale * 2.0  # keeps its graph to `scale`
+    x = torch.randn(K, 5, 3, generator=gen, dtype=torch.float64)
+
+    def loss_fn(p, x):
+        return ((x @ p["w"]) * derived + p["scale"]).pow(2).mean()
+
+    bal = build("mean") if balancer == "mean" else FixedWeights([1 / K] * K)
+    balanced_backward(loss_fn, {"w": w, "scale": scale}, (x,), bal)
+    through_argument = torch.autograd.grad(
+        sum(((x[k] @ w) * derived.detach() + scale).pow(2).mean() for k in range(K)) / K,
+        scale)[0]  # fmt: skip
+    torch.testing.assert_close(scale.grad, through_argument, atol=1e-12, rtol=0)
+
+
+def test_a_tensor_named_twice_is_refused():
+    w = torch.randn(3, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="same tensor twice"):
+        balanced_backward(lambda p, x: (x @ p["a"] @ p["b"]).sum(), {"a": w, "b": w},
+                          (torch.randn(K, 2, 3),), build("mean"))  # fmt: skip
+    with pytest.raises(ValueError, match="same tensor twice"):
+        balanced_backward_from_losses(torch.stack([(w * k).sum() for k in range(K)]), [w, w],
+                                      build("mean"))  # fmt: skip
+
+
+def test_gram_stats_keep_the_gramian_range():
+    from mtrl.grad import gram_stats
+
+    for scale in (1e-25, 1e20):
+        g = torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64) * scale
+        norms, cos, conflict = gram_stats(g @ g.T)
+        torch.testing.assert_close(norms, torch.tensor([1.0, 2**0.5]) * scale, rtol=1e-6, atol=0)
+        assert abs(float(cos) - 2**-0.5) < 1e-6 and float(conflict) == 0.0

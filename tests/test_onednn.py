@@ -306,3 +306,21 @@ def test_empty_operands_fall_back_to_torch(gen):
     lin = Linear(5, 32)
     lin(torch.randn(0, 5)).sum().backward()
     assert torch.equal(lin.weight.grad, torch.zeros(32, 5))
+
+
+def test_a_strided_bias_and_a_toggle_between_forward_and_backward(gen):
+    """oneDNN reads the bias as contiguous: a strided (or expanded) one must be copied;
+    and a backward after set_enabled(False) still runs (torch's products)."""
+    x = torch.randn(6, 8, generator=gen)
+    w = torch.randn(16, 8, generator=gen)
+    for b in (torch.randn(32, generator=gen)[::2], torch.tensor(0.5).expand(16)):
+        torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), **TOL)
+    w.requires_grad_()
+    was = onednn.enabled()
+    try:
+        y = linear(x, w)
+        onednn.set_enabled(False)
+        y.sum().backward()
+    finally:
+        onednn.set_enabled(was)
+    torch.testing.assert_close(w.grad, torch.ones(6, 16).T @ x, **TOL)

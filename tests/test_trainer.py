@@ -466,3 +466,23 @@ def test_resume_without_a_buffer_refills_it_before_updating(tmp_path):
     assert "critic/loss" in logs[60]  # updated before the checkpoint
     assert "critic/loss" not in logs[80] and "critic/loss" not in logs[100]  # refilling
     assert "critic/loss" in logs[120]
+
+
+def test_a_refill_in_progress_survives_another_resume(tmp_path):
+    """Saved without a buffer at 60 (refill until 100), resumed, checkpointed at 70 with a
+    buffer, resumed again: the same run as one resume from 60 to 120."""
+    base = toy_config(tmp_path, total_steps=60, checkpoint_every=60, save_buffer=False)
+    for name in ("a", "b"):
+        train(replace(base, run_dir=str(tmp_path / name)))
+        (tmp_path / name / "result.json").unlink()
+    with pytest.warns(UserWarning, match="updates resume after step 100"):
+        one = train(replace(base, run_dir=str(tmp_path / "a"), total_steps=120), resume=True)
+    with pytest.warns(UserWarning, match="updates resume after step 100"):
+        train(replace(base, run_dir=str(tmp_path / "b"), total_steps=70, save_buffer=True),
+              resume=True)  # fmt: skip
+    (tmp_path / "b" / "result.json").unlink()
+    two = train(replace(base, run_dir=str(tmp_path / "b"), total_steps=120, save_buffer=True),
+                resume=True)  # fmt: skip
+    a, b = (load_checkpoint(r.run_dir / "checkpoint.pt")["agent"] for r in (one, two))
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key

@@ -47,6 +47,7 @@ class ToyMultiTaskEnv:
         self._gen = torch.Generator().manual_seed(seed)
         angles = torch.arange(num_tasks, dtype=torch.float32) * (2 * torch.pi / num_tasks)
         self.goals = 0.6 * torch.stack([angles.cos(), angles.sin()], dim=1)
+        self._fixed_goals = self.goals.clone()
         self.one_hot = torch.eye(num_tasks)
         self.pos = torch.zeros(num_tasks, self.act_dim)
         self.t = torch.zeros(num_tasks, dtype=torch.long)
@@ -113,6 +114,7 @@ class ToyMultiTaskEnv:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pos = state["pos"].to(self.pos.device, copy=True)
         self.t = state["t"].to(self.t.device, copy=True)
-        if "goals" in state:
-            self.goals = state["goals"].to(self.goals.device, copy=True)
+        # (checkpoints from before goals were saved: those runs had the fixed goals)
+        saved = state.get("goals", self._fixed_goals)
+        self.goals = saved.to(self.goals.device, copy=True)
         self._gen.set_state(state["generator"].cpu())
