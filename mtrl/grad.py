@@ -188,9 +188,19 @@ def _check_distinct(tensors: Iterable[Tensor]) -> None:
         seen.add(id(t))
 
 
-def _frozen(params: Mapping[str, Tensor], trainable: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The entries of ``params`` not differentiated, as constants for ``loss_fn``."""
-    return {name: p.detach() for name, p in params.items() if name not in trainable}
+Merge = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
+
+
+def _merger(params: Mapping[str, Tensor], trainable: Mapping[str, Tensor]) -> Merge:
+    """``merge(values)``: the dict ``loss_fn`` gets, in the caller's order of ``params``:
+    ``values`` for the differentiated entries, the others as detached constants."""
+    frozen = {name: p.detach() for name, p in params.items() if name not in trainable}
+    names = list(params)
+
+    def merge(values: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {n: values[n] if n in values else frozen[n] for n in names}
+
+    return merge
 
 
 def _leaves(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -379,14 +389,14 @@ def _task_gradient_pieces(
     *,
     randomness: str,
     chunk_size: int | None,
-    frozen: Mapping[str, Tensor] | None = None,
+    merge: Merge | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """Losses ``(K',)`` and per-parameter gradient blocks ``(K', numel)`` (views, no copy)."""
-    if frozen:  # entries not differentiated still reach loss_fn, as constants
+    if merge is not None:  # entries not differentiated still reach loss_fn, as constants
         inner = loss_fn
 
         def loss_fn(trainable: dict[str, Tensor], *block: Tensor) -> Tensor:
-            return inner({**frozen, **trainable}, *block)
+            return inner(merge(trainable), *block)
 
     if tasks is not None:
         batch = [t.index_select(0, tasks.to(t.device)) for t in batch]
@@ -435,7 +445,7 @@ def balanced_backward(
     """
     all_params = params
     params = _trainable(all_params)
-    frozen = _frozen(all_params, params)
+    merge = _merger(all_params, params)
     k = _num_tasks(batch)
     param_list = list(params.values())
     idx = balancer.select(k)
@@ -446,7 +456,7 @@ def balanced_backward(
 
     if not balancer.needs_grads:
         leaves = _leaves(params)
-        losses = task_losses(loss_fn, {**frozen, **leaves}, batch, **vkw)
+        losses = task_losses(loss_fn, merge(leaves), batch, **vkw)
         if idx is not None:
             used = losses.index_select(0, idx.to(losses.device))
         else:
@@ -454,7 +464,7 @@ def balanced_backward(
         return _loss_only_backward(balancer, losses, used, idx, param_list,
                                    leaves=list(leaves.values()))  # fmt: skip
 
-    losses_rows, pieces = _task_gradient_pieces(loss_fn, params, batch, idx, frozen=frozen,
+    losses_rows, pieces = _task_gradient_pieces(loss_fn, params, batch, idx, merge=merge,
                                                 **vkw)  # fmt: skip
     grads, gram = _combine_pieces(balancer, param_list, pieces, losses_rows)
 
@@ -462,7 +472,7 @@ def balanced_backward(
         losses = losses_rows
     else:
         losses = _all_losses(k, idx, losses_rows, lambda rest: task_losses(
-            loss_fn, {**frozen, **params}, [t.index_select(0, rest.to(t.device)) for t in batch],
+            loss_fn, merge(params), [t.index_select(0, rest.to(t.device)) for t in batch],
             **vkw,
         ))  # fmt: skip
     return _stats(losses, grads, idx, info, diagnostics, gram)
@@ -526,7 +536,7 @@ def balanced_backward_terms(
     """
     all_params = params
     params = _trainable(all_params)
-    frozen = _frozen(all_params, params)
+    merge = _merger(all_params, params)
     if not isinstance(num_tasks, int) or num_tasks < 1:
         raise ValueError(f"num_tasks must be a positive integer, got {num_tasks!r}")
     k = num_tasks
@@ -543,22 +553,22 @@ def balanced_backward_terms(
 
     if not balancer.needs_grads:
         leaves = _leaves(params)
-        losses = _block_means(terms_fn({**frozen, **leaves}, *data), k, n)
+        losses = _block_means(terms_fn(merge(leaves), *data), k, n)
         used = losses if idx is None else losses.index_select(0, idx.to(losses.device))
         return _loss_only_backward(balancer, losses, used, idx, param_list,
                                    leaves=list(leaves.values()))  # fmt: skip
 
     rows_data = data if idx is None else [_take_blocks(t, idx, k) for t in data]
     rows = k if idx is None else idx.numel()
-    found = (_block_pieces(terms_fn, params, rows_data, rows, frozen) if fast_path
+    found = (_block_pieces(terms_fn, params, rows_data, rows, merge) if fast_path
              else None)  # fmt: skip
     if found is not None and verify:
-        _verify_blocks(terms_fn, {**frozen, **params}, rows_data, *found)
+        _verify_blocks(terms_fn, params, rows_data, *found, merge=merge)
     if found is None:
         blocks = [t.reshape(k, n // k, *t.shape[1:]) for t in data]
         losses_rows, pieces = _task_gradient_pieces(
             mean_of_terms(terms_fn), params, blocks, idx, randomness="error", chunk_size=None,
-            frozen=frozen,
+            merge=merge,
         )
     else:
         losses_rows, pieces = found
@@ -568,7 +578,7 @@ def balanced_backward_terms(
         losses = losses_rows
     else:
         losses = _all_losses(k, idx, losses_rows, lambda rest: _block_means(
-            terms_fn({**frozen, **params}, *[_take_blocks(t, rest, k) for t in data]),
+            terms_fn(merge(params), *[_take_blocks(t, rest, k) for t in data]),
             rest.numel(),
             rest.numel() * (n // k),
         ))  # fmt: skip
@@ -615,7 +625,7 @@ def _block_pieces(
     params: dict[str, Tensor],
     data: Sequence[Tensor],
     blocks: int,
-    frozen: Mapping[str, Tensor] | None = None,
+    merge: Merge | None = None,
 ) -> tuple[Tensor, list[Tensor]] | None:
     """Losses ``(blocks,)`` and per-parameter ``(blocks, numel)`` gradients from one
     forward and one backward with :func:`mtrl.onednn.block_gradients`, or ``None`` when
@@ -626,7 +636,7 @@ def _block_pieces(
         return None  # the layers would not record: skip the forward
     n = data[0].shape[0]
     with onednn.block_gradients(blocks, n) as recorded:
-        terms = terms_fn({**(frozen or {}), **params}, *data)
+        terms = terms_fn(params if merge is None else merge(params), *data)
     covered = {id(p) for p, _ in recorded}
     if any(id(p) not in covered for p in params.values()):
         return None
@@ -650,6 +660,7 @@ def _verify_blocks(
     losses: Tensor,
     pieces: Sequence[Tensor],
     rtol: float = 1e-4,
+    merge: Merge | None = None,
 ) -> None:
     """Check the fast path's per-block gradients against an ordinary backward.
 
@@ -662,7 +673,8 @@ def _verify_blocks(
     c = torch.randn(blocks, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     plist = list(params.values())
     with torch.enable_grad():
-        ref_losses = _block_means(terms_fn(params, *data), blocks, data[0].shape[0])
+        ref_losses = _block_means(terms_fn(params if merge is None else merge(params), *data),
+                                  blocks, data[0].shape[0])  # fmt: skip
         objective = (c.to(ref_losses) * ref_losses).sum()
         ref = torch.autograd.grad(objective, plist, allow_unused=True)
     err2 = scale2 = 0.0
@@ -708,10 +720,18 @@ def _loss_only_backward(
     if leaves is None:
         torch.autograd.backward(objective, inputs=list(params), retain_graph=retain_graph)
     else:
-        grads = torch.autograd.grad(objective, list(leaves), allow_unused=True,
-                                    retain_graph=retain_graph)  # fmt: skip
-        for p, g in zip(params, grads, strict=True):  # unused: zero, as on the vmap path
-            _accumulate_grad(p, torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1))
+        # a backward into the leaves (AccumulateGrad gives each leaf its own tensor, where
+        # autograd.grad may return one tensor for two inputs that meet in a sum, and keeps
+        # sparse gradients), then moved over to the parameters
+        torch.autograd.backward(objective, inputs=list(leaves), retain_graph=retain_graph)
+        for p, leaf in zip(params, leaves, strict=True):  # unused: zero, as on the vmap path
+            g = torch.zeros_like(p) if leaf.grad is None else leaf.grad
+            if p.grad is None:
+                p.grad = g
+            elif p.grad.is_sparse and not g.is_sparse:
+                p.grad = p.grad + g
+            else:
+                p.grad.add_(g)
     return BalanceStats(
         losses=losses.detach(),
         weights=_scatter(w, idx, k, 0.0, device),
@@ -756,8 +776,10 @@ def _stats(
     if gram is None and diagnostics:
         g = grads.detach()
         gram = g @ g.T
-    if gram is not None:
-        norms, mean_cos, conflict = gram_stats(gram.to(device))
+    if gram is not None:  # K×K statistics on the CPU in float64 (MPS has no float64)
+        norms, mean_cos, conflict = (
+            t.to(device) for t in gram_stats(gram.detach().to("cpu", torch.float64))
+        )
         grad_norms = _scatter(norms, idx, k, float("nan"), device)
     else:
         grad_norms, mean_cos, conflict = _nan((k,), device), _nan((), device), _nan((), device)

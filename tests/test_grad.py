@@ -507,3 +507,25 @@ def test_gram_stats_keep_the_gramian_range():
         norms, cos, conflict = gram_stats(g @ g.T)
         torch.testing.assert_close(norms, torch.tensor([1.0, 2**0.5]) * scale, rtol=1e-6, atol=0)
         assert abs(float(cos) - 2**-0.5) < 1e-6 and float(conflict) == 0.0
+
+
+def test_loss_only_gradients_are_separate_tensors_in_the_callers_order():
+    """Two parameters that meet in a sum get their own .grad tensors (one tensor for both
+    let an in-place clip of one change the other), and loss_fn sees the caller's order."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    frozen = torch.randn(3, generator=gen, dtype=torch.float64)
+    x = torch.randn(K, 4, 3, generator=gen, dtype=torch.float64)
+    seen = []
+
+    def loss_fn(p, x):
+        seen.append(list(p))
+        return ((p["a"] + p["b"] + p["c"]) * x).sum()
+
+    balanced_backward(loss_fn, {"a": a, "c": frozen, "b": b}, (x,), build("mean"))
+    assert seen[-1] == ["a", "c", "b"]
+    assert a.grad.data_ptr() != b.grad.data_ptr()
+    want = x.sum((0, 1)) / K
+    a.grad.mul_(0.5)
+    torch.testing.assert_close(b.grad, want, atol=1e-12, rtol=0)

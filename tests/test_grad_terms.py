@@ -360,3 +360,20 @@ def test_fast_path_false_takes_the_vmap_path(vmap_calls):
     slow = run("terms", module, terms, build("cagrad"), rows, fast_path=False)
     assert vmap_calls == [1]
     assert_same_result(slow, run("terms", module, terms, build("cagrad"), rows))
+
+
+def test_verify_with_a_frozen_parameter():
+    module, terms = critic_case()
+    frozen = module.members[0][0].bias
+    frozen.requires_grad_(False)
+    params = dict(module.named_parameters())
+    rows = data()
+    balanced_backward_terms(terms, params, rows, K, build("cagrad"), verify=True)
+    fast = {n: p.grad.clone() for n, p in params.items() if p.requires_grad}
+    for p in params.values():
+        p.grad = None
+    blocks = [t.reshape(K, N_PER, *t.shape[1:]) for t in rows]
+    balanced_backward(mean_of_terms(terms), params, blocks, build("cagrad"))
+    assert frozen.grad is None
+    for name, g in fast.items():
+        torch.testing.assert_close(g, params[name].grad, rtol=1e-6, atol=1e-8, msg=name)
