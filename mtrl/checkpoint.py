@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -82,18 +83,49 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         raise
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with ``weights_only=True``; missing or corrupt files raise CheckpointError."""
+#: Layout version of the checkpoints this mtrl writes; it reads versions 1..this.
+CHECKPOINT_FORMAT = 1
+
+
+def load_checkpoint(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    required: tuple[str, ...] = ("step", "agent"),
+) -> dict[str, Any]:
+    """Load with ``weights_only=True`` (no pickled code runs). Missing, corrupt, foreign,
+    newer-format files, or files without the ``required`` keys raise CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, wrong format, unsafe pickle, ...
+    except pickle.UnpicklingError as exc:
+        if "global" in str(exc).lower():  # an object other than tensors and containers
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds objects other than tensors, numbers and "
+                "containers; mtrl never unpickles code, so it will not load it"
+            ) from exc
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or not an mtrl checkpoint: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    except Exception as exc:  # truncated zip, wrong format, ...
         raise CheckpointError(
             f"checkpoint {str(path)!r} is corrupt or not an mtrl checkpoint: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
     if not isinstance(state, dict) or "format" not in state:
         raise CheckpointError(f"checkpoint {str(path)!r} is not an mtrl checkpoint")
+    fmt = state["format"]
+    if not (isinstance(fmt, int) and 1 <= fmt <= CHECKPOINT_FORMAT):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has format {fmt!r}; this mtrl reads formats 1 to "
+            f"{CHECKPOINT_FORMAT} (written by a newer mtrl? upgrade to resume or evaluate it)"
+        )
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} lacks {', '.join(map(repr, missing))}; it is "
+            "incomplete or not an mtrl training checkpoint"
+        )
     return state

@@ -25,6 +25,7 @@ from mtrl.agents.sac import MultiTaskSAC
 from mtrl.balancers import build
 from mtrl.buffers import MultiTaskReplayBuffer
 from mtrl.checkpoint import (
+    CHECKPOINT_FORMAT,
     CheckpointError,
     atomic_write_json,
     atomic_write_text,
@@ -44,7 +45,8 @@ from mtrl.envs import PROTOCOLS, eval_env_config, eval_seed, evaluate, make_envs
 from mtrl.runtime import configure_cpu
 
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+#: What a resume reads from a checkpoint (the rest is optional).
+RESUME_KEYS = ("step", "agent", "optim", "rng", "obs", "skipped_total", "best_success")
 
 
 class TrainingError(RuntimeError):
@@ -239,7 +241,7 @@ def train(
                 )
         # CPU first: tensors go where they belong below (the agent's device, the envs'
         # and generators' own places).
-        state = load_checkpoint(ckpt_path, map_location="cpu")
+        state = load_checkpoint(ckpt_path, map_location="cpu", required=RESUME_KEYS)
         start = int(state["step"])
         if start > cfg.total_steps:
             raise ConfigError(

@@ -486,3 +486,45 @@ def test_a_refill_in_progress_survives_another_resume(tmp_path):
     a, b = (load_checkpoint(r.run_dir / "checkpoint.pt")["agent"] for r in (one, two))
     for key, value in a.items():
         assert torch.equal(value, b[key]), key
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda s: s.update(format=2), "has format 2; this mtrl reads formats 1 to 1"),
+    (lambda s: s.pop("optim"), "lacks 'optim'"),
+])
+def test_newer_or_incomplete_checkpoints_are_refused_before_anything_is_written(
+        tmp_path, edit, message):
+    from mtrl.checkpoint import CheckpointError, save_checkpoint
+
+    cfg = toy_config(tmp_path, total_steps=40, checkpoint_every=20)
+    train(cfg)
+    (tmp_path / "run" / "result.json").unlink()
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    state = load_checkpoint(ckpt)
+    edit(state)
+    save_checkpoint(ckpt, state)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    with pytest.raises(CheckpointError, match=message):
+        train(replace(cfg, total_steps=60), resume=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+
+
+def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
+    import pickle
+
+    from mtrl.checkpoint import CheckpointError
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(pickle.dumps({"format": 1, "step": 1, "agent": Payload()}, protocol=2))
+    with pytest.raises(CheckpointError, match="never unpickles code"):
+        load_checkpoint(ckpt)
+    assert not marker.exists()
+    ckpt.write_bytes(b"garbage, not a zip file")
+    with pytest.raises(CheckpointError, match="is corrupt or not an mtrl checkpoint"):
+        load_checkpoint(ckpt)

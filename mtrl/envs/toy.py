@@ -13,6 +13,7 @@ run continues the very same episodes, which Meta-World's simulators do not allow
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -114,7 +115,15 @@ class ToyMultiTaskEnv:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pos = state["pos"].to(self.pos.device, copy=True)
         self.t = state["t"].to(self.t.device, copy=True)
-        # (checkpoints from before goals were saved: those runs had the fixed goals)
+        if "goals" not in state:
+            # a checkpoint from before the toy env had goal modes: that run had the fixed
+            # goals and no success termination, whatever its config said; keep them
+            if self.goal_mode != "fixed" or self.terminate_on_success:
+                warnings.warn(
+                    "toy checkpoint from before goal modes: the run keeps the fixed goals "
+                    "and time-limit-only episodes it was trained with", stacklevel=2,
+                )
+            self.goal_mode, self.terminate_on_success = "fixed", False
         saved = state.get("goals", self._fixed_goals)
         self.goals = saved.to(self.goals.device, copy=True)
         self._gen.set_state(state["generator"].cpu())
