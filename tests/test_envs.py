@@ -513,8 +513,15 @@ def test_toy_checkpoints_without_goals_keep_the_fixed_goals():
     other = ToyMultiTaskEnv(goal_mode="random", seed=2, terminate_on_success=True)
     other.reset()
     assert not torch.equal(other.goals, fixed)
-    with pytest.warns(UserWarning, match="keeps the fixed goals"):
+    del state["goal_mode"], state["terminate_on_success"]  # as before goal modes
+    with pytest.warns(UserWarning, match="trained with goal_mode='fixed'.*the run keeps them"):
         other.load_state_dict(state)
     assert torch.equal(other.goals, fixed)
     other.reset()  # and they stay fixed: that run's semantics, whatever its config says
     assert torch.equal(other.goals, fixed) and not other.terminate_on_success
+    # ... on every later resume too: the semantics travel with the state
+    third = ToyMultiTaskEnv(goal_mode="random", seed=3, terminate_on_success=True)
+    with pytest.warns(UserWarning, match="the run keeps them"):
+        third.load_state_dict(other.state_dict())
+    third.reset()
+    assert torch.equal(third.goals, fixed) and not third.terminate_on_success

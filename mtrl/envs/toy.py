@@ -109,21 +109,27 @@ class ToyMultiTaskEnv:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
+        # the episode semantics the run had, so every later resume keeps them
         return {"pos": self.pos.clone(), "t": self.t.clone(), "goals": self.goals.clone(),
-                "generator": self._gen.get_state()}
+                "generator": self._gen.get_state(),
+                "goal_mode": torch.tensor(self.goal_mode == "random"),
+                "terminate_on_success": torch.tensor(self.terminate_on_success)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pos = state["pos"].to(self.pos.device, copy=True)
         self.t = state["t"].to(self.t.device, copy=True)
-        if "goals" not in state:
-            # a checkpoint from before the toy env had goal modes: that run had the fixed
-            # goals and no success termination, whatever its config said; keep them
-            if self.goal_mode != "fixed" or self.terminate_on_success:
-                warnings.warn(
-                    "toy checkpoint from before goal modes: the run keeps the fixed goals "
-                    "and time-limit-only episodes it was trained with", stacklevel=2,
-                )
-            self.goal_mode, self.terminate_on_success = "fixed", False
+        if "goal_mode" in state:  # the semantics the run was trained with
+            mode = "random" if bool(state["goal_mode"]) else "fixed"
+            terminate = bool(state["terminate_on_success"])
+        else:  # from before the toy env had goal modes: fixed goals, time limit only
+            mode, terminate = "fixed", False
+        if (mode, terminate) != (self.goal_mode, self.terminate_on_success):
+            warnings.warn(
+                f"toy checkpoint trained with goal_mode={mode!r}, terminate_on_success="
+                f"{terminate}: the run keeps them (this env was built with "
+                f"{self.goal_mode!r}, {self.terminate_on_success})", stacklevel=2,
+            )
+        self.goal_mode, self.terminate_on_success = mode, terminate
         saved = state.get("goals", self._fixed_goals)
         self.goals = saved.to(self.goals.device, copy=True)
         self._gen.set_state(state["generator"].cpu())
