@@ -96,7 +96,7 @@ from torch import Tensor
 from torch.func import grad_and_value, vmap
 
 from mtrl import onednn
-from mtrl.balancers.base import Balancer, gramian_of_blocks
+from mtrl.balancers.base import Balancer, gramian_of_blocks, weights_from_gramian
 
 __all__ = [
     "BalanceStats",
@@ -861,8 +861,7 @@ def _combine_pieces(
     less). Returns ``(None, gram)`` then, and ``(grads, None)`` when the balancer got the
     (K, D) matrix.
     """
-    cls = type(balancer)
-    if cls.combine_rows is Balancer.combine_rows and cls.weights_for is Balancer.weights_for:
+    if weights_from_gramian(balancer):
         gram = gramian_of_blocks(pieces)
         w = balancer.weights_for(None, losses, gram=gram, grads_dtype=pieces[0].dtype)
         _write_grad_pieces(params, w, pieces)

@@ -364,8 +364,12 @@ class GroupSummary:
     @property
     def episodes_per_task(self) -> list[int]:
         """The episodes per task of the runs' final evaluations (one value unless mixed)."""
-        return sorted({int(f["episodes_per_task"]) for r in self.runs
-                       if (f := r.final_eval) and isinstance(f.get("episodes_per_task"), int)})
+        return _final_episodes(self.runs)
+
+
+def _final_episodes(runs: Sequence[Run]) -> list[int]:
+    return sorted({int(f["episodes_per_task"]) for r in runs
+                   if (f := r.final_eval) and isinstance(f.get("episodes_per_task"), int)})
 
 
 def _method_order(labels: Iterable[str]) -> list[str]:
@@ -437,8 +441,7 @@ def _group_warnings(runs: Sequence[Run]) -> list[str]:
     if len(ends) > 1:
         out.append(f"final evaluations at different steps are pooled ({ends}); best over "
                    "time only counts steps every seed reached")
-    episodes = sorted({int(f["episodes_per_task"]) for r in runs
-                       if (f := r.final_eval) and isinstance(f.get("episodes_per_task"), int)})
+    episodes = _final_episodes(runs)
     if len(episodes) > 1:
         out.append(f"final evaluations with different episodes per task are pooled ({episodes})")
     return out

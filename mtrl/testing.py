@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtrl.balancers.base import Balancer
+from mtrl.balancers.base import Balancer, weights_from_gramian
 
 __all__ = ["check_balancer"]
 
@@ -87,10 +87,9 @@ def _plumbing_direction(b: Balancer, grads: Tensor, losses: Tensor) -> Tensor:
             )
         idx = idx.to(grads.device)
         grads, losses = grads.index_select(0, idx), losses.index_select(0, idx)
-    cls = type(b)
     if not b.needs_grads:
         w = b.weights_for(None, losses)
-    elif cls.combine_rows is Balancer.combine_rows and cls.weights_for is Balancer.weights_for:
+    elif weights_from_gramian(b):
         g64 = grads.detach().to("cpu", torch.float64)
         w = b.weights_for(None, losses, gram=g64 @ g64.T, grads_dtype=grads.dtype)
     else:

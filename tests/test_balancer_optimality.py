@@ -328,8 +328,8 @@ def lopsided(factor: float, seed: int, k: int = 5, d: int = 8, offset: float = 0
     return g
 
 
-def min_norm_by_enumeration(a: np.ndarray) -> np.ndarray:
-    """MGDA by brute force: the best KKT point over every support (small K only)."""
+def simplex_qp_by_enumeration(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``argmin_{w∈Δ} ½wᵀAw + bᵀw`` by brute force over every support (small K only)."""
     import itertools
 
     k, best, best_val = a.shape[0], None, math.inf
@@ -338,16 +338,21 @@ def min_norm_by_enumeration(a: np.ndarray) -> np.ndarray:
             s = list(support)
             mat = np.ones((m + 1, m + 1))
             mat[:m, :m], mat[m, m] = a[np.ix_(s, s)], 0.0
-            rhs = np.zeros(m + 1)
-            rhs[m] = 1.0
+            rhs = np.append(-b[s], 1.0)
             x = np.linalg.lstsq(mat, rhs, rcond=None)[0][:m]
             if x.min() < -1e-12:
                 continue
             w = np.zeros(k)
             w[s] = np.clip(x, 0.0, None) / np.clip(x, 0.0, None).sum()
-            if w @ a @ w < best_val:
-                best, best_val = w, float(w @ a @ w)
+            val = 0.5 * w @ a @ w + b @ w
+            if val < best_val:
+                best, best_val = w, val
     return best
+
+
+def min_norm_by_enumeration(a: np.ndarray) -> np.ndarray:
+    """MGDA by brute force (small K only)."""
+    return simplex_qp_by_enumeration(a, np.zeros(a.shape[0]))
 
 
 @pytest.mark.parametrize("factor", [1e-6, 1e3, 1e6])
@@ -411,28 +416,6 @@ def test_fixed_points_with_very_different_norms(name, alpha, factor):
     assert w.min() > 0
     assert np.abs((a @ w) * w ** (1.0 / alpha) - 1.0).max() < 1e-8
     assert torch.allclose(out, torch.from_numpy(w) @ g)
-
-
-def simplex_qp_by_enumeration(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``argmin_{w∈Δ} ½wᵀAw + bᵀw`` by brute force over every support (small K only)."""
-    import itertools
-
-    k, best, best_val = a.shape[0], None, math.inf
-    for m in range(1, k + 1):
-        for support in itertools.combinations(range(k), m):
-            s = list(support)
-            mat = np.ones((m + 1, m + 1))
-            mat[:m, :m], mat[m, m] = a[np.ix_(s, s)], 0.0
-            rhs = np.append(-b[s], 1.0)
-            x = np.linalg.lstsq(mat, rhs, rcond=None)[0][:m]
-            if x.min() < -1e-12:
-                continue
-            w = np.zeros(k)
-            w[s] = np.clip(x, 0.0, None) / np.clip(x, 0.0, None).sum()
-            val = 0.5 * w @ a @ w + b @ w
-            if val < best_val:
-                best, best_val = w, val
-    return best
 
 
 @pytest.mark.parametrize("scales", [(1e-3, 1e-9), (1e-3, 1e-12), (1e-4, 1e-14)])

@@ -174,6 +174,14 @@ class Balancer(nn.Module):
         return {p: getattr(self, p) for p in list(sig.parameters)[1:] if hasattr(self, p)}
 
 
+def weights_from_gramian(balancer: Balancer) -> bool:
+    """Whether ``balancer`` keeps the base class's ``combine_rows`` and ``weights_for``
+    (its direction is ``Gᵀw`` with ``w`` from the Gramian): the plumbing can then hand it
+    the Gramian alone and write the direction block by block."""
+    cls = type(balancer)
+    return cls.combine_rows is Balancer.combine_rows and cls.weights_for is Balancer.weights_for
+
+
 def gramian(grads: Tensor) -> Tensor:
     """``G Gᵀ`` computed on the gradients' device, returned as float64 on the CPU."""
     return gramian_of_blocks([grads])
