@@ -462,3 +462,21 @@ def test_simplex_qp_never_worse_than_the_common_scale_and_never_nan():
         common, _ = _simplex_solve(a, b, None, np.ones(k), strict=False)
         f, f_common = (0.5 * x @ a @ x + b @ x for x in (w, common))
         assert f <= f_common + 1e-10 * (1 + np.abs(b).max())
+
+
+@pytest.mark.parametrize("mismatch, tol", [(1e-3, 1e-8), (1e-4, 1e-6)])
+def test_upgrad_exact_with_two_nearly_opposite_gradients(mismatch, tol):
+    """g_1 = -1.3 g_0 + small noise: the Gramian's smallest eigenvalue falls below the
+    solvers' ridge, whose bias moved the direction by 4e-6 / 4e-4 (mismatch 1e-3 / 1e-4);
+    now only the float64 Gramian's own rounding (~1e-16 / λ_min) remains. Reference: each
+    projection onto {d : Gd ≥ 0} in D-space, by Moreau's decomposition
+    P(g) = g + Gᵀλ, λ = argmin_{λ ≥ 0} |g + Gᵀλ| (scipy's NNLS, no Gramian)."""
+    from scipy.optimize import nnls
+
+    rng = np.random.default_rng(17)
+    k, d = 6, 20
+    g = rng.standard_normal((k, d))
+    g[1] = -1.3 * g[0] + mismatch * np.linalg.norm(g[0]) * rng.standard_normal(d) / math.sqrt(d)
+    ref = np.mean([gi + g.T @ nnls(g.T, -gi)[0] for gi in g], axis=0)
+    out = build("upgrad").combine(torch.from_numpy(g)).numpy()
+    assert np.linalg.norm(out - ref) <= tol * np.linalg.norm(ref)

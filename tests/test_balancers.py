@@ -238,6 +238,79 @@ def test_fixed_point_no_fallback_on_regular_input():
         assert "fallback" not in b.info, name
 
 
+# Gramians on which Newton stalled near the root (Armijo on the potential's value cannot
+# see decreases below its rounding; the second has rows whose norms differ by 1e5, so
+# (Aw)_i cancels and its residual cannot go below ~1e-8 in float64); both have positive
+# roots (0 is not in the hull). Reference roots: 60-digit mpmath Newton in log variables.
+_STALL_4 = [
+    [14.54383724691046, -7.098209720111995, -2.870288910818824, -0.2994450847715837],
+    [-7.098209720111995, 3.4906070003202694, 1.7367492335108707, 0.21242837297647238],
+    [-2.870288910818824, 1.7367492335108707, 13.015381323786885, 0.7864767233424889],
+    [-0.2994450847715837, 0.21242837297647238, 0.7864767233424889, 24.194383616773408],
+]
+_STALL_6 = [
+    [316139.8085151445, -84.21467444957781, -20644.84438163712, -19.228962910837545,
+     -1.0198095864885546, -0.2654271888234645],
+    [-84.21467444957781, 0.034460203229513105, 10.782756034539542, 0.007818397964394872,
+     0.00022853234113588263, 0.0005328536843593184],
+    [-20644.84438163712, 10.782756034539542, 5354.255911638197, 3.158349423836458,
+     0.03204577908601956, 0.2533404288830436],
+    [-19.228962910837545, 0.007818397964394872, 3.158349423836458, 0.0020801262994041554,
+     4.570971302841419e-05, 0.00013380696776932097],
+    [-1.0198095864885546, 0.00022853234113588263, 0.03204577908601956,
+     4.570971302841419e-05, 3.5888794093764077e-06, -1.1065439574748604e-06],
+    [-0.2654271888234645, 0.0005328536843593184, 0.2533404288830436, 0.00013380696776932097,
+     -1.1065439574748604e-06, 1.862742667901454e-05],
+]
+
+
+@pytest.mark.parametrize("gram, name, hparams, root", [
+    (_STALL_4, "fairgrad", {}, [7.683703215721758, 15.67609716389198, 0.0313123329738996,
+                                0.09240881901871935]),
+    (_STALL_6, "fairgrad", {"alpha": 0.5}, [0.2532612788846217, 2.358578428798062,
+                                            0.5662388569105073, 11.464455682629364,
+                                            66618.15228205566, 13.41875783148429]),
+    (_STALL_6, "nash-mtl", {}, [0.15169720029491493, 5.616447003333253, 0.259581412007258,
+                                123.97680480062462, 38915.305906636975, 183.77641348423867]),
+])  # fmt: skip
+def test_fixed_point_newton_does_not_stall_near_the_root(gram, name, hparams, root):
+    b = build(name, **hparams)
+    w = b.weights_for(None, None, gram=torch.tensor(gram, dtype=torch.float64),
+                      grads_dtype=torch.float64)
+    assert "fallback" not in b.info  # was: "Newton solve did not converge; used mean weights"
+    torch.testing.assert_close(w, torch.tensor(root, dtype=torch.float64), rtol=1e-9, atol=0)
+
+
+def test_fixed_points_solved_when_one_pair_nearly_cancels():
+    """A near-opposite pair puts 0 close to (not in) the hull: a positive root exists, and
+    Newton must reach it (it used to stall and fall back to mean weights in ~15 % of
+    such draws)."""
+    from mtrl.balancers._solvers import min_norm_sq, power_residual
+
+    rng = torch.Generator().manual_seed(5)
+    solved = 0
+    for _ in range(80):
+        k = int(torch.randint(2, 11, (1,), generator=rng))
+        d = int(torch.randint(k, 51, (1,), generator=rng))
+        g = torch.randn(k, d, generator=rng, dtype=torch.float64)
+        g += torch.rand(1, generator=rng, dtype=torch.float64) * torch.randn(
+            d, generator=rng, dtype=torch.float64)
+        delta = 10 ** (-3 + 2.5 * float(torch.rand(1, generator=rng)))
+        g[1] = -g[0] * (0.5 + 1.5 * float(torch.rand(1, generator=rng))) + delta * torch.randn(
+            d, generator=rng, dtype=torch.float64) * g[0].norm() / math.sqrt(d)
+        unit = g / g.norm(dim=1, keepdim=True)
+        if min_norm_sq((unit @ unit.T).numpy()) <= 1e-8:
+            continue
+        solved += 1
+        for name, p in (("fairgrad", 0.5), ("nash-mtl", 1.0)):
+            b = build(name)
+            b.combine(g)
+            assert "fallback" not in b.info, (name, b.info["fallback"])
+            gram = (g @ g.T).numpy()
+            assert power_residual(gram, b.info["weights"].numpy(), p) < 1e-8
+    assert solved > 50
+
+
 def test_cagrad_zero_in_hull_falls_back_to_cone_projection():
     # dual optimum at w = (1/2, 1/2, 0) with G^T w = 0; g0 = (0, 1/3) is already in the
     # cone {d : Gd >= 0} = {(0, t), t >= 0}, so the projection is g0 itself

@@ -161,8 +161,13 @@ class CAGrad(Balancer):
     at least float32), plus 1e-9 of the largest gradient norm) the formula divides 0 by 0. The
     primal optimum value is then 0 and the projection ``p`` of ``g0`` onto the cone
     ``{d : Gd ≥ 0}`` lies in the ball, so it is a primal optimum: we return
-    ``p / (1+c²)`` and set ``info["fallback"]``. Note that K=1 or identical rows return
-    ``g·(1+c)/(1+c²)``, not ``g``: that is the published formula.
+    ``p / (1+c²)`` and set ``info["fallback"]``. A true optimum whose ``|Gᵀw|`` is
+    small but not 0 cannot be told apart from this case at that precision and gets the
+    same answer, which then is not max-min optimal (measured: float32 gradients, two
+    rows opposite to within 3e-3 of their norm: primal value ~1e-6 against the exact
+    0.013; with float64 gradients this takes |Gᵀw| below ~1.5e-7 of Σ w_i|g_i|). Note
+    that K=1 or identical rows return ``g·(1+c)/(1+c²)``, not ``g``: that is the
+    published formula.
     """
 
     name = "cagrad"
