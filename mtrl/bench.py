@@ -115,7 +115,13 @@ def parse_balancers(text: str | Sequence[str]) -> tuple[str, ...]:
     valid = names()
     bad = [x for x in items if x not in valid]
     if bad:
-        raise ConfigError(f"unknown balancer(s) {', '.join(bad)}; valid: {', '.join(valid)}")
+        hint = ""
+        if any(":" in x for x in bad):  # runs are folders named after the balancer
+            hint = ("; bench takes registered names only: register a 'module:Class' "
+                    "balancer under the entry-point group mtrl.balancers (README, "
+                    "'Add a balancer') to benchmark it")
+        raise ConfigError(
+            f"unknown balancer(s) {', '.join(bad)}; valid: {', '.join(valid)}{hint}")
     dupes = sorted({x for x in items if items.count(x) > 1})
     if dupes:
         raise ConfigError(f"--balancers lists {', '.join(dupes)} more than once")
@@ -457,8 +463,14 @@ def execute_run(
                     proc.send_signal(signal.SIGINT)
     outcome.returncode = proc.returncode
     outcome.seconds = time.monotonic() - t0
-    finished = (run_dir / "result.json").is_file()
-    if proc.returncode == 0 and finished:
+    try:
+        total = json.loads(job.config_text).get("total_steps")
+    except (json.JSONDecodeError, AttributeError):
+        total = None
+    finished = run_state(run_dir, total if isinstance(total, int) else None) == "done"
+    if finished and proc.returncode in (0, 130, -signal.SIGINT):
+        # (130 / -SIGINT with a result: the run had finished when the bench's Ctrl-C
+        # reached it, during its last clean-up)
         outcome.status = "done"
     elif proc.returncode in (130, -signal.SIGINT) or interrupted:
         # (-SIGINT: Ctrl-C reached the run before its handler was installed, while it was

@@ -105,9 +105,15 @@ def load_checkpoint(
                 f"checkpoint {str(path)!r} holds objects other than tensors, numbers and "
                 "containers; mtrl never unpickles code, so it will not load it"
             ) from exc
+        # (torch's message advises weights_only=False: wrong for a file that is not a
+        # checkpoint at all, and unsafe; not repeated)
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupt or not an mtrl checkpoint: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            f"checkpoint {str(path)!r} is corrupt or not an mtrl checkpoint (not a file "
+            "torch.save wrote)"
+        ) from exc
+    except EOFError as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is empty or truncated (a copy cut short?)"
         ) from exc
     except Exception as exc:  # truncated zip, wrong format, ...
         raise CheckpointError(

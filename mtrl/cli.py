@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,13 @@ commands:
   bench       train every (balancer, seed) pair, then report   (mtrl bench --help)
   report      statistics, tables and plots of a benchmark dir  (mtrl report --help)
 """
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    try:
+        print(f"warning: {message}", file=file or sys.stderr)
+    except OSError:  # stderr gone (closed terminal, dead pipe): nothing to tell
+        pass
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -50,9 +59,12 @@ def _train(argv: list[str]) -> None:
         base = dataclasses.replace(base, run_dir=str(known.resume))  # where it is now
     else:
         base = TrainConfig()
+    # tyro turns a non-empty dict default into fixed per-key options (--balancer-kwargs.c),
+    # so a preset's kwargs would change the option's syntax and could not be dropped when
+    # --balancer picks another method: parse against an empty dict, then merge below.
     cfg = tyro.cli(
         TrainConfig,
-        default=base,
+        default=dataclasses.replace(base, balancer_kwargs={}),
         args=rest,
         prog="mtrl train",
         description="Train multi-task SAC. Options override --config PRESET (a JSON file or a "
@@ -60,6 +72,10 @@ def _train(argv: list[str]) -> None:
         "saved config, or --config if given; only "
         + ", ".join(RESUME_MAY_CHANGE) + " may differ from the run's).",
     )
+    # the preset's (or resumed run's) kwargs belong to its balancer: kept, with the
+    # command line's on top, for that balancer; dropped if --balancer chose another
+    kept = base.balancer_kwargs if cfg.balancer == base.balancer else {}
+    cfg = dataclasses.replace(cfg, balancer_kwargs={**kept, **cfg.balancer_kwargs})
     if known.resume and Path(cfg.run_dir or "").resolve() != Path(known.resume).resolve():
         _fail("--resume and --run-dir must name the same directory")
     from mtrl.trainer import train
@@ -131,8 +147,8 @@ def _balancers(argv: list[str]) -> None:
             k if v is inspect.Parameter.empty else f"{k}={v!r}"
             for k, v in hparam_defaults(cls).items()
         )
-        doc = (inspect.getdoc(cls) or "").splitlines()
-        summary = doc[0] if doc else ""
+        # the docstring's first paragraph (its first line alone may stop mid-sentence)
+        summary = " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())
         print(f"{name:<14} ({params})  {summary}")
 
 
@@ -241,8 +257,18 @@ def main(argv: list[str] | None = None) -> None:
     from mtrl.config import ConfigError
     from mtrl.trainer import TrainingError
 
+    previous_show = warnings.showwarning
+    warnings.showwarning = _show_warning  # "warning: ..." lines, no source excerpts
     try:
         COMMANDS[command](rest)
+    except KeyboardInterrupt:  # outside the training loop (which checkpoints and returns):
+        # building environments, evaluating, loading
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except BrokenPipeError:  # stdout/stderr piped into a process that has exited
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the exit flush does not fail again
+        raise SystemExit(1) from None
     except (ConfigError, CheckpointError) as exc:
         _fail(str(exc))
     except TrainingError as exc:
@@ -251,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{type(exc).__name__}: {exc}", code=1)
     except ValueError as exc:  # bad values surfacing from dataclass/env validation
         _fail(str(exc))
+    finally:
+        warnings.showwarning = previous_show
 
 
 if __name__ == "__main__":

@@ -41,7 +41,9 @@ class TrainConfig:
     balancer: str = "mean"
     """Balancer name (see `mtrl balancers`) or a 'package.module:Class' path."""
     balancer_kwargs: dict[str, float | int | bool | str] = field(default_factory=dict)
-    """Balancer hyper-parameters, e.g. {"c": 0.9} for cagrad."""
+    """Balancer hyper-parameters: --balancer-kwargs c 0.9 for cagrad (in a JSON preset
+    {"c": 0.9}). With --config they are merged into the preset's; a --balancer other than
+    the preset's drops the preset's."""
     total_steps: int = 1_000_000
     """Vector-env steps to train (each adds one transition per task)."""
     warmup_steps: int = 1_500

@@ -24,6 +24,11 @@ def _locate(path: str | Path) -> tuple[Path, Path]:
 
     p = Path(path)
     if p.is_dir():
+        if not (p / CHECKPOINT_NAME).is_file():
+            raise CheckpointError(
+                f"no {CHECKPOINT_NAME} in {str(p)!r}: not a run directory, or the run has not "
+                "written a checkpoint yet"
+            )
         return p, p / CHECKPOINT_NAME
     if p.is_file():
         return p.parent, p

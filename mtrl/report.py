@@ -444,7 +444,19 @@ def _group_warnings(runs: Sequence[Run]) -> list[str]:
     episodes = _final_episodes(runs)
     if len(episodes) > 1:
         out.append(f"final evaluations with different episodes per task are pooled ({episodes})")
+    train_envs = sorted({_train_env(r) for r in runs} - {None}, key=str)
+    if len(train_envs) > 1:
+        shown = ", ".join(f"{steps} steps / {goals} goals" for steps, goals in train_envs)
+        out.append(f"runs trained on different episodes are pooled ({shown})")
     return out
+
+
+def _train_env(run: Run) -> tuple[Any, Any] | None:
+    """A run's training episodes: (max_episode_steps, goal_mode) from its config.json."""
+    env = run.config.get("env")
+    if not isinstance(env, dict) or "max_episode_steps" not in env:
+        return None  # not recorded (hand-made or old run): nothing to compare
+    return env.get("max_episode_steps"), env.get("goal_mode")
 
 
 # ====================================================================== formatting
@@ -715,7 +727,7 @@ def plot_weights(g: GroupSummary, path: Path) -> bool:
                 for k in range(values.shape[1]):
                     task = g.tasks[k] if k < len(g.tasks) else str(k)
                     ax.plot(steps, values[:, k], color=colors[k % len(colors)], lw=1,
-                            label=task)
+                            label=task, marker="o" if len(steps) < 15 else None, ms=3)
             else:
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
             ax.grid(alpha=0.3)
@@ -767,7 +779,8 @@ def plot_conflict(g: GroupSummary, path: Path) -> bool:
                                         f"{loss}/{metric}")
                 if series is not None and series[1].ndim == 1:
                     any_data = True
-                    ax.plot(series[0], series[1], color=color, lw=1.2, label=name)
+                    ax.plot(series[0], series[1], color=color, lw=1.2, label=name,
+                            marker="o" if len(series[0]) < 15 else None, ms=3)
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=7)
             if i == 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -160,6 +161,71 @@ def _set_generator(gen: torch.Generator, saved: Tensor, seed: int, what: str) ->
         )
 
 
+def _install_stop_handlers(handler: Callable[[int, Any], None]) -> dict[int, Any]:
+    """``handler`` for SIGINT, SIGTERM and SIGHUP (unless SIGHUP is ignored, as under
+    ``nohup``); returns the previous handlers. Outside the main thread (a worker) nothing
+    is installed: signals keep their default handling there."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is None or (name == "SIGHUP" and signal.getsignal(signum) == signal.SIG_IGN):
+            continue
+        previous[signum] = signal.signal(signum, handler)
+    return previous
+
+
+class _ProgressBar:
+    """tqdm on stderr that can never stop the run: when stderr goes away (a closed
+    terminal, or ``mtrl train ... | tee log`` whose ``tee`` died with the same Ctrl-C) a
+    write raises ``BrokenPipeError`` / ``OSError``, which used to abort the loop before it
+    wrote the interrupt checkpoint. After the first failed write the bar is silent."""
+
+    def __init__(self, total: int, initial: int) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar: Any = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
+        if self._bar is None:
+            return
+        try:
+            getattr(self._bar, method)(*args, **kwargs)
+        except OSError:
+            self._bar.disable = True  # tqdm writes nothing more, even on close
+            self._bar = None
+
+    def update(self, n: int = 1) -> None:
+        self._call("update", n)
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        self._call("set_postfix", **kwargs)
+
+    def write(self, text: str) -> None:
+        self._call("write", text)
+
+    def close(self) -> None:
+        self._call("close")
+
+
+def _warn_if_protocol_differs(cfg: TrainConfig) -> None:
+    """Say so when a Meta-World run trains on other episodes than its protocol evaluates
+    (e.g. ``--protocol metaworld-plus`` with the default 150-step, fixed-goal training
+    env): allowed, but rarely meant."""
+    spec = PROTOCOLS[cfg.protocol]
+    mine = (cfg.env.max_episode_steps, cfg.env.goal_mode)
+    if cfg.env.benchmark == "toy" or mine == (spec.max_episode_steps, spec.goal_mode):
+        return
+    warnings.warn(
+        f"training episodes ({mine[0]} steps, {mine[1]} goals) differ from the episodes the "
+        f"{cfg.protocol!r} protocol evaluates ({spec.max_episode_steps} steps, "
+        f"{spec.goal_mode} goals); to train on those, pass --env.max-episode-steps "
+        f"{spec.max_episode_steps} --env.goal-mode {spec.goal_mode}",
+        stacklevel=3,
+    )
+
+
 def _eval_at(path: Path, step: int) -> dict[str, Any] | None:
     """The evaluation record of ``step`` in a JSONL log, if there is one."""
     if not path.is_file():
@@ -262,6 +328,7 @@ def train(
             "resume it with --resume or choose another --run-dir"
         )
     torch.manual_seed(cfg.env.seed)
+    _warn_if_protocol_differs(cfg)
 
     env_cfg = replace(cfg.env, device=str(device))
     envs = env_factory(env_cfg)
@@ -412,25 +479,26 @@ def train(
         log.write("eval.jsonl", record)
         return record
 
-    # Ctrl-C: finish the current step, write a checkpoint, then stop. A second Ctrl-C
-    # interrupts at once.
+    if cfg.total_steps <= updates_from:
+        warnings.warn(
+            f"total_steps {cfg.total_steps} <= {updates_from}, the step after which updates "
+            f"start (warmup_steps {cfg.warmup_steps}): this run only collects random-action "
+            "data and makes no gradient update", stacklevel=2,
+        )
+
+    # Ctrl-C, SIGTERM (kill, a scheduler's time limit) or SIGHUP (a closed terminal;
+    # not under nohup): finish the current step, write a checkpoint, then stop. A second
+    # signal interrupts at once.
     interrupted = False
 
-    def on_sigint(signum: int, frame: Any) -> None:
+    def on_signal(signum: int, frame: Any) -> None:
         nonlocal interrupted
         if interrupted:
             raise KeyboardInterrupt
         interrupted = True
 
-    try:
-        previous_handler = signal.signal(signal.SIGINT, on_sigint)
-    except ValueError:  # not the main thread (e.g. inside a worker): keep default handling
-        previous_handler = None
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+    previous_handlers = _install_stop_handlers(on_signal)
+    bar = _ProgressBar(cfg.total_steps, start_step) if cfg.progress else None
     t_start = time.perf_counter()
     t_last, step_last = t_start, start_step
     step = start_step
@@ -530,8 +598,8 @@ def train(
                 "final_eval": last_eval,
             })
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGINT, previous_handler)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
         if bar is not None:
             bar.close()
         log.close()

@@ -92,6 +92,7 @@ def test_run_config_uses_preset_then_protocol_then_overrides(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--benchmark", "MT11"], "unknown benchmark 'MT11'; valid choices: MT10, MT50"),
     (["--balancers", "mean,nope"], "unknown balancer(s) nope; valid: "),
+    (["--balancers", "mypkg.balancers:Mine"], "bench takes registered names only: register"),
     (["--seeds", "0"], "--seeds must be an integer >= 1, got 0"),
     (["--steps", "-5"], "--steps must be an integer >= 1, got -5"),
     (["--set", "nope=1"], "unknown config key(s) nope; valid keys: env, sac, balancer"),
@@ -314,3 +315,28 @@ def test_one_bench_at_a_time_per_output_directory(tmp_path, capsys):
     assert "another mtrl bench, or runs started by one that was killed, is still running" \
         in capsys.readouterr().err
     assert not (out / "runs").exists()
+
+
+def test_a_run_that_finished_before_the_ctrl_c_reached_it_is_done(tmp_path, monkeypatch):
+    """Ctrl-C about a second after a run wrote result.json: the signal lands during its
+    clean-up (exit 130), and the bench called the finished run interrupted."""
+    run = tmp_path / "run"
+
+    class FinishedThenInterrupted:
+        returncode = 130
+
+        def __init__(self, cmd, **kwargs):
+            (run / "result.json").write_text(json.dumps({"step": 40}))
+
+        def wait(self, timeout=None):
+            return 130
+
+    monkeypatch.setattr(mtrl.bench.subprocess, "Popen", FinishedThenInterrupted)
+    job = mtrl.bench.Job("mean", 0, str(run), json.dumps({"total_steps": 40}), resume=False,
+                         env={}, pythonpath="")
+    assert mtrl.bench.execute_run(job)["status"] == "done"
+    # a result of a shorter, earlier session does not make an interrupted extension done
+    (run / "result.json").unlink()
+    job = mtrl.bench.Job("mean", 0, str(run), json.dumps({"total_steps": 80}), resume=True,
+                         env={}, pythonpath="")
+    assert mtrl.bench.execute_run(job)["status"] == "interrupted"

@@ -31,6 +31,8 @@ def test_balancers_lists_every_registered_name_with_defaults(capsys):
     assert "cagrad         (c=0.9)" in out
     assert "sdmgrad-os     (lam=0.6, num_sampled=4" in out
     assert "famo           (gamma=0.01, lr=0.025)" in out
+    # the first docstring paragraph, whole (its first line ended mid-sentence)
+    assert "onto the dual cone of all task gradients," in out
 
 
 @pytest.mark.parametrize("args, message", [
@@ -45,6 +47,7 @@ def test_balancers_lists_every_registered_name_with_defaults(capsys):
      "total_steps must be an integer >= 1"),
     (["train", "--resume", "/no/such/run"], "cannot resume"),
     (["eval", "/no/such/run"], "neither a run directory nor a checkpoint file"),
+    (["eval", "."], "no checkpoint.pt in '.': not a run directory"),
     (["balancers", "extra"], "takes no arguments"),
 ])
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, args, message):
@@ -109,6 +112,7 @@ def test_mt10_smoke_run_writes_logs_checkpoint_and_eval_table(tmp_path, capsys):
         capsys,
     )
     assert code == 0, err
+    assert "warning: training episodes (20 steps, fixed goals) differ" in err
     rows = [line for line in out.splitlines() if "-v3" in line]
     assert len(rows) == 10  # the per-task success table
     assert "finished at step 30" in out
@@ -128,3 +132,49 @@ def test_mt10_smoke_run_writes_logs_checkpoint_and_eval_table(tmp_path, capsys):
     assert 0.0 <= table["mean_success"] <= 1.0
     csv_lines = (run / "eval_30.csv").read_text().splitlines()
     assert csv_lines[0] == "task,success_rate,mean_return" and len(csv_lines) == 11
+
+
+def test_balancer_kwargs_with_a_preset(tmp_path, capsys):
+    """The same --balancer-kwargs KEY VALUE syntax with or without --config; the
+    command line's kwargs merge into the preset's, and another --balancer drops them."""
+    toy = ["--env.benchmark", "toy", "--env.max-episode-steps", "20", "--total-steps", "4",
+           "--warmup-steps", "2", "--eval-every", "0", "--batch-size", "4", *TINY[:3],
+           "--buffer-capacity", "400", "--no-progress"]
+
+    def saved(name: str, *args: str) -> dict:
+        run = tmp_path / name
+        code, _, err = run_cli(["train", *args, *toy, "--run-dir", str(run)], capsys)
+        assert code == 0, err
+        config = json.loads((run / "config.json").read_text())
+        return {"balancer": config["balancer"], "kwargs": config["balancer_kwargs"],
+                "lr": config["sac"]["critic_lr"]}
+
+    assert saved("a", "--config", "mt10_cagrad") == {
+        "balancer": "cagrad", "kwargs": {"c": 0.9}, "lr": 3e-4}
+    assert saved("b", "--config", "mt10_cagrad", "--balancer-kwargs", "c", "0.5") == {
+        "balancer": "cagrad", "kwargs": {"c": 0.5}, "lr": 3e-4}
+    assert saved("c", "--config", "mt10_cagrad", "--balancer", "fairgrad",
+                  "--balancer-kwargs", "alpha", "1.5") == {
+        "balancer": "fairgrad", "kwargs": {"alpha": 1.5}, "lr": 3e-4}
+    assert saved("d", "--config", "mt10_cagrad", "--balancer", "mean")["kwargs"] == {}
+    assert saved("e", "--balancer", "cagrad", "--balancer-kwargs", "c", "0.2")["kwargs"] == {
+        "c": 0.2}
+
+
+def test_cli_warnings_are_one_line_and_ctrl_c_outside_training_exits_130(tmp_path, capsys,
+                                                                       monkeypatch):
+    import mtrl.cli
+
+    code, _, err = run_cli(["train", "--env.benchmark", "toy", "--env.max-episode-steps", "20",
+                            "--total-steps", "5", "--warmup-steps", "10", "--eval-every", "0",
+                            "--run-dir", str(tmp_path / "run"), *TINY], capsys)
+    assert code == 0, err
+    assert "warning: total_steps 5 <= 10, the step after which updates start" in err
+    assert ".py:" not in err and "warnings.warn" not in err  # no source excerpt
+
+    def interrupted_while_loading(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(mtrl.cli.COMMANDS, "eval", interrupted_while_loading)
+    code, _, err = run_cli(["eval", "somewhere"], capsys)
+    assert code == 130 and err.strip() == "interrupted"

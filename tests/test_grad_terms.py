@@ -70,8 +70,9 @@ def run(path: str, module: nn.Module, terms, balancer, rows: tuple[Tensor, ...],
 def assert_same_result(a, b, rtol=1e-6) -> None:
     (sa, ga), (sb, gb) = a, b
     assert ga.keys() == gb.keys()
-    for name in ga:
-        torch.testing.assert_close(ga[name], gb[name], rtol=rtol, atol=rtol * 1e-2, msg=name)
+    for name in ga:  # float32 rounding is relative to the tensor's scale, not each entry's
+        scale = float(gb[name].abs().max())
+        torch.testing.assert_close(ga[name], gb[name], rtol=rtol, atol=rtol * scale, msg=name)
     for field in sa._fields:
         torch.testing.assert_close(getattr(sa, field), getattr(sb, field), rtol=1e-5,
                                    atol=1e-6, equal_nan=True, msg=field)  # fmt: skip

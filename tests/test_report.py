@@ -344,6 +344,27 @@ def test_single_seed_has_no_interval_and_mixed_runs_are_flagged(tmp_path):
     assert "1 episode(s) per task per evaluation" in md  # from the records, not a constant
 
 
+def test_runs_trained_on_different_episodes_are_flagged(tmp_path):
+    root = tmp_path / "envs"
+    for balancer, seed, steps, goals in (("mean", 0, 500, "random"), ("mean", 1, 500, "random"),
+                                         ("cagrad", 0, 150, "fixed")):
+        run = root / balancer / f"seed{seed}"
+        write_run(run, balancer, seed, {10: [1.0] * 4}, protocol="metaworld-plus")
+        config = json.loads((run / "config.json").read_text())
+        config["env"].update(max_episode_steps=steps, goal_mode=goals)
+        (run / "config.json").write_text(json.dumps(config))
+    (g,) = write_report(root, reps=REPS, poi_reps=POI_REPS, plots=False).groups
+    assert g.warnings == ["runs trained on different episodes are pooled "
+                          "(150 steps / fixed goals, 500 steps / random goals)"]
+    config = json.loads((root / "cagrad" / "seed0" / "config.json").read_text())
+    config["env"].update(max_episode_steps=500, goal_mode="random")
+    (root / "cagrad" / "seed0" / "config.json").write_text(json.dumps(config))
+    for name in ("summary.md", "summary.json", "results.csv"):
+        (root / name).unlink(missing_ok=True)
+    (g,) = write_report(root, reps=REPS, poi_reps=POI_REPS, plots=False).groups
+    assert g.warnings == []
+
+
 def test_an_extended_run_with_an_old_result_is_unfinished(tmp_path):
     root = tmp_path / "ext"
     write_run(root / "mean" / "seed0", "mean", 0, {10: [1.0] * 4})

@@ -179,9 +179,11 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
 class NaNRewardAfter:
     """Wraps the toy env; rewards become NaN from a given step on."""
 
-    def __init__(self, cfg, start: int, signal_at: int | None = None):
+    def __init__(self, cfg, start: int, signal_at: int | None = None, signum=signal.SIGINT,
+                 before_signal=None):
         self.env = make_envs(cfg)
         self.start, self.signal_at, self.t = start, signal_at, 0
+        self.signum, self.before_signal = signum, before_signal
 
     def __getattr__(self, name):
         return getattr(self.env, name)
@@ -190,7 +192,9 @@ class NaNRewardAfter:
         out = self.env.step(action)
         self.t += 1
         if self.signal_at is not None and self.t == self.signal_at:
-            os.kill(os.getpid(), signal.SIGINT)
+            if self.before_signal is not None:
+                self.before_signal()
+            os.kill(os.getpid(), self.signum)
         if self.t >= self.start:
             out = out._replace(reward=torch.full_like(out.reward, float("nan")))
         return out
@@ -242,6 +246,60 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path):
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 70
     done = train(cfg, resume=True)
     assert done.steps == 100 and not done.interrupted
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_write_a_checkpoint_like_ctrl_c(tmp_path, signum):
+    cfg = toy_config(tmp_path, total_steps=100, checkpoint_every=1000)
+    result = train(cfg, env_factory=lambda c: NaNRewardAfter(c, 10**9, 50, signum=signum))
+    assert result.interrupted and result.steps == 50
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 50
+    assert signal.getsignal(signum) is signal.SIG_DFL  # the previous handler is back
+
+
+def test_sighup_ignored_under_nohup_stays_ignored(tmp_path):
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        cfg = toy_config(tmp_path, total_steps=60, checkpoint_every=1000)
+        result = train(cfg, env_factory=lambda c: NaNRewardAfter(c, 10**9, 30,
+                                                                  signum=signal.SIGHUP))
+        assert not result.interrupted and result.steps == 60
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_ctrl_c_with_a_dead_stderr_pipe_still_writes_the_checkpoint(tmp_path, monkeypatch):
+    """`mtrl train ... 2>&1 | tee log`: Ctrl-C kills tee too, and the progress bar's next
+    write raised BrokenPipeError before the loop saw the interrupt (no checkpoint)."""
+    import io
+    import sys
+
+    class PipeToDeadTee(io.StringIO):
+        broken = False
+
+        def write(self, text):
+            if self.broken:
+                raise BrokenPipeError(32, "Broken pipe")
+            return super().write(text)
+
+        def flush(self):
+            if self.broken:
+                raise BrokenPipeError(32, "Broken pipe")
+
+    stderr = PipeToDeadTee()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    cfg = toy_config(tmp_path, total_steps=100, checkpoint_every=1000, progress=True)
+    result = train(cfg, env_factory=lambda c: NaNRewardAfter(
+        c, 10**9, 70, before_signal=lambda: setattr(stderr, "broken", True)))
+    assert result.interrupted and result.steps == 70
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 70
+
+
+def test_a_run_shorter_than_warmup_is_warned(tmp_path):
+    cfg = toy_config(tmp_path, total_steps=30, warmup_steps=40)
+    with pytest.warns(UserWarning, match=r"total_steps 30 <= 40, .*no gradient update"):
+        train(cfg)
 
 
 def test_unknown_config_key_names_key_and_valid_choices(tmp_path):
@@ -526,5 +584,37 @@ def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
         load_checkpoint(ckpt)
     assert not marker.exists()
     ckpt.write_bytes(b"garbage, not a zip file")
-    with pytest.raises(CheckpointError, match="is corrupt or not an mtrl checkpoint"):
+    with pytest.raises(CheckpointError, match="is corrupt or not an mtrl checkpoint") as err:
         load_checkpoint(ckpt)
+    assert "weights_only" not in str(err.value)  # torch's advice to load it unsafely
+    ckpt.write_text('{"a JSON file": "given as the checkpoint"}')
+    with pytest.raises(CheckpointError, match=r"not an mtrl checkpoint \(not a file torch"):
+        load_checkpoint(ckpt)
+    ckpt.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="is empty or truncated"):
+        load_checkpoint(ckpt)
+
+
+def test_training_on_other_episodes_than_the_protocol_evaluates_is_warned(tmp_path):
+    import warnings
+
+    from mtrl.trainer import _warn_if_protocol_differs
+
+    def no_envs(_cfg):
+        raise RuntimeError("stop before building envs")
+
+    cfg = TrainConfig(protocol="metaworld-plus", run_dir=str(tmp_path / "run"))
+    with pytest.warns(UserWarning, match=re.escape(
+        "training episodes (150 steps, fixed goals) differ from the episodes the "
+        "'metaworld-plus' protocol evaluates (500 steps, random goals); to train on those, "
+        "pass --env.max-episode-steps 500 --env.goal-mode random"
+    )), pytest.raises(RuntimeError, match="stop before"):
+        train(cfg, env_factory=no_envs)
+    matching = replace(cfg, env=replace(cfg.env, max_episode_steps=500, goal_mode="random"))
+    toy = replace(cfg, env=EnvConfig(benchmark="toy", max_episode_steps=20))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for ok in (matching, TrainConfig(), toy):  # TrainConfig(): mtrl protocol, 150 / fixed
+            _warn_if_protocol_differs(ok)
+    with pytest.warns(UserWarning, match=r"\(500 steps, random goals\) differ .*'mtrl'"):
+        _warn_if_protocol_differs(replace(matching, protocol="mtrl"))

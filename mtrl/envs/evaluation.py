@@ -46,9 +46,11 @@ def get_protocol(protocol: str | ProtocolSpec) -> ProtocolSpec:
 def eval_env_config(train_cfg: EnvConfig, protocol: str | ProtocolSpec) -> EnvConfig:
     """The evaluation-env config for a training config under ``protocol``.
 
-    Same tasks, seed (so ``fixed`` goals are the training goals and ``random`` goals come
-    from the same per-task goal sets), reward version, device and vector strategy; the
-    protocol sets the episode length and the goal mode. Episodes never terminate on success
+    Same tasks, seed, reward version, device and vector strategy; the protocol sets the
+    episode length and the goal mode. So ``fixed`` evaluation goals are a ``fixed``-goal
+    run's training goals, and ``random`` evaluation goals come from a ``random``-goal run's
+    own per-task goal sets; across modes they are unrelated (a ``fixed``-goal run's goal is
+    in general not among the ``random`` evaluation goals). Episodes never terminate on success
     (success is measured over the whole episode).
     """
     spec = get_protocol(protocol)
