@@ -110,9 +110,14 @@ def _eval(argv: list[str]) -> None:
         prog="mtrl eval", description="Evaluate a trained run and write eval_<step>.json/.csv."
     )
     parser.add_argument("path", help="run directory or checkpoint file")
-    parser.add_argument("--episodes-per-task", type=int, default=None)
-    parser.add_argument("--protocol", choices=["mtrl", "metaworld-plus"], default=None)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--episodes-per-task", type=int, default=None,
+                        help="evaluation episodes per task (default: the protocol's: 1 for "
+                        "mtrl, 50 for metaworld-plus)")
+    parser.add_argument("--protocol", choices=["mtrl", "metaworld-plus"], default=None,
+                        help="evaluation protocol (default: the run's)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when available), cpu, cuda, cuda:N or mps "
+                        "(default: auto)")
     parser.add_argument("--out", default=None, help="output directory (default: the run dir)")
     args = parser.parse_args(argv)
     if args.episodes_per_task is not None and args.episodes_per_task < 1:
@@ -163,10 +168,13 @@ def _bench(argv: list[str]) -> None:
         "seed<k>, then write the report to OUT. Rerunning the same command skips finished "
         "runs, resumes interrupted ones and starts the rest.",
     )
-    parser.add_argument("--benchmark", default="MT10", help="MT10, MT50, MT1, custom, toy")
+    parser.add_argument("--benchmark", default="MT10",
+                        help="MT10, MT50, MT1, custom, toy (default: %(default)s)")
     parser.add_argument("--balancers", default="mean,cagrad,fairgrad,sdmgrad-os",
-                        help="comma-separated balancer names (see `mtrl balancers`)")
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+                        help="comma-separated balancer names (see `mtrl balancers`; default: "
+                        "%(default)s)")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="number of seeds: 0..N-1 (default: %(default)s)")
     parser.add_argument("--steps", type=int, required=True,
                         help="vector-env steps per run (each adds one transition per task)")
     parser.add_argument("--protocol", default="mtrl", choices=["mtrl", "metaworld-plus"])
@@ -177,7 +185,8 @@ def _bench(argv: list[str]) -> None:
                         help="Ray cluster address (default: start a local Ray instance)")
     parser.add_argument("--workers", type=int, default=None,
                         help="parallel runs (default: CPU cores // threads-per-run)")
-    parser.add_argument("--threads-per-run", type=int, default=1)
+    parser.add_argument("--threads-per-run", type=int, default=1,
+                        help="torch threads of each run (default: %(default)s)")
     parser.add_argument("--gpus-per-run", type=float, default=0.25,
                         help="GPU fraction per run when GPUs exist (0: runs use the CPU)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],

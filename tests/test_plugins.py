@@ -166,3 +166,21 @@ def test_check_balancer_rejects_non_balancer_factory():
         check_balancer(lambda: object())
     with pytest.raises(TypeError):
         check_balancer(42)
+
+
+def test_weights_of_the_wrong_shape_are_a_clear_error():
+    from mtrl.balancers import Balancer
+
+    class OneTooMany(Balancer):
+        name = "one-too-many"
+
+        def weights(self, gram, losses):
+            return torch.full((gram.shape[0] + 1,), 1.0 / gram.shape[0], dtype=torch.float64)
+
+    g = torch.randn(4, 12, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"'one-too-many': weights\(\) returned \(5,\) for 4 "
+                                         r"task rows; it must return a \(4,\) tensor"):
+        OneTooMany().combine(g)
+    with pytest.raises(AssertionError, match=r"combine raised ValueError: balancer "
+                                             r"'one-too-many': weights\(\) returned"):
+        check_balancer(OneTooMany)

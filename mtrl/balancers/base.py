@@ -147,6 +147,13 @@ class Balancer(nn.Module):
                     "or losses); nothing was solved"
                 )
         w = self.weights(gram, loss64)
+        rows = next(t.shape[0] for t in (gram, loss64, grads) if t is not None)
+        if not isinstance(w, Tensor) or w.shape != (rows,):
+            got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
+            raise ValueError(
+                f"balancer {self.name!r}: weights() returned {got} for {rows} task rows; "
+                f"it must return a ({rows},) tensor"
+            )
         if not torch.isfinite(w).all():
             raise FloatingPointError(f"balancer {self.name!r} produced non-finite weights {w}")
         self.info["weights"] = w
