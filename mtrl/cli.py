@@ -107,7 +107,10 @@ def _print_success_table(record: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------- eval
 def _eval(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
-        prog="mtrl eval", description="Evaluate a trained run and write eval_<step>.json/.csv."
+        prog="mtrl eval",
+        description="Evaluate a trained run and write eval_<step>.json/.csv "
+        "(eval_<step>_<protocol>_<N>ep.* for another protocol or episode count than the "
+        "run's own evaluation).",
     )
     parser.add_argument("path", help="run directory or checkpoint file")
     parser.add_argument("--episodes-per-task", type=int, default=None,

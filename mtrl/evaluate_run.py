@@ -42,7 +42,9 @@ def evaluate_run(
     device: str = "auto",
     out_dir: str | Path | None = None,
 ) -> tuple[dict[str, Any], list[Path]]:
-    """Evaluate the policy in a checkpoint; write ``eval_<step>.json`` and ``.csv``."""
+    """Evaluate the policy in a checkpoint; write ``eval_<step>.json`` and ``.csv``
+    (``eval_<step>_<protocol>_<N>ep.*`` for another protocol or episode count than the
+    run's own evaluation)."""
     from mtrl.agents.sac import MultiTaskSAC
     from mtrl.balancers import build
     from mtrl.envs import PROTOCOLS, eval_env_config, eval_seed, evaluate, make_envs
@@ -90,7 +92,12 @@ def evaluate_run(
         "return": {k: float(v) for k, v in result.mean_return.items()},
     }
     out = Path(out_dir) if out_dir else run_dir
-    json_path, csv_path = out / f"eval_{step}.json", out / f"eval_{step}.csv"
+    # the run's own evaluation keeps the plain name; another protocol or episode count
+    # gets its own files instead of overwriting that one
+    stem = f"eval_{step}"
+    if protocol != cfg.protocol or episodes != PROTOCOLS[protocol].episodes_per_task:
+        stem += f"_{protocol}_{episodes}ep"
+    json_path, csv_path = out / f"{stem}.json", out / f"{stem}.csv"
     atomic_write_json(json_path, record)
     buf = io.StringIO()
     writer = csv.writer(buf)

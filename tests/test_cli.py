@@ -178,3 +178,21 @@ def test_cli_warnings_are_one_line_and_ctrl_c_outside_training_exits_130(tmp_pat
     monkeypatch.setitem(mtrl.cli.COMMANDS, "eval", interrupted_while_loading)
     code, _, err = run_cli(["eval", "somewhere"], capsys)
     assert code == 130 and err.strip() == "interrupted"
+
+
+def test_eval_with_other_settings_does_not_overwrite_the_runs_own(tmp_path, capsys):
+    run = tmp_path / "toy"
+    code, _, err = run_cli(["train", "--env.benchmark", "toy", "--env.max-episode-steps", "20",
+                            "--total-steps", "30", "--warmup-steps", "20", "--eval-every", "0",
+                            "--run-dir", str(run), *TINY], capsys)
+    assert code == 0, err
+    seen = {}
+    for extra, name in (([], "eval_30"), (["--episodes-per-task", "3"], "eval_30_mtrl_3ep"),
+                        (["--protocol", "metaworld-plus", "--episodes-per-task", "2"],
+                         "eval_30_metaworld-plus_2ep")):
+        code, out, err = run_cli(["eval", str(run), *extra], capsys)
+        assert code == 0, err
+        assert f"wrote {run / (name + '.json')}" in out
+        seen[name] = json.loads((run / f"{name}.json").read_text())["episodes_per_task"]
+    assert seen == {"eval_30": 1, "eval_30_mtrl_3ep": 3, "eval_30_metaworld-plus_2ep": 2}
+    assert json.loads((run / "eval_30.json").read_text())["protocol"] == "mtrl"
