@@ -480,3 +480,49 @@ def test_upgrad_exact_with_two_nearly_opposite_gradients(mismatch, tol):
     ref = np.mean([gi + g.T @ nnls(g.T, -gi)[0] for gi in g], axis=0)
     out = build("upgrad").combine(torch.from_numpy(g)).numpy()
     assert np.linalg.norm(out - ref) <= tol * np.linalg.norm(ref)
+
+
+# Two exactly opposite gradients stored in float32 (g1 = -c g0): the unit-diagonal
+# Gramian's smallest eigenvalue is -1e-12..0, inside the solvers' ridge. Iterative removal
+# of the ridge's bias amplified that direction (weights ~1e96, a NaN direction).
+_OPPOSITE_F32 = [
+    [["0x1.0033aa0000000p+1", "0x1.cf37ae0000000p-3", "-0x1.15fb1e0000000p-1",
+      "0x1.a9a1bc0000000p-1", "0x1.6b05140000000p-1", "-0x1.7d7a220000000p-1",
+      "0x1.600c460000000p+1"],
+     ["-0x1.0033920000000p-1", "-0x1.cf37840000000p-5", "0x1.15fb060000000p-3",
+      "-0x1.a9a1960000000p-3", "-0x1.6b04f40000000p-3", "0x1.7d7a000000000p-3",
+      "-0x1.600c260000000p-1"]],
+    [["-0x1.826b980000000p-2", "-0x1.eb47700000000p-3", "0x1.a463c60000000p-3",
+      "-0x1.ae29900000000p+0", "0x1.1359a80000000p+0", "0x1.1f6a160000000p-1"],
+     ["0x1.ae950a0000000p+0", "0x1.11b65c0000000p+0", "-0x1.d46f100000000p-1",
+      "0x1.df52c40000000p+2", "-0x1.32d18a0000000p+2", "-0x1.4042ee0000000p+1"]],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("rows", _OPPOSITE_F32)
+def test_upgrad_opposite_float32_gradients_stay_bounded(rows):
+    g = torch.tensor([[float.fromhex(x) for x in r] for r in rows], dtype=torch.float32)
+    b = build("upgrad")
+    d = b.combine(g)
+    assert torch.isfinite(d).all()
+    # the cone {d : Gd >= 0} is (nearly) the hyperplane g0ᵀd = 0: the projections cancel
+    assert float(d.norm()) <= 1e-5 * float(g[0].norm())
+    assert float(b.info["weights"].abs().max()) < 1e3
+
+
+@pytest.mark.parametrize("k, d, duplicate", [(10, 2000, True), (50, 10, False), (12, 3, False)])
+def test_upgrad_singular_gramians_match_nnls(k, d, duplicate):
+    """Duplicated tasks or K > D: the Gramian is singular, the weights are not unique,
+    the direction is; it matches D-space projections (scipy NNLS)."""
+    from scipy.optimize import nnls
+
+    rng = np.random.default_rng(k + d)
+    g = rng.standard_normal((k, d))
+    if duplicate:
+        g[k // 2:] = g[: k - k // 2]
+    ref = np.mean([gi + g.T @ nnls(g.T, -gi, maxiter=50 * k)[0] for gi in g], axis=0)
+    b = build("upgrad")
+    out = b.combine(torch.from_numpy(g)).numpy()
+    scale = float(np.abs(g).max())
+    assert np.abs(out - ref).max() <= 1e-9 * scale
+    assert float(b.info["weights"].abs().max()) < 1e3

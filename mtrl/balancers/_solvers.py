@@ -365,9 +365,9 @@ def dual_cone_weights(a: np.ndarray, u: np.ndarray) -> np.ndarray:
     by diagonal scaling (``x = y / s``), so it is solved on the unit-diagonal ``A/(s sᵀ)``,
     ``s_i = sqrt(A_ii)``, with a relative ridge :data:`RIDGE`: gradients of very
     different norms are then treated alike (a common scale lets the ridge swamp the small
-    rows); the ridge's own bias is then removed by proximal-point refinement
-    (:func:`_unridged_nonneg_qp`). No QP when ``Au ≥ 0`` (already in the cone), else block
-    pivoting from the set ``{(Au)_j < 0}``, else quadprog.
+    rows); the ridge's own bias is then removed on the solution's support where the
+    matrix allows (:func:`_unridged_nonneg_qp`). No QP when ``Au ≥ 0`` (already in the
+    cone), else block pivoting from the set ``{(Au)_j < 0}``, else quadprog.
     """
     single = u.ndim == 1
     us = np.atleast_2d(u)
@@ -391,22 +391,41 @@ def dual_cone_weights(a: np.ndarray, u: np.ndarray) -> np.ndarray:
     return out[0] if single else out
 
 
-def _unridged_nonneg_qp(a: np.ndarray, c: np.ndarray, max_refine: int = 60) -> np.ndarray:
-    """``argmin_{x ≥ 0} ½ xᵀAx + cᵀx`` without the ridge's bias: the solvers need
-    ``A + ridge·I``, whose solution is off by ~ridge/λ_min relative, and λ_min is ~1e-10
-    for two nearly opposite gradients (UPGrad's direction was 4e-4 off at a 1e-4
-    mismatch). Proximal-point refinement, ``x ← argmin_{x ≥ 0} ½ xᵀ(A + ridge·I)x +
-    (c − ridge·x_prev)ᵀx``, converges to the unridged optimum; each pass starts block
-    pivoting from the previous support, so a well-conditioned problem takes one or two
-    extra linear solves."""
+def _unridged_nonneg_qp(a: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``argmin_{x ≥ 0} ½ xᵀAx + cᵀx`` without the ridge's bias where that is safe.
+
+    The solvers need ``A + ridge·I``, whose solution is off by ~ridge/λ_min relative, and
+    λ_min is ~1e-10 for two nearly opposite gradients (UPGrad's direction was 4e-4 off at
+    a 1e-4 mismatch). So the ridged solution's support ``F`` is polished: ``x_F`` solves
+    ``A_FF x_F = −c_F`` without the ridge, accepted only if ``A_FF`` is numerically
+    positive definite (Cholesky) and the result satisfies the unridged KKT conditions
+    (``x_F ≥ 0``, gradient ``≥ 0`` off the support) without growing. A singular or slightly
+    indefinite ``A_FF`` (duplicate tasks, K > D, float32 rounding) keeps the ridged
+    solution: its minimiser is not unique there, and refining along those directions
+    amplified rounding (iterative refinement did: weights ~1e96) or crawled (60 passes).
+    """
     x = nonneg_qp(a, c, guess=c < 0.0)
-    for _ in range(max_refine):
-        nxt = nonneg_qp(a, c - RIDGE * x, guess=x > 0.0)
-        change = float(np.max(np.abs(nxt - x)))
-        x = nxt
-        if change <= 1e-13 * (float(np.max(np.abs(x))) + 1e-300):
-            break
-    return x
+    idx = np.flatnonzero(x > 0.0)
+    if idx.size == 0:
+        return x
+    sub = a[np.ix_(idx, idx)]
+    try:
+        chol = np.linalg.cholesky(sub)
+    except np.linalg.LinAlgError:
+        return x
+    xf = np.linalg.solve(chol.T, np.linalg.solve(chol, -c[idx]))
+    if not np.all(np.isfinite(xf)) or xf.min() < 0.0:
+        return x
+    y = np.zeros_like(x)
+    y[idx] = xf
+    grad = a @ y + c
+    off = np.ones(x.shape[0], dtype=bool)
+    off[idx] = False
+    tol = 1e-12 * (float(np.abs(c).max()) + float(np.abs(a).max()) * float(np.abs(y).max()))
+    grown = float(np.abs(y).max()) > 10.0 * float(np.abs(x).max())
+    if grown or (off.any() and float(grad[off].min()) < -tol):
+        return x
+    return y
 
 
 def min_norm_sq(a: np.ndarray) -> float:
@@ -525,9 +544,15 @@ def power_fixed_point(
 
 
 def power_weights(
-    a: np.ndarray, p: float, w0: np.ndarray | None = None
+    a: np.ndarray, p: float, w0: np.ndarray | None = None, eps: float = 2.0**-52
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Weights solving ``A w = w^(-p)`` with the documented degenerate-case fallbacks.
+
+    ``eps``: relative precision of ``A``'s entries (float32 Gramians: 2**-23). 0 counts
+    as in the hull when the min-norm point of the unit gradients is within rounding,
+    ``|Σ w_i u_i|² ≤ max(1e-10, 10·eps)``: a float32 Gramian of two opposite gradients
+    looks slightly non-degenerate, and its "root" (weights ~1e4) is rounding noise. For
+    such low-precision Gramians that test runs first; in float64 only when Newton fails.
 
     * Zero gradient rows (diagonal entry ≤ 1e-20 × the largest) get weight 0 and the
       equation is solved on the other rows (``info["fallback"]`` says so).
@@ -554,15 +579,24 @@ def power_weights(
     guess = None
     if w0 is not None and w0.shape == (k,) and np.all(w0[keep] > 0):
         guess = w0[keep]
-    # Newton converges in < 20 iterations unless the problem is (nearly) degenerate; only
-    # then is the degeneracy test (an MGDA solve) worth its cost.
-    sol, iters, res, last = power_fixed_point(sub, p, w0=guess, max_iter=30)
-    degenerate = False
-    if sol is None:
+
+    def zero_in_hull() -> bool:
         # 0 is in the hull of the g_i iff it is in the hull of the g_i/|g_i|: test on the
         # unit-diagonal Gramian, so a small (non-zero) gradient does not look like 0
         unit = np.sqrt(np.diag(sub))
-        degenerate = min_norm_sq(sub / np.outer(unit, unit)) <= 1e-10
+        return min_norm_sq(sub / np.outer(unit, unit)) <= max(1e-10, 10.0 * eps)
+
+    # Newton converges in < 20 iterations unless the problem is (nearly) degenerate; only
+    # then is the degeneracy test (an MGDA solve) worth its cost -- except for
+    # low-precision Gramians, where rounding can hide the degeneracy from Newton.
+    low_precision = eps > 1e-12
+    if low_precision and zero_in_hull():
+        sol, iters, res, last, degenerate = None, 0, math.inf, None, True
+    else:
+        sol, iters, res, last = power_fixed_point(sub, p, w0=guess, max_iter=30)
+        degenerate = False
+    if sol is None and not degenerate:
+        degenerate = zero_in_hull()
         if not degenerate and last is not None and np.all(np.isfinite(last)):
             sol, more, res, last = power_fixed_point(sub, p, w0=last, max_iter=300)
             iters += more

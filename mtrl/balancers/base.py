@@ -72,6 +72,13 @@ class Balancer(nn.Module):
         #: dtype of the task gradients of the current call (``None`` if unknown).
         self.grads_dtype: torch.dtype | None = None
 
+    def gram_eps(self) -> float:
+        """Relative precision of this call's Gramian entries: the machine epsilon of the
+        dtype :func:`gramian_of_blocks` forms it in (the gradients' dtype, at least
+        float32; float64 when unknown)."""
+        formed = torch.promote_types(self.grads_dtype or torch.float64, torch.float32)
+        return float(torch.finfo(formed).eps)
+
     # ------------------------------------------------------------------ the math
     def weights(self, gram: Tensor | None, losses: Tensor | None) -> Tensor:
         """Return the K weights (float64, CPU) such that the direction is ``Gᵀw``.

@@ -198,8 +198,7 @@ class CAGrad(Balancer):
         # times the norm it would have without cancellation (Σ w_i |g_i|) is rounding
         # noise, and dividing by it would amplify that noise; so is anything below the
         # dual solve's own accuracy (~1e-12 of the largest gradient norm, here 1).
-        formed = torch.promote_types(self.grads_dtype or torch.float64, torch.float32)
-        eps = float(torch.finfo(formed).eps)
+        eps = self.gram_eps()
         uncancelled = 0.0 if w is None else float(w @ np.sqrt(np.clip(np.diag(a_s), 0, None)))
         if nrm <= 10.0 * math.sqrt(eps) * uncancelled + 1e-9:
             # Degenerate dual (Gᵀw = 0): the primal optimum value is 0, and the projection

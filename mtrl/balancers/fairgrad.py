@@ -29,7 +29,8 @@ class FairGrad(Balancer):
     (their supervised code calls ``scipy.optimize.least_squares`` with default tolerances);
     we solve the equation to convergence. Degenerate inputs (not handled by the authors):
     zero gradient rows get weight 0 and the equation is solved on the rest; if no positive
-    solution exists (0 in the convex hull of the remaining gradients) we return the mean
+    solution exists (0 in the convex hull of the remaining gradients, judged at the
+    Gramian's precision: float32 gradients give a float32 Gramian) we return the mean
     weights; both set ``info["fallback"]``.
 
     Scale: ``d`` scales as ``s^((1−α)/(1+α))`` when all gradients scale by ``s``; K=1 and
@@ -49,6 +50,6 @@ class FairGrad(Balancer):
 
     def weights(self, gram: Tensor | None, losses: Tensor | None) -> Tensor:
         self.info.pop("fallback", None)
-        w, info = power_weights(gram.numpy(), 1.0 / self.alpha)
+        w, info = power_weights(gram.numpy(), 1.0 / self.alpha, eps=self.gram_eps())
         self.info.update(info)
         return torch.from_numpy(w)

@@ -34,9 +34,9 @@ class NashMTL(Balancer):
     clip the gradient norm to ``max_norm=1`` after the backward pass; we solve the
     equation to convergence and never clip (clipping is a trainer option). Degenerate
     inputs: zero gradient rows get weight 0 and the equation is solved on the rest; if no
-    positive solution exists (0 in the convex hull of the remaining gradients) we use the
-    mean weights; both set ``info["fallback"]``. The direction is invariant to scaling all
-    gradients (degree 0); K=1 returns ``g/|g|``.
+    positive solution exists (0 in the convex hull of the remaining gradients, judged at
+    the Gramian's precision) we use the mean weights; both set ``info["fallback"]``. The
+    direction is invariant to scaling all gradients (degree 0); K=1 returns ``g/|g|``.
     """
 
     name = "nash-mtl"
@@ -60,7 +60,7 @@ class NashMTL(Balancer):
             return cached
         self.info["reused"] = False
         w0 = cached.numpy() if cached.shape == (k,) else None
-        w, info = power_weights(gram.numpy(), 1.0, w0=w0)
+        w, info = power_weights(gram.numpy(), 1.0, w0=w0, eps=self.gram_eps())
         self.info.update(info)
         out = torch.from_numpy(w)
         set_buffer(self, "alpha", out)
