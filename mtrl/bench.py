@@ -28,7 +28,6 @@ import copy
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -40,6 +39,7 @@ from typing import Any
 
 from mtrl.checkpoint import atomic_write_json, atomic_write_text
 from mtrl.config import ConfigError, TrainConfig, from_dict, presets_dir, to_dict, validate
+from mtrl.runtime import on_hangup
 
 LAUNCHERS = ("local", "ray")
 PROTOCOL_TRAIN_ENV = {
@@ -805,19 +805,7 @@ def _run_bench(spec: BenchSpec, plans: list[RunPlan], out: Path, progress: bool,
     if threading.current_thread() is threading.main_thread():
         def on_term(signum: int, frame: Any) -> None:
             if signum == getattr(signal, "SIGHUP", None):
-                # A hangup often comes twice (the shell and the kernel): act on the first
-                # only, so the second is not taken for "Ctrl-C again, stop at once".
-                signal.signal(signal.SIGHUP, signal.SIG_IGN)
-                # The terminal is gone: writes to it (or to a dead pipe) would fail and
-                # abort the clean stop, so that output goes nowhere; a log file stays.
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                for fd in (1, 2):
-                    try:
-                        if not stat.S_ISREG(os.fstat(fd).st_mode):
-                            os.dup2(devnull, fd)
-                    except OSError:
-                        os.dup2(devnull, fd)
-                os.close(devnull)
+                on_hangup()  # the second hangup is ignored; output to /dev/null
             raise KeyboardInterrupt
 
         previous = signal.signal(signal.SIGTERM, on_term)

@@ -108,8 +108,8 @@ def load_checkpoint(
         # (torch's message advises weights_only=False: wrong for a file that is not a
         # checkpoint at all, and unsafe; not repeated)
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupt or not an mtrl checkpoint (not a file "
-            "torch.save wrote)"
+            f"checkpoint {str(path)!r} is corrupt or not an mtrl checkpoint (torch's "
+            "weights-only loader cannot read it)"
         ) from exc
     except EOFError as exc:
         raise CheckpointError(

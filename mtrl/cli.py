@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import sys
 import warnings
@@ -75,6 +76,12 @@ def _train(argv: list[str]) -> None:
     # the preset's (or resumed run's) kwargs belong to its balancer: kept, with the
     # command line's on top, for that balancer; dropped if --balancer chose another
     kept = base.balancer_kwargs if cfg.balancer == base.balancer else {}
+    if cfg.balancer != base.balancer and base.balancer_kwargs:
+        warnings.warn(
+            f"--balancer {cfg.balancer} replaces {base.balancer}: the balancer_kwargs given "
+            f"with it ({base.balancer_kwargs}) are dropped; set {cfg.balancer}'s with "
+            "--balancer-kwargs KEY VALUE", stacklevel=2,
+        )
     cfg = dataclasses.replace(cfg, balancer_kwargs={**kept, **cfg.balancer_kwargs})
     if known.resume and Path(cfg.run_dir or "").resolve() != Path(known.resume).resolve():
         _fail("--resume and --run-dir must name the same directory")
@@ -277,7 +284,10 @@ def main(argv: list[str] | None = None) -> None:
         # building environments, evaluating, loading
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
-    except BrokenPipeError:  # stdout/stderr piped into a process that has exited
+    except OSError as exc:
+        if not isinstance(exc, BrokenPipeError) and exc.errno != errno.EIO:
+            raise
+        # output into a process that has exited (a pipe) or a closed terminal (EIO)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the exit flush does not fail again
         raise SystemExit(1) from None

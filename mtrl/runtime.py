@@ -7,12 +7,15 @@ library code: it changes state shared by the whole process.
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
+import signal
+import stat
 
 import torch
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["configure_cpu"]
+__all__ = ["configure_cpu", "on_hangup"]
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -66,3 +69,26 @@ def _keep_freed_memory() -> bool:
                 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
             )
     return _tuned_malloc
+
+
+def on_hangup() -> None:
+    """Call from a SIGHUP handler: the terminal is gone.
+
+    A hangup often comes twice (the shell forwards one, the kernel sends another when the
+    shell exits): further SIGHUPs are ignored, so the second is not taken for "interrupt
+    again, stop at once". Writes to the lost terminal (or a dead pipe) would fail with
+    EIO / EPIPE and abort the clean stop, so stdout and stderr go to /dev/null unless
+    they are regular files (a log keeps its output).
+    """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            try:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    continue
+            except OSError:
+                pass
+            os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)

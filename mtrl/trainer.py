@@ -43,7 +43,7 @@ from mtrl.config import (
     validate,
 )
 from mtrl.envs import PROTOCOLS, eval_env_config, eval_seed, evaluate, make_envs
-from mtrl.runtime import configure_cpu
+from mtrl.runtime import configure_cpu, on_hangup
 
 CHECKPOINT_NAME = "checkpoint.pt"
 #: What a resume reads from a checkpoint (the rest is optional).
@@ -493,6 +493,10 @@ def train(
 
     def on_signal(signum: int, frame: Any) -> None:
         nonlocal interrupted
+        if signum == getattr(signal, "SIGHUP", None):
+            on_hangup()  # the kernel's second hangup is ignored; output to /dev/null
+            interrupted = True  # (a Ctrl-C before it still counts: checkpoint, then stop)
+            return
         if interrupted:
             raise KeyboardInterrupt
         interrupted = True
@@ -599,7 +603,8 @@ def train(
             })
     finally:
         for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
+            if handler is not None:  # (None: set outside Python; cannot be restored)
+                signal.signal(signum, handler)
         if bar is not None:
             bar.close()
         log.close()

@@ -141,10 +141,13 @@ def test_balancer_kwargs_with_a_preset(tmp_path, capsys):
            "--warmup-steps", "2", "--eval-every", "0", "--batch-size", "4", *TINY[:3],
            "--buffer-capacity", "400", "--no-progress"]
 
+    errs = {}
+
     def saved(name: str, *args: str) -> dict:
         run = tmp_path / name
         code, _, err = run_cli(["train", *args, *toy, "--run-dir", str(run)], capsys)
         assert code == 0, err
+        errs[name] = err
         config = json.loads((run / "config.json").read_text())
         return {"balancer": config["balancer"], "kwargs": config["balancer_kwargs"],
                 "lr": config["sac"]["critic_lr"]}
@@ -157,6 +160,9 @@ def test_balancer_kwargs_with_a_preset(tmp_path, capsys):
                   "--balancer-kwargs", "alpha", "1.5") == {
         "balancer": "fairgrad", "kwargs": {"alpha": 1.5}, "lr": 3e-4}
     assert saved("d", "--config", "mt10_cagrad", "--balancer", "mean")["kwargs"] == {}
+    assert ("warning: --balancer mean replaces cagrad: the balancer_kwargs given with it "
+            "({'c': 0.9}) are dropped") in errs["d"]
+    assert "dropped" not in errs["b"]
     assert saved("e", "--balancer", "cagrad", "--balancer-kwargs", "c", "0.2")["kwargs"] == {
         "c": 0.2}
 

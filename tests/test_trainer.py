@@ -249,9 +249,17 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_and_sighup_write_a_checkpoint_like_ctrl_c(tmp_path, signum):
+def test_sigterm_and_sighup_write_a_checkpoint_like_ctrl_c(tmp_path, signum, monkeypatch):
+    import mtrl.runtime
+
+    redirected = []  # a hangup sends stdout/stderr (not files) to /dev/null: recorded only
+    monkeypatch.setattr(mtrl.runtime.os, "dup2", lambda fd, to: redirected.append(to))
+    # closing a terminal delivers SIGHUP twice (bash forwards one, the kernel sends one):
+    # that is not "a second signal, stop at once"
+    twice = (lambda: os.kill(os.getpid(), signum)) if signum == signal.SIGHUP else None
     cfg = toy_config(tmp_path, total_steps=100, checkpoint_every=1000)
-    result = train(cfg, env_factory=lambda c: NaNRewardAfter(c, 10**9, 50, signum=signum))
+    result = train(cfg, env_factory=lambda c: NaNRewardAfter(c, 10**9, 50, signum=signum,
+                                                              before_signal=twice))
     assert result.interrupted and result.steps == 50
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 50
     assert signal.getsignal(signum) is signal.SIG_DFL  # the previous handler is back
@@ -588,7 +596,7 @@ def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
         load_checkpoint(ckpt)
     assert "weights_only" not in str(err.value)  # torch's advice to load it unsafely
     ckpt.write_text('{"a JSON file": "given as the checkpoint"}')
-    with pytest.raises(CheckpointError, match=r"not an mtrl checkpoint \(not a file torch"):
+    with pytest.raises(CheckpointError, match=r"not an mtrl checkpoint \(torch's weights-only"):
         load_checkpoint(ckpt)
     ckpt.write_bytes(b"")
     with pytest.raises(CheckpointError, match="is empty or truncated"):
