@@ -453,13 +453,14 @@ def power_residual(a: np.ndarray, w: np.ndarray, p: float) -> float:
     return float(np.max(np.abs((a @ w) * w**p - 1.0)))
 
 
-def power_rounding_floor(a: np.ndarray, w: np.ndarray) -> float:
-    """Float64 rounding floor of :func:`power_residual` at ``w``: ``ε max_i (|A||w|)_i /
-    |(Aw)_i|``, the relative error of computing ``(Aw)_i`` when its terms cancel."""
+def power_rounding_floor(a: np.ndarray, w: np.ndarray, eps: float = 2.0**-52) -> float:
+    """Rounding floor of :func:`power_residual` at ``w``: ``ε max_i (|A||w|)_i /
+    |(Aw)_i|``, the relative error of ``(Aw)_i`` when its terms cancel, for entries of
+    ``A`` (or float64 arithmetic) with relative precision ``ε``."""
     aw = np.abs(a @ w)
     if not np.all(aw > 0.0):
         return math.inf
-    return float(np.finfo(np.float64).eps * np.max((np.abs(a) @ np.abs(w)) / aw))
+    return float(eps * np.max((np.abs(a) @ np.abs(w)) / aw))
 
 
 def power_fixed_point(
@@ -552,7 +553,8 @@ def power_weights(
     as in the hull when the min-norm point of the unit gradients is within rounding,
     ``|Σ w_i u_i|² ≤ max(1e-10, 10·eps)``: a float32 Gramian of two opposite gradients
     looks slightly non-degenerate, and its "root" (weights ~1e4) is rounding noise. For
-    such low-precision Gramians that test runs first; in float64 only when Newton fails.
+    such low-precision Gramians the test also runs when Newton's root does not certify
+    ``(Aw)_i > 0`` beyond 10× rounding; in float64 only when Newton fails.
 
     * Zero gradient rows (diagonal entry ≤ 1e-20 × the largest) get weight 0 and the
       equation is solved on the other rows (``info["fallback"]`` says so).
@@ -587,14 +589,15 @@ def power_weights(
         return min_norm_sq(sub / np.outer(unit, unit)) <= max(1e-10, 10.0 * eps)
 
     # Newton converges in < 20 iterations unless the problem is (nearly) degenerate; only
-    # then is the degeneracy test (an MGDA solve) worth its cost -- except for
-    # low-precision Gramians, where rounding can hide the degeneracy from Newton.
-    low_precision = eps > 1e-12
-    if low_precision and zero_in_hull():
-        sol, iters, res, last, degenerate = None, 0, math.inf, None, True
-    else:
-        sol, iters, res, last = power_fixed_point(sub, p, w0=guess, max_iter=30)
-        degenerate = False
+    # then is the degeneracy test (an MGDA solve) worth its cost. A root certifies that 0
+    # is not in the hull (g_iᵀ(Gᵀw) = (Aw)_i > 0 for all i) -- unless, in a low-precision
+    # Gramian, some (Aw)_i is within 10× its rounding error: then the test decides.
+    sol, iters, res, last = power_fixed_point(sub, p, w0=guess, max_iter=30)
+    degenerate = False
+    if sol is not None and eps > 1e-12 and power_rounding_floor(sub, sol, eps) > 0.1:
+        degenerate = zero_in_hull()
+        if degenerate:
+            sol = None
     if sol is None and not degenerate:
         degenerate = zero_in_hull()
         if not degenerate and last is not None and np.all(np.isfinite(last)):
