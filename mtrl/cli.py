@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import os
 import sys
 import warnings
@@ -285,11 +284,19 @@ def main(argv: list[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     except OSError as exc:
-        if not isinstance(exc, BrokenPipeError) and exc.errno != errno.EIO:
-            raise
-        # output into a process that has exited (a pipe) or a closed terminal (EIO)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so the exit flush does not fail again
+        # A file the command could not read or write (a full disk, a failing drive,
+        # permissions) is reported in one line; when stdout/stderr themselves are gone (a
+        # pipe into an exited process, a closed terminal) there is no one to tell.
+        if isinstance(exc, BrokenPipeError):
+            try:  # so the flush at exit does not fail again
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError):
+                pass
+        else:
+            try:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            except OSError:
+                pass
         raise SystemExit(1) from None
     except (ConfigError, CheckpointError) as exc:
         _fail(str(exc))

@@ -490,16 +490,19 @@ def train(
     # not under nohup): finish the current step, write a checkpoint, then stop. A second
     # signal interrupts at once.
     interrupted = False
+    stop_requests = 0  # Ctrl-C / SIGTERM: the second one stops at once
 
     def on_signal(signum: int, frame: Any) -> None:
-        nonlocal interrupted
-        if signum == getattr(signal, "SIGHUP", None):
-            on_hangup()  # the kernel's second hangup is ignored; output to /dev/null
-            interrupted = True  # (a Ctrl-C before it still counts: checkpoint, then stop)
-            return
-        if interrupted:
-            raise KeyboardInterrupt
+        nonlocal interrupted, stop_requests
         interrupted = True
+        if signum == getattr(signal, "SIGHUP", None):
+            # the kernel's second hangup is ignored; output goes to /dev/null. A hangup
+            # never counts as "again": logging out sends SIGHUP and SIGTERM together
+            on_hangup()
+            return
+        stop_requests += 1
+        if stop_requests > 1:
+            raise KeyboardInterrupt
 
     previous_handlers = _install_stop_handlers(on_signal)
     bar = _ProgressBar(cfg.total_steps, start_step) if cfg.progress else None

@@ -366,6 +366,28 @@ def test_cagrad_half_precision_is_no_degenerate_case(dtype):
     torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("use_onednn", [True, False])
+def test_float32_gramian_of_a_long_block_stays_at_float32_precision(use_onednn):
+    """One float32 product over 1M columns of same-signed data rounded to ~1.7e-5 of
+    |g_i||g_j| (enough to hide that 0 is in the hull of g and -c·g from FairGrad);
+    pieces of GRAM_CHUNK columns summed in float64 keep it at a few eps."""
+    from mtrl import onednn
+    from mtrl.balancers.base import gramian_of_blocks
+
+    gen = torch.Generator().manual_seed(0)
+    g = (torch.randn(3, (1 << 20) + 3, generator=gen, dtype=torch.float64) + 0.5).float()
+    exact = g.double() @ g.double().T
+    previous = onednn.enabled()
+    onednn.set_enabled(use_onednn)
+    try:
+        got = gramian_of_blocks([g])
+    finally:
+        onednn.set_enabled(previous)
+    norms = exact.diagonal().sqrt()
+    err = ((got - exact).abs() / torch.outer(norms, norms)).max().item()
+    assert err <= 4 * torch.finfo(torch.float32).eps
+
+
 @pytest.mark.parametrize("scale", [1e20, 1e-22])
 def test_float32_gramian_out_of_range_is_redone_in_float64(scale):
     from mtrl.balancers.base import gramian

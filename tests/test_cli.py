@@ -202,3 +202,17 @@ def test_eval_with_other_settings_does_not_overwrite_the_runs_own(tmp_path, caps
         seen[name] = json.loads((run / f"{name}.json").read_text())["episodes_per_task"]
     assert seen == {"eval_30": 1, "eval_30_mtrl_3ep": 3, "eval_30_metaworld-plus_2ep": 2}
     assert json.loads((run / "eval_30.json").read_text())["protocol"] == "mtrl"
+
+
+def test_a_file_error_is_one_line_not_a_traceback(capsys, monkeypatch):
+    import errno
+
+    import mtrl.cli
+
+    def failing_drive(argv):
+        raise OSError(errno.EIO, "Input/output error", "runs/x/checkpoint.pt")
+
+    monkeypatch.setitem(mtrl.cli.COMMANDS, "eval", failing_drive)
+    code, _, err = run_cli(["eval", "runs/x"], capsys)
+    assert code == 1
+    assert err.strip() == "error: [Errno 5] Input/output error: 'runs/x/checkpoint.pt'"

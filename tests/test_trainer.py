@@ -626,3 +626,18 @@ def test_training_on_other_episodes_than_the_protocol_evaluates_is_warned(tmp_pa
             _warn_if_protocol_differs(ok)
     with pytest.warns(UserWarning, match=r"\(500 steps, random goals\) differ .*'mtrl'"):
         _warn_if_protocol_differs(replace(matching, protocol="mtrl"))
+
+
+def test_logging_out_sends_sighup_and_sigterm_together_and_still_checkpoints(tmp_path,
+                                                                           monkeypatch):
+    """systemd stopping a login session: SIGHUP, then SIGTERM. The SIGTERM was taken for
+    'a second signal, stop at once' (no checkpoint)."""
+    import mtrl.runtime
+
+    monkeypatch.setattr(mtrl.runtime.os, "dup2", lambda fd, to: None)
+    hangup = lambda: os.kill(os.getpid(), signal.SIGHUP)  # noqa: E731
+    cfg = toy_config(tmp_path, total_steps=100, checkpoint_every=1000)
+    result = train(cfg, env_factory=lambda c: NaNRewardAfter(c, 10**9, 40, signum=signal.SIGTERM,
+                                                              before_signal=hangup))
+    assert result.interrupted and result.steps == 40
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 40

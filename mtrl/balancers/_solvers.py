@@ -385,45 +385,37 @@ def dual_cone_weights(a: np.ndarray, u: np.ndarray) -> np.ndarray:
         except np.linalg.LinAlgError:
             a_s = nearest_psd(a_s)
             lins = (us * s) @ a_s  # (A u) / s with the corrected matrix
+        try:  # without the ridge: then its bias can be removed (_unridged_nonneg_qp)
+            np.linalg.cholesky(a_s)
+            positive_definite = True
+        except np.linalg.LinAlgError:
+            positive_definite = False
         for i, lin in enumerate(lins):
             if lin.min() < 0.0:
-                out[i] += _unridged_nonneg_qp(a_s, lin) / s
+                out[i] += _unridged_nonneg_qp(a_s, lin, positive_definite) / s
     return out[0] if single else out
 
 
-def _unridged_nonneg_qp(a: np.ndarray, c: np.ndarray) -> np.ndarray:
+def _unridged_nonneg_qp(a: np.ndarray, c: np.ndarray, positive_definite: bool) -> np.ndarray:
     """``argmin_{x ≥ 0} ½ xᵀAx + cᵀx`` without the ridge's bias where that is safe.
 
     The solvers need ``A + ridge·I``, whose solution is off by ~ridge/λ_min relative, and
     λ_min is ~1e-10 for two nearly opposite gradients (UPGrad's direction was 4e-4 off at
-    a 1e-4 mismatch). So the ridged solution's support ``F`` is polished: ``x_F`` solves
-    ``A_FF x_F = −c_F`` without the ridge, accepted only if ``A_FF`` is numerically
-    positive definite (Cholesky) and the result satisfies the unridged KKT conditions
-    (``x_F ≥ 0``, gradient ``≥ 0`` off the support) without growing. A singular or slightly
-    indefinite ``A_FF`` (duplicate tasks, K > D, float32 rounding) keeps the ridged
-    solution: its minimiser is not unique there, and refining along those directions
-    amplified rounding (iterative refinement did: weights ~1e96) or crawled (60 passes).
+    a 1e-4 mismatch). When ``A`` itself is numerically positive definite (Cholesky, checked
+    by the caller) the ridged solution is re-solved without the ridge by block principal
+    pivoting started from its support (which may change: the ridge can move it), and kept
+    if that converges with the unridged KKT conditions and does not grow more than 1000×.
+    A singular or slightly indefinite ``A`` (duplicate tasks, K > D, float32 rounding)
+    keeps the ridged solution: its minimiser is not unique there, and removing the ridge
+    amplified rounding (iterative refinement did: weights ~1e96) or crawled.
     """
     x = nonneg_qp(a, c, guess=c < 0.0)
-    idx = np.flatnonzero(x > 0.0)
-    if idx.size == 0:
+    if not positive_definite or not np.any(x > 0.0):
         return x
-    sub = a[np.ix_(idx, idx)]
-    try:
-        chol = np.linalg.cholesky(sub)
-    except np.linalg.LinAlgError:
+    y = _nnqp_pivoting(a, c, x > 0.0)
+    if y is None or not np.all(np.isfinite(y)):
         return x
-    xf = np.linalg.solve(chol.T, np.linalg.solve(chol, -c[idx]))
-    if not np.all(np.isfinite(xf)) or xf.min() < 0.0:
-        return x
-    y = np.zeros_like(x)
-    y[idx] = xf
-    grad = a @ y + c
-    off = np.ones(x.shape[0], dtype=bool)
-    off[idx] = False
-    tol = 1e-12 * (float(np.abs(c).max()) + float(np.abs(a).max()) * float(np.abs(y).max()))
-    grown = float(np.abs(y).max()) > 10.0 * float(np.abs(x).max())
-    if grown or (off.any() and float(grad[off].min()) < -tol):
+    if float(np.abs(y).max()) > 1e3 * float(np.abs(x).max()):
         return x
     return y
 

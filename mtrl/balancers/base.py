@@ -25,6 +25,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -218,7 +219,9 @@ def gramian_of_blocks(blocks: Sequence[Tensor]) -> Tensor:
       a K = 50 Gramian 4× slower, two threads each on two cores);
       :func:`mtrl.runtime.configure_cpu` sizes both pools.
 
-    The result is symmetrised in float64.
+    Long float32 products run in pieces (:data:`GRAM_CHUNK`, :data:`ONEDNN_GRAM_CHUNK`:
+    long float32 sums lose digits); all products are summed in float64. The result is
+    symmetrised in float64.
     """
     if not blocks:
         raise ValueError("gramian_of_blocks needs at least one block")
@@ -243,17 +246,59 @@ def gramian_of_blocks(blocks: Sequence[Tensor]) -> Tensor:
     return (total + total.T) * 0.5
 
 
+#: Columns per float32 product when the Gramian is formed by BLAS / cuBLAS (torch's
+#: ``bmm``, NumPy's ``syrk``): their float32 sums over long rows round to ~8-10 eps of
+#: |g_i||g_j| at 160,000 columns and ~200 eps at 1M (measured), enough to hide that 0 is
+#: in the hull of g and -c·g from FairGrad's degeneracy test. Pieces of this many columns,
+#: summed in float64, stay below ~1.5 eps (a 4,096-column piece of 50 rows fits a 1 MB L2
+#: cache).
+GRAM_CHUNK = 4096
+#: oneDNN's products are accurate to ~4 eps up to ~160,000 columns (SAC's largest block)
+#: but not beyond (~90 eps at 1M): longer blocks go in contiguous pieces of
+#: :data:`ONEDNN_GRAM_CHUNK` columns (~0.5 eps; oneDNN reads column slices ~1000× slower
+#: than a copy, so the pieces are copied).
+ONEDNN_GRAM_LONG, ONEDNN_GRAM_CHUNK = 1 << 18, 1 << 16
+
+
 def _gramian_sum(blocks: Sequence[Tensor], dtype: torch.dtype, use_numpy: bool) -> Tensor:
+    f64 = torch.float64
     total = None
     for block in blocks:
         g = block.detach().to(dtype)
+        k, d = g.shape
+        on_cpu_dnn = g.device.type == "cpu" and onednn.enabled() and dtype == torch.float32
         if use_numpy:
             a = g.contiguous().numpy()
-            prod = torch.from_numpy(a @ a.T)  # NumPy recognises the self-product: syrk
-        else:
-            prod = onednn.mm_nt(g, g)
+            if dtype != torch.float32 or d <= GRAM_CHUNK:
+                prod = torch.from_numpy(a @ a.T)  # NumPy recognises the self-product: syrk
+            else:  # contiguous copies of L2-sized pieces, each a syrk, summed in float64
+                acc = np.zeros((k, k))
+                for j in range(0, d, GRAM_CHUNK):
+                    piece = np.ascontiguousarray(a[:, j : j + GRAM_CHUNK])
+                    acc += piece @ piece.T
+                prod = torch.from_numpy(acc)
+        elif on_cpu_dnn:
+            if d <= ONEDNN_GRAM_LONG:
+                prod = onednn.mm_nt(g, g)
+            else:
+                prod = torch.zeros(k, k, dtype=f64)
+                for j in range(0, d, ONEDNN_GRAM_CHUNK):
+                    piece = g[:, j : j + ONEDNN_GRAM_CHUNK].contiguous()
+                    prod += onednn.mm_nt(piece, piece).to(f64)
+        elif dtype != torch.float32 or d <= GRAM_CHUNK:
+            prod = g @ g.T
+        else:  # strided batched product over the pieces (no copies), summed in float64
+            m = d // GRAM_CHUNK
+            acc_dtype = torch.float32 if g.device.type == "mps" else f64  # (MPS: no float64)
+            x = g[:, : m * GRAM_CHUNK].view(k, m, GRAM_CHUNK).transpose(0, 1)
+            prod = torch.bmm(x, x.transpose(1, 2)).to(acc_dtype).sum(0)
+            if d > m * GRAM_CHUNK:
+                rest = g[:, m * GRAM_CHUNK :]
+                prod += (rest @ rest.T).to(acc_dtype)
+        # blocks are summed in float64 (MPS has none: float32 there)
+        prod = prod.to(torch.float32 if prod.device.type == "mps" else f64)
         total = prod if total is None else total.add_(prod)
-    return total.to("cpu", torch.float64)
+    return total.to("cpu", f64)
 
 
 def check_inputs(grads: Tensor, losses: Tensor | None) -> None:
