@@ -526,3 +526,19 @@ def test_upgrad_singular_gramians_match_nnls(k, d, duplicate):
     scale = float(np.abs(g).max())
     assert np.abs(out - ref).max() <= 1e-9 * scale
     assert float(b.info["weights"].abs().max()) < 1e3
+
+
+@pytest.mark.parametrize("seed, mismatch", [(1, 1e-6), (1, 1e-5), (2, 1e-5)])
+def test_upgrad_near_opposite_pair_with_a_duplicated_task(seed, mismatch):
+    """A singular Gramian (task 4 = task 3) with two nearly opposite gradients: the
+    ridge's bias is removed on the solution's support (1.8e-2 off when only a positive
+    definite Gramian was re-solved)."""
+    from scipy.optimize import nnls
+
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((5, 100))
+    g[1] = -(1 + mismatch) * g[0] + mismatch * rng.standard_normal(100)
+    g[4] = g[3]
+    ref = np.mean([gi + g.T @ nnls(g.T, -gi)[0] for gi in g], axis=0)
+    out = build("upgrad").combine(torch.from_numpy(g)).numpy()
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(g).max()

@@ -401,21 +401,40 @@ def _unridged_nonneg_qp(a: np.ndarray, c: np.ndarray, positive_definite: bool) -
 
     The solvers need ``A + ridge·I``, whose solution is off by ~ridge/λ_min relative, and
     λ_min is ~1e-10 for two nearly opposite gradients (UPGrad's direction was 4e-4 off at
-    a 1e-4 mismatch). When ``A`` itself is numerically positive definite (Cholesky, checked
-    by the caller) the ridged solution is re-solved without the ridge by block principal
-    pivoting started from its support (which may change: the ridge can move it), and kept
-    if that converges with the unridged KKT conditions and does not grow more than 1000×.
-    A singular or slightly indefinite ``A`` (duplicate tasks, K > D, float32 rounding)
-    keeps the ridged solution: its minimiser is not unique there, and removing the ridge
-    amplified rounding (iterative refinement did: weights ~1e96) or crawled.
+    a 1e-4 mismatch). So the ridged solution ``x`` is re-solved without the ridge:
+
+    * ``A`` numerically positive definite (Cholesky, checked by the caller): block
+      principal pivoting on ``A`` started from ``x``'s support (the ridge can move the
+      support), kept if it converges (it checks the KKT conditions) and grows < 1000×;
+    * otherwise (a duplicated task, K > D), or if that fails: ``A_FF x_F = −c_F`` on
+      ``x``'s support ``F`` alone, kept if ``A_FF`` passes Cholesky and the result
+      satisfies the unridged KKT conditions without growing more than 10×.
+
+    Else the ridged ``x`` stays (a slightly indefinite float32 Gramian: removing the ridge
+    there amplified rounding, weights ~1e96, in an earlier version).
     """
     x = nonneg_qp(a, c, guess=c < 0.0)
-    if not positive_definite or not np.any(x > 0.0):
+    if not np.any(x > 0.0):
         return x
-    y = _nnqp_pivoting(a, c, x > 0.0)
-    if y is None or not np.all(np.isfinite(y)):
+    xmax = float(np.abs(x).max())
+    if positive_definite:
+        y = _nnqp_pivoting(a, c, x > 0.0)
+        if y is not None and np.all(np.isfinite(y)) and float(np.abs(y).max()) <= 1e3 * xmax:
+            return y
+    idx = np.flatnonzero(x > 0.0)
+    try:
+        chol = np.linalg.cholesky(a[np.ix_(idx, idx)])
+    except np.linalg.LinAlgError:
         return x
-    if float(np.abs(y).max()) > 1e3 * float(np.abs(x).max()):
+    xf = np.linalg.solve(chol.T, np.linalg.solve(chol, -c[idx]))
+    if not np.all(np.isfinite(xf)) or xf.min() < 0.0 or float(np.abs(xf).max()) > 10 * xmax:
+        return x
+    y = np.zeros_like(x)
+    y[idx] = xf
+    off = np.ones(x.shape[0], dtype=bool)
+    off[idx] = False
+    tol = 1e-12 * (float(np.abs(c).max()) + float(np.abs(a).max()) * float(np.abs(y).max()))
+    if off.any() and float((a @ y + c)[off].min()) < -tol:
         return x
     return y
 
