@@ -39,7 +39,7 @@ from typing import Any
 
 from mtrl.checkpoint import atomic_write_json, atomic_write_text
 from mtrl.config import ConfigError, TrainConfig, from_dict, presets_dir, to_dict, validate
-from mtrl.runtime import on_hangup
+from mtrl.runtime import install_stop_handlers, on_hangup, restore_handlers
 
 LAUNCHERS = ("local", "ray")
 PROTOCOL_TRAIN_ENV = {
@@ -801,19 +801,15 @@ def _run_bench(spec: BenchSpec, plans: list[RunPlan], out: Path, progress: bool,
     uses_gpu = any(p.config.get("device") != "cpu" for p in plans)
     bar = _Progress(total=len(plans), initial=len(skipped), enabled=progress)
     interrupted = False
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        def on_term(signum: int, frame: Any) -> None:
-            if signum == getattr(signal, "SIGHUP", None):
-                on_hangup()  # the second hangup is ignored; output to /dev/null
-            raise KeyboardInterrupt
 
-        previous = signal.signal(signal.SIGTERM, on_term)
-        # a lost terminal or SSH session stops the runs cleanly too, unless SIGHUP is
-        # ignored (nohup): then the bench goes on
-        previous_hup = None
-        if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
-            previous_hup = signal.signal(signal.SIGHUP, on_term)
+    def on_term(signum: int, frame: Any) -> None:
+        if signum == getattr(signal, "SIGHUP", None):
+            on_hangup()  # the second hangup is ignored; output to /dev/null
+        raise KeyboardInterrupt
+
+    # a lost terminal or SSH session stops the runs cleanly too, unless SIGHUP is ignored
+    # (nohup): then the bench goes on
+    previous = install_stop_handlers(on_term, ("SIGTERM", "SIGHUP"))
     try:
         launch = launch_ray if spec.launcher == "ray" else launch_local
         outcomes = launch(jobs, spec, bar, uses_gpu, lock_fd=lock_fd) if jobs else []
@@ -821,10 +817,7 @@ def _run_bench(spec: BenchSpec, plans: list[RunPlan], out: Path, progress: bool,
         outcomes, interrupted = exc.results, True
     finally:
         bar.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-            if previous_hup is not None:
-                signal.signal(signal.SIGHUP, previous_hup)
+        restore_handlers(previous)
     order = {(p.balancer, p.seed): i for i, p in enumerate(plans)}
     outcomes = sorted(skipped + outcomes, key=lambda o: order[(o["balancer"], o["seed"])])
     def relative(o: dict) -> dict:  # bench.json is committed with reports: no local paths

@@ -74,13 +74,15 @@ def _train(argv: list[str]) -> None:
     )
     # the preset's (or resumed run's) kwargs belong to its balancer: kept, with the
     # command line's on top, for that balancer; dropped if --balancer chose another
-    kept = base.balancer_kwargs if cfg.balancer == base.balancer else {}
-    if cfg.balancer != base.balancer and base.balancer_kwargs:
-        warnings.warn(
-            f"--balancer {cfg.balancer} replaces {base.balancer}: the balancer_kwargs given "
-            f"with it ({base.balancer_kwargs}) are dropped; set {cfg.balancer}'s with "
-            "--balancer-kwargs KEY VALUE", stacklevel=2,
-        )
+    kept = base.balancer_kwargs
+    if cfg.balancer != base.balancer:
+        if kept:
+            warnings.warn(
+                f"--balancer {cfg.balancer} replaces {base.balancer}: the balancer_kwargs "
+                f"given with it ({kept}) are dropped; set {cfg.balancer}'s with "
+                "--balancer-kwargs KEY VALUE", stacklevel=2,
+            )
+        kept = {}
     cfg = dataclasses.replace(cfg, balancer_kwargs={**kept, **cfg.balancer_kwargs})
     if known.resume and Path(cfg.run_dir or "").resolve() != Path(known.resume).resolve():
         _fail("--resume and --run-dir must name the same directory")

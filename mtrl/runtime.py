@@ -11,11 +11,14 @@ import os
 import platform
 import signal
 import stat
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["configure_cpu", "on_hangup"]
+__all__ = ["configure_cpu", "install_stop_handlers", "on_hangup", "restore_handlers"]
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -69,6 +72,31 @@ def _keep_freed_memory() -> bool:
                 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
             )
     return _tuned_malloc
+
+
+def install_stop_handlers(
+    handler: Callable[[int, Any], None], names: tuple[str, ...] = ("SIGINT", "SIGTERM", "SIGHUP")
+) -> dict[int, Any]:
+    """``handler`` for the named signals; returns the previous handlers (for
+    :func:`restore_handlers`). SIGHUP only while it has its default action: under ``nohup``
+    (ignored) a lost terminal goes on being ignored. Outside the main thread (a worker)
+    nothing is installed: signals keep their handling there."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for name in names:
+        signum = getattr(signal, name, None)
+        if signum is None or (name == "SIGHUP" and signal.getsignal(signum) is not signal.SIG_DFL):
+            continue
+        previous[signum] = signal.signal(signum, handler)
+    return previous
+
+
+def restore_handlers(previous: dict[int, Any]) -> None:
+    """Put back what :func:`install_stop_handlers` replaced."""
+    for signum, handler in previous.items():
+        if handler is not None:  # (None: set outside Python; cannot be restored)
+            signal.signal(signum, handler)
 
 
 def on_hangup() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -43,7 +42,7 @@ from mtrl.config import (
     validate,
 )
 from mtrl.envs import PROTOCOLS, eval_env_config, eval_seed, evaluate, make_envs
-from mtrl.runtime import configure_cpu, on_hangup
+from mtrl.runtime import configure_cpu, install_stop_handlers, on_hangup, restore_handlers
 
 CHECKPOINT_NAME = "checkpoint.pt"
 #: What a resume reads from a checkpoint (the rest is optional).
@@ -159,21 +158,6 @@ def _set_generator(gen: torch.Generator, saved: Tensor, seed: int, what: str) ->
             f"{what} was saved on another device type and was reseeded: the resumed run "
             "is not bit-identical to an uninterrupted one", stacklevel=2,
         )
-
-
-def _install_stop_handlers(handler: Callable[[int, Any], None]) -> dict[int, Any]:
-    """``handler`` for SIGINT, SIGTERM and SIGHUP (unless SIGHUP is ignored, as under
-    ``nohup``); returns the previous handlers. Outside the main thread (a worker) nothing
-    is installed: signals keep their default handling there."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    previous = {}
-    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
-        signum = getattr(signal, name, None)
-        if signum is None or (name == "SIGHUP" and signal.getsignal(signum) == signal.SIG_IGN):
-            continue
-        previous[signum] = signal.signal(signum, handler)
-    return previous
 
 
 class _ProgressBar:
@@ -504,7 +488,7 @@ def train(
         if stop_requests > 1:
             raise KeyboardInterrupt
 
-    previous_handlers = _install_stop_handlers(on_signal)
+    previous_handlers = install_stop_handlers(on_signal)
     bar = _ProgressBar(cfg.total_steps, start_step) if cfg.progress else None
     t_start = time.perf_counter()
     t_last, step_last = t_start, start_step
@@ -605,9 +589,7 @@ def train(
                 "final_eval": last_eval,
             })
     finally:
-        for signum, handler in previous_handlers.items():
-            if handler is not None:  # (None: set outside Python; cannot be restored)
-                signal.signal(signum, handler)
+        restore_handlers(previous_handlers)
         if bar is not None:
             bar.close()
         log.close()

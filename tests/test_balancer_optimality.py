@@ -151,14 +151,18 @@ def test_sdmgrad_projected_gradient_fixed_point(k, d, seed, lam):
 )
 def test_fixed_point_residual(k, d, seed, name, alpha):
     g = problem(k, d, seed, offset=0.5)  # well conditioned: 0 far from the convex hull
+    assert_positive_fixed_point(g, name, alpha)
+
+
+def assert_positive_fixed_point(g: torch.Tensor, name: str, alpha: float) -> None:
+    """No fallback, positive weights, (G Gᵀ w)_i w_i^(1/α) = 1 to 1e-8, direction Gᵀw."""
     b = build(name) if name == "nash-mtl" else build(name, alpha=alpha)
     out = b.combine(g)
     assert "fallback" not in b.info
     w = b.info["weights"].numpy()
     a = (g @ g.T).numpy()
     assert w.min() > 0
-    residual = np.abs((a @ w) * w ** (1.0 / alpha) - 1.0).max()
-    assert residual < 1e-8
+    assert np.abs((a @ w) * w ** (1.0 / alpha) - 1.0).max() < 1e-8
     assert torch.allclose(out, torch.from_numpy(w) @ g)
 
 
@@ -407,15 +411,7 @@ def test_cagrad_with_very_different_norms(factor, seed):
 def test_fixed_points_with_very_different_norms(name, alpha, factor):
     """A positive solution exists (0 is far from the hull of the unit gradients): no
     fallback to mean weights however small or large one gradient is."""
-    g = lopsided(factor, 0, k=6, d=20, offset=0.5)
-    b = build(name) if name == "nash-mtl" else build(name, alpha=alpha)
-    out = b.combine(g)
-    assert "fallback" not in b.info
-    w = b.info["weights"].numpy()
-    a = (g @ g.T).numpy()
-    assert w.min() > 0
-    assert np.abs((a @ w) * w ** (1.0 / alpha) - 1.0).max() < 1e-8
-    assert torch.allclose(out, torch.from_numpy(w) @ g)
+    assert_positive_fixed_point(lopsided(factor, 0, k=6, d=20, offset=0.5), name, alpha)
 
 
 @pytest.mark.parametrize("scales", [(1e-3, 1e-9), (1e-3, 1e-12), (1e-4, 1e-14)])

@@ -261,44 +261,42 @@ ONEDNN_GRAM_LONG, ONEDNN_GRAM_CHUNK = 1 << 18, 1 << 16
 
 
 def _gramian_sum(blocks: Sequence[Tensor], dtype: torch.dtype, use_numpy: bool) -> Tensor:
-    f64 = torch.float64
     total = None
     for block in blocks:
         g = block.detach().to(dtype)
         k, d = g.shape
-        on_cpu_dnn = g.device.type == "cpu" and onednn.enabled() and dtype == torch.float32
+        acc = torch.float32 if g.device.type == "mps" else torch.float64  # MPS: no float64
+        long32 = dtype == torch.float32 and d > GRAM_CHUNK
         if use_numpy:
             a = g.contiguous().numpy()
-            if dtype != torch.float32 or d <= GRAM_CHUNK:
+            if not long32:
                 prod = torch.from_numpy(a @ a.T)  # NumPy recognises the self-product: syrk
             else:  # contiguous copies of L2-sized pieces, each a syrk, summed in float64
-                acc = np.zeros((k, k))
+                sums = np.zeros((k, k))
                 for j in range(0, d, GRAM_CHUNK):
                     piece = np.ascontiguousarray(a[:, j : j + GRAM_CHUNK])
-                    acc += piece @ piece.T
-                prod = torch.from_numpy(acc)
-        elif on_cpu_dnn:
+                    sums += piece @ piece.T
+                prod = torch.from_numpy(sums)
+        elif g.device.type == "cpu" and onednn.enabled() and dtype == torch.float32:
             if d <= ONEDNN_GRAM_LONG:
                 prod = onednn.mm_nt(g, g)
             else:
-                prod = torch.zeros(k, k, dtype=f64)
+                prod = torch.zeros(k, k, dtype=acc)
                 for j in range(0, d, ONEDNN_GRAM_CHUNK):
                     piece = g[:, j : j + ONEDNN_GRAM_CHUNK].contiguous()
-                    prod += onednn.mm_nt(piece, piece).to(f64)
-        elif dtype != torch.float32 or d <= GRAM_CHUNK:
+                    prod += onednn.mm_nt(piece, piece).to(acc)
+        elif not long32:
             prod = g @ g.T
         else:  # strided batched product over the pieces (no copies), summed in float64
             m = d // GRAM_CHUNK
-            acc_dtype = torch.float32 if g.device.type == "mps" else f64  # (MPS: no float64)
             x = g[:, : m * GRAM_CHUNK].view(k, m, GRAM_CHUNK).transpose(0, 1)
-            prod = torch.bmm(x, x.transpose(1, 2)).to(acc_dtype).sum(0)
+            prod = torch.bmm(x, x.transpose(1, 2)).to(acc).sum(0)
             if d > m * GRAM_CHUNK:
                 rest = g[:, m * GRAM_CHUNK :]
-                prod += (rest @ rest.T).to(acc_dtype)
-        # blocks are summed in float64 (MPS has none: float32 there)
-        prod = prod.to(torch.float32 if prod.device.type == "mps" else f64)
+                prod += (rest @ rest.T).to(acc)
+        prod = prod.to(acc)  # blocks are summed in float64 too
         total = prod if total is None else total.add_(prod)
-    return total.to("cpu", f64)
+    return total.to("cpu", torch.float64)
 
 
 def check_inputs(grads: Tensor, losses: Tensor | None) -> None:
