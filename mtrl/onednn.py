@@ -31,12 +31,13 @@ What is here:
   SAC update 110 → 96 ms.
 
 Per-task weight gradients (``vmap`` over task blocks, or ``block_gradients``) are one
-oneDNN product per block (one batched MKL ``bmm`` for blocks under 16 rows), copied into
-one ``(K, out, in)`` tensor (oneDNN cannot write into a slice). With only 25 rows per
-block at K = 50 these products are far from peak speed, and the K × K Gramian of the
-per-task gradients costs about one plain backward there: together that keeps the K = 50
-balanced update at ~1.9× the ``mean`` update with oneDNN (~1.5× with torch's products,
-whose ``mean`` update is itself ~1.8× slower).
+oneDNN product per block, copied into one ``(K, out, in)`` tensor (oneDNN cannot write
+into a slice); blocks under 16 rows and layers with under 128 inputs or outputs take one
+batched MKL ``bmm`` instead. With only 25 rows per block at K = 50 these products are far
+from peak speed, and the K × K Gramian of the per-task gradients costs about one plain
+backward there: together that keeps the K = 50 balanced update at ~1.9× the ``mean``
+update with oneDNN (~1.5× with torch's products, whose ``mean`` update is itself ~1.8×
+slower).
 
 Numbers: oneDNN sums in a different order than MKL, so float32 results differ from
 ``F.linear`` by float32 rounding (relative ~1e-6), not more. Double backward through
@@ -103,11 +104,15 @@ _OP = _AVAILABLE
 MIN_OUT_FEATURES = 16
 
 
-#: Per-block weight gradients (under ``vmap``) are one oneDNN product per block from this
-#: many rows per block on, one ``bmm`` below (measured at K = 50, 25 rows per block: the
-#: per-block products plus the copy into one tensor beat ``bmm``, CAGrad update 190 → 169
-#: ms).
+#: Per-block weight gradients (``vmap`` and :func:`block_gradients`) are one oneDNN product
+#: per block when the blocks have at least ``_MIN_ROWS_PER_BLOCK`` rows and the layer at
+#: least ``_MIN_FEATURES_PER_BLOCK`` inputs and outputs; otherwise one ``bmm`` for all
+#: blocks. Measured (one thread, ms for all blocks of one layer, per-block products incl.
+#: the copy into one tensor vs ``bmm``): 400 → 400 at K = 50 with 25 rows 4.2 vs 5.4 (the
+#: CAGrad update 190 → 169 ms), at K = 10 with 128 rows 2.1 vs 3.7; but 400 → 1 at K = 50
+#: 0.83 vs 0.03 and 93 → 400 1.69 vs 1.15, where the ~17 µs per product dominates.
 _MIN_ROWS_PER_BLOCK = 16
+_MIN_FEATURES_PER_BLOCK = 128
 
 
 def enabled() -> bool:
@@ -338,7 +343,10 @@ def _mlp_grads(
 
 def _per_block_weight_grad(g: Tensor, rows: Tensor) -> Tensor:
     """``g[i]ᵀ rows[i]`` for each block ``i``: ``(B, n, out), (B, n, in) -> (B, out, in)``."""
-    if g.shape[1] < _MIN_ROWS_PER_BLOCK:
+    if (
+        g.shape[1] < _MIN_ROWS_PER_BLOCK
+        or min(g.shape[-1], rows.shape[-1]) < _MIN_FEATURES_PER_BLOCK
+    ):
         return torch.bmm(g.transpose(1, 2), rows)
     out = g.new_empty(g.shape[0], g.shape[-1], rows.shape[-1])
     for i in range(g.shape[0]):

@@ -141,7 +141,11 @@ def test_gradient_balancers_take_the_fast_path(case, no_vmap):
     assert torch.isfinite(stats.grad_norms).all()
 
 
-def test_block_gradients_are_the_per_block_gradients():
+@pytest.mark.parametrize("path", ["bmm", "onednn-per-block"])
+def test_block_gradients_are_the_per_block_gradients(path, monkeypatch):
+    if path == "onednn-per-block":  # these blocks and layers are below its thresholds
+        monkeypatch.setattr(onednn, "_MIN_ROWS_PER_BLOCK", 1)
+        monkeypatch.setattr(onednn, "_MIN_FEATURES_PER_BLOCK", 1)
     torch.manual_seed(0)
     net = mlp(OBS, (16, 16), 2)
     params = dict(net.named_parameters())

@@ -71,9 +71,11 @@ def _mlp_params(gen):
 
 
 @pytest.mark.parametrize("rows", [8, 70], ids=["bmm-blocks", "onednn-blocks"])
-def test_per_block_gradients_under_vmap_of_grad_match_a_torch_loop(gen, rows):
+def test_per_block_gradients_under_vmap_of_grad_match_a_torch_loop(gen, rows, monkeypatch):
     """What mtrl.grad computes: one gradient per task block, shared weights (short blocks
-    take one bmm for the weight gradients, long ones one oneDNN product per block)."""
+    take one bmm for the weight gradients, long ones one oneDNN product per block; these
+    layers are narrower than that path's minimum width, which is lowered here)."""
+    monkeypatch.setattr(onednn, "_MIN_FEATURES_PER_BLOCK", 1)
     params = {k: v.detach() for k, v in _mlp_params(gen).items()}
     x = torch.randn(5, rows, 24, generator=gen)
     y = torch.randn(5, rows, generator=gen)
@@ -214,7 +216,8 @@ def test_mlp_input_gradient_through_constant_weights(gen):
     [(8, (24, 64, 48, 3)), (70, (24, 64, 48, 3)), (8, (24, 3)), (70, (24, 40, 3))],
     ids=["bmm-blocks", "onednn-blocks", "one-layer", "two-layers"],
 )
-def test_mlp_per_block_gradients_match_a_torch_loop(gen, rows, dims):
+def test_mlp_per_block_gradients_match_a_torch_loop(gen, rows, dims, monkeypatch):
+    monkeypatch.setattr(onednn, "_MIN_FEATURES_PER_BLOCK", 1)  # narrow layers, both paths
     ours, ref = _mlps(1, dims)
     params = {k: v.detach() for k, v in ours.named_parameters()}
     x = torch.randn(4, rows, 24, generator=gen)

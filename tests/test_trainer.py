@@ -18,6 +18,12 @@ from mtrl.config import ConfigError, TrainConfig, from_dict, load_preset
 from mtrl.envs import EnvConfig, make_envs
 from mtrl.trainer import TrainingError, _SkipCounter, train
 
+# Many tests here run only warm-up steps on purpose (resume, checkpoint errors); the
+# warning about it is asserted in test_a_run_shorter_than_warmup_is_warned and test_cli.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:total_steps .* the step after which updates start:UserWarning"
+)
+
 
 def toy_config(tmp_path, **overrides) -> TrainConfig:
     base = TrainConfig(

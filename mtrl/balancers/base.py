@@ -271,10 +271,14 @@ def _gramian_sum(blocks: Sequence[Tensor], dtype: torch.dtype, use_numpy: bool) 
             a = g.contiguous().numpy()
             if not long32:
                 prod = torch.from_numpy(a @ a.T)  # NumPy recognises the self-product: syrk
-            else:  # contiguous copies of L2-sized pieces, each a syrk, summed in float64
+            else:  # column pieces, each a syrk, summed in float64
                 sums = np.zeros((k, k))
                 for j in range(0, d, GRAM_CHUNK):
-                    piece = np.ascontiguousarray(a[:, j : j + GRAM_CHUNK])
+                    # A column slice is a BLAS operand as it is (row stride = lda), and
+                    # NumPy still sees the self-product: no copy (measured: a 50 × 160,000
+                    # Gramian 7.7 ms with contiguous copies, 6.8 ms without; one whole
+                    # syrk 6.6 ms but ~6 eps, the pieces 0.3 eps).
+                    piece = a[:, j : j + GRAM_CHUNK]
                     sums += piece @ piece.T
                 prod = torch.from_numpy(sums)
         elif g.device.type == "cpu" and onednn.enabled() and dtype == torch.float32:
