@@ -23,7 +23,8 @@ What is here:
   carry ~0.3-0.5 ms of bookkeeping each, three per layer otherwise (forward, input
   gradient, weight gradient). Measured on the K = 10 SAC update: balanced methods went
   from 1.34-1.38× to 1.20-1.23× the ``mean`` update.
-* :func:`mm_nt` — ``a @ bᵀ`` for 2-D float32 CPU tensors (the Gramians).
+* :func:`mm_nt` — ``a @ bᵀ`` for 2-D float32 CPU tensors; :func:`gram` — ``a @ aᵀ``
+  using its symmetry (the Gramians).
 * :func:`block_gradients` — per-task (per-block) parameter gradients of ``MLP`` /
   ``Linear`` layers from one ORDINARY backward pass, without ``torch.func``: what
   :func:`mtrl.grad.balanced_backward_terms` (and so the SAC agent) uses on the CPU.
@@ -63,6 +64,7 @@ __all__ = [
     "Linear",
     "block_gradients",
     "enabled",
+    "gram",
     "linear",
     "mm_nt",
     "set_enabled",
@@ -164,6 +166,34 @@ def mm_nt(a: Tensor, b: Tensor) -> Tensor:
     if _fits(a, b):
         return _plain_mm_nt(a, b)
     return a @ b.T
+
+
+#: :func:`gram` forms ``a aᵀ`` of more than this many rows in lower-triangle panels of
+#: this many columns when ``a`` has at least :data:`GRAM_PANEL_MIN_COLS` columns.
+GRAM_PANEL = 16
+GRAM_PANEL_MIN_COLS = 1 << 14
+
+
+def gram(a: Tensor) -> Tensor:
+    """``a @ aᵀ`` for a 2-D tensor (oneDNN for float32 CPU tensors, torch otherwise).
+
+    A product of a (K, d) matrix with itself does K² d multiply-adds where K (K+1) d / 2
+    suffice. For K > :data:`GRAM_PANEL` and long rows the lower triangle is formed in
+    column panels, ``a[i:] @ a[i:i+16]ᵀ``, and mirrored: ~K (K+16) d / 2 multiply-adds in
+    products that oneDNN runs at full speed. Measured (one thread, AMD EPYC): K = 50,
+    d = 160,000: 5.6 → 3.9 ms; d = 37,200: 1.17 → 0.79 ms; K = 100, d = 160,000:
+    18.1 → 12.8 ms. Short rows (under :data:`GRAM_PANEL_MIN_COLS` columns) lose more to
+    the extra calls than they gain (K = 50, d = 4,096: 0.10 vs 0.12 ms) and take one
+    product. Every entry is the same float32 sum over d as in one product.
+    """
+    k, d = a.shape if a.ndim == 2 else (0, 0)
+    if not _fits(a) or k <= GRAM_PANEL or d < GRAM_PANEL_MIN_COLS:
+        return mm_nt(a, a)
+    a = a.contiguous()  # row slices of it are then dense operands
+    out = a.new_empty(k, k)
+    for i in range(0, k, GRAM_PANEL):
+        out[i:, i : i + GRAM_PANEL] = _plain_mm_nt(a[i:], a[i : i + GRAM_PANEL])
+    return out.tril() + out.tril(-1).T
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

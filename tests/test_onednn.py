@@ -168,6 +168,33 @@ def test_mm_nt(gen):
         mm_nt(a[0], b)
 
 
+@pytest.mark.parametrize(
+    ("k", "d", "layout"),
+    [(50, 20_000, "rows"), (17, 1 << 14, "rows"), (33, 20_000, "columns"), (40, 1000, "rows"),
+     (3, 20_000, "rows")],
+    ids=["panels", "panels-2", "panels-from-columns", "short-rows", "few-rows"],
+)
+def test_gram_is_the_exact_symmetric_self_product(gen, k, d, layout):
+    """``gram`` builds K > 16 Gramians of long rows from lower-triangle panels: every entry
+    (both triangles, panel edges included) is a float32 product as accurate as one
+    ``mm_nt``, and the result is exactly symmetric."""
+    a = torch.randn(k, d, generator=gen) + 0.25
+    if layout == "columns":
+        a = a.T.contiguous().T
+    got = onednn.gram(a)
+    assert got.shape == (k, k) and got.dtype == torch.float32
+    assert torch.equal(got, got.T)
+    exact = a.double() @ a.double().T
+    norms = exact.diagonal().sqrt()
+    scale = torch.outer(norms, norms)
+    err = ((got.double() - exact).abs() / scale).max().item()
+    one_product = ((mm_nt(a, a).double() - exact).abs() / scale).max().item()
+    eps = torch.finfo(torch.float32).eps
+    assert err <= max(2 * one_product, 2 * eps)
+    a64 = a.double()
+    assert torch.equal(onednn.gram(a64), a64 @ a64.T)  # float64: torch's product
+
+
 # ------------------------------------------------------------------------ fused MLP
 def _mlps(seed=1, dims=(24, 64, 48, 3)):
     """mtrl's fused MLP and a plain nn.Sequential with the same parameters."""

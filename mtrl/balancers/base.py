@@ -209,9 +209,9 @@ def gramian_of_blocks(blocks: Sequence[Tensor]) -> Tensor:
     The products run in the blocks' dtype (float32 or float64; a mix runs in float64,
     anything else in float32) on their device. On the CPU:
 
-    * float32 with oneDNN (:func:`mtrl.onednn.mm_nt`): ~2× MKL's speed on CPUs where MKL
-      does not use AVX-512 (measured: 7.2 ms against 11.8 ms for a 50 × 160,000 block,
-      one thread, AMD EPYC);
+    * float32 with oneDNN (:func:`mtrl.onednn.gram`, which also uses the symmetry):
+      ~3× MKL's speed on CPUs where MKL does not use AVX-512 (measured: 3.9 ms against
+      11.3 ms for a 50 × 160,000 block, one thread, AMD EPYC);
     * otherwise, with torch single-threaded, NumPy's ``a @ a.T``, which NumPy hands to
       BLAS ``syrk``: one triangle, half the multiply-adds (6.9 ms for the same block).
       With several torch threads torch's product is used instead: NumPy's BLAS threads
@@ -283,12 +283,12 @@ def _gramian_sum(blocks: Sequence[Tensor], dtype: torch.dtype, use_numpy: bool) 
                 prod = torch.from_numpy(sums)
         elif g.device.type == "cpu" and onednn.enabled() and dtype == torch.float32:
             if d <= ONEDNN_GRAM_LONG:
-                prod = onednn.mm_nt(g, g)
+                prod = onednn.gram(g)
             else:
                 prod = torch.zeros(k, k, dtype=acc)
                 for j in range(0, d, ONEDNN_GRAM_CHUNK):
                     piece = g[:, j : j + ONEDNN_GRAM_CHUNK].contiguous()
-                    prod += onednn.mm_nt(piece, piece).to(acc)
+                    prod += onednn.gram(piece).to(acc)
         elif not long32:
             prod = g @ g.T
         else:  # strided batched product over the pieces (no copies), summed in float64
