@@ -35,10 +35,10 @@ Per-task weight gradients (``vmap`` over task blocks, or ``block_gradients``) ar
 oneDNN product per block, copied into one ``(K, out, in)`` tensor (oneDNN cannot write
 into a slice); blocks under 16 rows and layers with under 128 inputs or outputs take one
 batched MKL ``bmm`` instead. With only 25 rows per block at K = 50 these products are far
-from peak speed, and the K × K Gramian of the per-task gradients costs about one plain
-backward there: together that keeps the K = 50 balanced update at ~1.9× the ``mean``
-update with oneDNN (~1.5× with torch's products, whose ``mean`` update is itself ~1.8×
-slower).
+from peak speed, and the K × K Gramian of the per-task gradients (see :func:`gram`) costs
+most of a plain backward there: together that keeps the K = 50 balanced update at ~1.8×
+the ``mean`` update with oneDNN (~1.5× with torch's products, whose ``mean`` update is
+itself ~1.8× slower).
 
 Numbers: oneDNN sums in a different order than MKL, so float32 results differ from
 ``F.linear`` by float32 rounding (relative ~1e-6), not more. Double backward through
