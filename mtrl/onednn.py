@@ -179,12 +179,14 @@ def gram(a: Tensor) -> Tensor:
 
     A product of a (K, d) matrix with itself does K² d multiply-adds where K (K+1) d / 2
     suffice. For K > :data:`GRAM_PANEL` and long rows the lower triangle is formed in
-    column panels, ``a[i:] @ a[i:i+16]ᵀ``, and mirrored: ~K (K+16) d / 2 multiply-adds in
-    products that oneDNN runs at full speed. Measured (one thread, AMD EPYC): K = 50,
-    d = 160,000: 5.6 → 3.9 ms; d = 37,200: 1.17 → 0.79 ms; K = 100, d = 160,000:
-    18.1 → 12.8 ms. Short rows (under :data:`GRAM_PANEL_MIN_COLS` columns) lose more to
-    the extra calls than they gain (K = 50, d = 4,096: 0.10 vs 0.12 ms) and take one
-    product. Every entry is the same float32 sum over d as in one product.
+    column panels, ``a[i:] @ a[i:i+16]ᵀ``, and mirrored: ~K (K+16) d / 2 multiply-adds,
+    in products that oneDNN runs about as fast as one K-row product. Measured, one thread,
+    AMD EPYC: K = 50, d = 160,000: 5.6 → 3.9 ms (two threads: 2.8 → 2.25 ms);
+    d = 37,200: 1.17 → 0.79 ms; K = 100, d = 160,000: 18.1 → 12.8 ms. Short rows (under
+    :data:`GRAM_PANEL_MIN_COLS` columns) lose more to the extra calls than they gain
+    (K = 50, d = 4,096: 0.10 vs 0.12 ms) and take one product. Each entry is still one
+    float32 product over all d columns, as accurate as in one product of the whole matrix
+    (tested).
     """
     k, d = a.shape if a.ndim == 2 else (0, 0)
     if not _fits(a) or k <= GRAM_PANEL or d < GRAM_PANEL_MIN_COLS:
