@@ -563,7 +563,7 @@ def balanced_backward_terms(
     found = (_block_pieces(terms_fn, params, rows_data, rows, merge) if fast_path
              else None)  # fmt: skip
     if found is not None and verify:
-        _verify_blocks(terms_fn, params, rows_data, *found, merge=merge)
+        _verify_blocks(terms_fn, params, rows_data, *found, merge)
     if found is None:
         blocks = [t.reshape(k, n // k, *t.shape[1:]) for t in data]
         losses_rows, pieces = _task_gradient_pieces(
@@ -625,7 +625,7 @@ def _block_pieces(
     params: dict[str, Tensor],
     data: Sequence[Tensor],
     blocks: int,
-    merge: Merge | None = None,
+    merge: Merge,
 ) -> tuple[Tensor, list[Tensor]] | None:
     """Losses ``(blocks,)`` and per-parameter ``(blocks, numel)`` gradients from one
     forward and one backward with :func:`mtrl.onednn.block_gradients`, or ``None`` when
@@ -636,7 +636,7 @@ def _block_pieces(
         return None  # the layers would not record: skip the forward
     n = data[0].shape[0]
     with onednn.block_gradients(blocks, n) as recorded:
-        terms = terms_fn(params if merge is None else merge(params), *data)
+        terms = terms_fn(merge(params), *data)
     covered = {id(p) for p, _ in recorded}
     if any(id(p) not in covered for p in params.values()):
         return None
@@ -659,8 +659,8 @@ def _verify_blocks(
     data: Sequence[Tensor],
     losses: Tensor,
     pieces: Sequence[Tensor],
+    merge: Merge,
     rtol: float = 1e-4,
-    merge: Merge | None = None,
 ) -> None:
     """Check the fast path's per-block gradients against an ordinary backward.
 
@@ -673,8 +673,7 @@ def _verify_blocks(
     c = torch.randn(blocks, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     plist = list(params.values())
     with torch.enable_grad():
-        ref_losses = _block_means(terms_fn(params if merge is None else merge(params), *data),
-                                  blocks, data[0].shape[0])  # fmt: skip
+        ref_losses = _block_means(terms_fn(merge(params), *data), blocks, data[0].shape[0])
         objective = (c.to(ref_losses) * ref_losses).sum()
         ref = torch.autograd.grad(objective, plist, allow_unused=True)
     err2 = scale2 = 0.0

@@ -188,9 +188,9 @@ def gram(a: Tensor) -> Tensor:
     float32 product over all d columns, as accurate as in one product of the whole matrix
     (tested).
     """
-    k, d = a.shape if a.ndim == 2 else (0, 0)
-    if not _fits(a) or k <= GRAM_PANEL or d < GRAM_PANEL_MIN_COLS:
-        return mm_nt(a, a)
+    if a.ndim != 2 or not _fits(a) or a.shape[0] <= GRAM_PANEL or a.shape[1] < GRAM_PANEL_MIN_COLS:
+        return mm_nt(a, a)  # (mm_nt also says what is wrong with a tensor that is not 2-D)
+    k = a.shape[0]
     a = a.contiguous()  # row slices of it are then dense operands
     out = a.new_empty(k, k)
     for i in range(0, k, GRAM_PANEL):
