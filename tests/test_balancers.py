@@ -7,6 +7,7 @@ import copy
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -311,6 +312,55 @@ def test_fixed_points_solved_when_one_pair_nearly_cancels():
     assert solved > 50
 
 
+@pytest.mark.parametrize("name, p", [("fairgrad", 0.5), ("nash-mtl", 1.0)])
+@pytest.mark.parametrize("delta", [1e-4, 1e-5, 3e-6])
+def test_fixed_point_of_two_nearly_opposite_float64_gradients(name, p, delta):
+    """g1 = e1 and g2 = 3 (-cos δ, sin δ): 0 is not in the hull (|min-norm point|² ≈
+    δ²/4), so a positive root exists. The hull test used to call everything below 1e-10
+    degenerate (δ up to 2e-5) and return mean weights, which decrease g1·d < 0. The root
+    is checked against the K = 2 equations solved independently: with x = w1,
+    y = (x^-p − a x)/c from row 1, row 2 gives (c x + b y) y^p = 1, a 1-D root in x."""
+    from scipy.optimize import brentq
+
+    g = t([1.0, 0.0, 0.0], [-3 * math.cos(delta), 3 * math.sin(delta), 0.0])
+    b = build(name)
+    d = b.combine(g)
+    assert "fallback" not in b.info, b.info["fallback"]
+    assert bool(((g @ d) > 0).all())  # every task's loss decreases
+    a = (g @ g.T).numpy()
+    aa, bb, cc = a[0, 0], a[1, 1], a[0, 1]
+
+    def row2(x: float) -> float:
+        y = (x**-p - aa * x) / cc
+        return (cc * x + bb * y) * y**p - 1.0
+
+    lo = aa ** (-1 / (1 + p)) * (1 + 1e-12)  # y > 0 needs x^-p < a x (c < 0)
+    hi = lo * 2
+    while row2(hi) <= 0:
+        hi *= 2
+    x = brentq(row2, lo, hi, xtol=1e-300, rtol=1e-15, maxiter=500)
+    w_ref = torch.tensor([x, (x**-p - aa * x) / cc], dtype=torch.float64)
+    # the root's condition number grows like 1/δ²: relative accuracy ~ eps/δ² is all that
+    # float64 allows (measured: 1e-8 at δ = 1e-4, 1.2e-6 at 1e-5, 7.6e-6 at 3e-6)
+    assert close(b.info["weights"], w_ref, 1e-14 / delta**2)
+
+
+@pytest.mark.parametrize("alpha", [1e-7, 3e-8, 1e-8])
+def test_fairgrad_tiny_alpha_is_solved_to_its_rounding_floor(alpha):
+    """p = 1/alpha magnifies w_i's rounding in w_i^p: the residual cannot go below
+    ~p·eps (2e-8 at alpha = 1e-8). Newton reaches that floor; the acceptance test used to
+    ignore p and fall back to mean weights ("did not converge (residual 7.14e-09)")."""
+    from mtrl.balancers._solvers import power_residual
+
+    g = torch.randn(4, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g += 0.3
+    b = build("fairgrad", alpha=alpha)
+    b.combine(g)
+    assert "fallback" not in b.info, b.info["fallback"]
+    res = power_residual((g @ g.T).numpy(), b.info["weights"].numpy(), 1.0 / alpha)
+    assert res <= 10 * 2.0**-52 / alpha
+
+
 @pytest.mark.parametrize("name", ["fairgrad", "nash-mtl"])
 def test_fixed_point_float32_opposite_gradients_fall_back(name):
     """g1 = -c g0 rounded to float32: 0 is in the hull, but the float32 Gramian's
@@ -423,6 +473,22 @@ def test_imtl_g_flags_k_above_the_rank():
     assert "fallback" not in ok.info
 
 
+@pytest.mark.parametrize("cond", [1e4, 1e6])
+def test_imtl_g_ill_conditioned_full_rank_is_no_fallback(cond):
+    """K = 4 < D = 12, full rank, condition number ``cond``: an exact solution exists;
+    the residual of the solve is rounding (~eps·cond²), which the rank test used to read
+    as "K exceeds the rank of the gradients". The projections are still equal."""
+    rng = np.random.default_rng(5)
+    u, _ = np.linalg.qr(rng.standard_normal((12, 4)))
+    v, _ = np.linalg.qr(rng.standard_normal((4, 4)))
+    g = torch.from_numpy((v * np.logspace(0, -np.log10(cond), 4)) @ u.T)
+    b = build("imtl-g")
+    d = b.combine(g)
+    assert "fallback" not in b.info, b.info["fallback"]
+    proj = (g / g.norm(dim=1, keepdim=True)) @ d
+    assert float((proj.max() - proj.min()) / proj.abs().max()) < 1e-10 * cond
+
+
 def test_all_zero_gradients_give_zero():
     z = torch.zeros(3, 5, dtype=torch.float64)
     losses = torch.ones(3, dtype=torch.float64)
@@ -451,6 +517,20 @@ def test_famo_needs_nonnegative_losses():
     b.combine(g, torch.ones(2))
     with pytest.raises(ValueError, match="shape"):
         b.after_step(torch.ones(3))
+    b.after_step(torch.full((2,), 0.5))
+    state = {k: v.clone() for k, v in b.state_dict().items()}
+    with pytest.raises(RuntimeError, match="twice after one combine"):
+        b.after_step(torch.full((2,), 0.5))  # used to take a second Adam step silently
+    assert all(torch.equal(state[k], v) for k, v in b.state_dict().items())
+
+
+@pytest.mark.parametrize("losses", [[1.0, 2.0, 3.0], (1.0, 2.0, 3.0), "abc"])
+def test_losses_that_are_not_tensors_are_a_clear_error(losses):
+    import numpy as np
+
+    for bad in (losses, np.asarray([1.0, 2.0, 3.0])):
+        with pytest.raises(ValueError, match=r"losses must be a tensor of shape \(3,\) or None"):
+            build("mgda").combine(torch.randn(3, 4), bad)
 
 
 # --------------------------------------------------------------------------- errors, repr
@@ -496,6 +576,7 @@ def test_unknown_hparam_lists_valid():
         ("pcgrad", {"seed": 2**64}, "seed"),  # above what torch.Generator takes
         ("sdmgrad-os", {"seed": 2**64}, "seed"),
         ("cagrad", {"c": 10**400}, "c"),  # too large for a float
+        ("cagrad", {"c": 1e200}, "c"),  # 1 + c² overflowed in combine (raw OverflowError)
     ],
 )
 def test_out_of_range_hparams(name, hp, param):

@@ -35,6 +35,14 @@ from torch import Tensor, nn
 #: semi-definite inputs; simplex-QP solutions are then polished without it.
 RIDGE = 1e-12
 
+#: :func:`power_weights` counts 0 as in the convex hull of the gradients when the squared
+#: min-norm point of the unit gradients is at most ``max(HULL_FLOOR, 10·eps)`` (``eps``:
+#: the Gramian's precision). For float64 Gramians this is ~45 rounding units: two unit
+#: gradients at an angle π − δ have ``δ²/4`` there, so opposite gradients count as
+#: opposite only below δ ≈ 2e-7 (the earlier floor, 1e-10, sent δ up to 2e-5 to the
+#: mean-weight fallback although a positive solution exists and Newton finds it).
+HULL_FLOOR = 1e-14
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -464,14 +472,18 @@ def power_residual(a: np.ndarray, w: np.ndarray, p: float) -> float:
     return float(np.max(np.abs((a @ w) * w**p - 1.0)))
 
 
-def power_rounding_floor(a: np.ndarray, w: np.ndarray, eps: float = 2.0**-52) -> float:
-    """Rounding floor of :func:`power_residual` at ``w``: ``ε max_i (|A||w|)_i /
-    |(Aw)_i|``, the relative error of ``(Aw)_i`` when its terms cancel, for entries of
-    ``A`` (or float64 arithmetic) with relative precision ``ε``."""
+def power_rounding_floor(
+    a: np.ndarray, w: np.ndarray, eps: float = 2.0**-52, p: float = 0.0
+) -> float:
+    """Rounding floor of :func:`power_residual` at ``w``: ``ε (max_i (|A||w|)_i /
+    |(Aw)_i| + p)``, the relative error of ``(Aw)_i`` when its terms cancel, for entries
+    of ``A`` (or float64 arithmetic) with relative precision ``ε``, plus that of
+    ``w_i^p`` when ``w_i`` is exact to ``ε`` (``p ε``: FairGrad with ``α = 1e-8`` has
+    ``p = 1e8``, a floor of ~2e-8 however exact ``w`` is)."""
     aw = np.abs(a @ w)
     if not np.all(aw > 0.0):
         return math.inf
-    return float(eps * np.max((np.abs(a) @ np.abs(w)) / aw))
+    return float(eps * (np.max((np.abs(a) @ np.abs(w)) / aw) + p))
 
 
 def power_fixed_point(
@@ -562,7 +574,7 @@ def power_weights(
 
     ``eps``: relative precision of ``A``'s entries (float32 Gramians: 2**-23). 0 counts
     as in the hull when the min-norm point of the unit gradients is within rounding,
-    ``|Σ w_i u_i|² ≤ max(1e-10, 10·eps)``: a float32 Gramian of two opposite gradients
+    ``|Σ w_i u_i|² ≤ max(HULL_FLOOR, 10·eps)``: a float32 Gramian of two opposite gradients
     looks slightly non-degenerate, and its "root" (weights ~1e4) is rounding noise. For
     such low-precision Gramians the test also runs when Newton's root does not certify
     ``(Aw)_i > 0`` beyond 10× rounding; in float64 only when Newton fails.
@@ -597,7 +609,7 @@ def power_weights(
         # 0 is in the hull of the g_i iff it is in the hull of the g_i/|g_i|: test on the
         # unit-diagonal Gramian, so a small (non-zero) gradient does not look like 0
         unit = np.sqrt(np.diag(sub))
-        return min_norm_sq(sub / np.outer(unit, unit)) <= max(1e-10, 10.0 * eps)
+        return min_norm_sq(sub / np.outer(unit, unit)) <= max(HULL_FLOOR, 10.0 * eps)
 
     # Newton converges in < 20 iterations unless the problem is (nearly) degenerate; only
     # then is the degeneracy test (an MGDA solve) worth its cost. A root certifies that 0
@@ -617,10 +629,11 @@ def power_weights(
         if sol is None and not degenerate and last is not None and np.all(last > 0):
             # A solution exists (0 is not in the hull) but the residual cannot get below
             # float64's rounding of (Aw)_i where its terms cancel (Gramians whose rows
-            # differ by orders of magnitude): the last iterate is as exact as float64
-            # allows, far better than the mean weights.
+            # differ by orders of magnitude) or of w_i^p for a large p (FairGrad with a
+            # tiny alpha): the last iterate is as exact as float64 allows, far better
+            # than the mean weights.
             res = power_residual(sub, last, p)
-            floor = power_rounding_floor(sub, last)
+            floor = power_rounding_floor(sub, last, p=p)
             info["residual_floor"] = floor
             if res <= min(1e-4, max(1e-9, 10.0 * floor)):
                 sol = last

@@ -315,6 +315,11 @@ def check_inputs(grads: Tensor, losses: Tensor | None) -> None:
     if not torch.isfinite(grads).all():
         raise ValueError("grads contain NaN or Inf; refusing to combine them")
     if losses is not None:
+        if not isinstance(losses, Tensor):
+            raise ValueError(
+                f"losses must be a tensor of shape ({grads.shape[0]},) or None, "
+                f"got {type(losses).__name__}"
+            )
         if losses.shape != (grads.shape[0],):
             raise ValueError(
                 f"losses must have shape ({grads.shape[0]},) to match grads, "

@@ -133,6 +133,10 @@ def cagrad_dual(
     return None, max_iter, best_res
 
 
+#: Largest accepted ``c``.
+C_MAX = 1e6
+
+
 @register
 class CAGrad(Balancer):
     """Conflict-averse gradient descent.
@@ -147,6 +151,8 @@ class CAGrad(Balancer):
     (``mtrl/mtrl_files/cagrad.py``, ``rescale=1``).
 
     Defaults: ``c=0.9`` (the authors' MT10 value; they use 0.5 on MT50). ``c=0`` is the mean.
+    ``c`` is limited to :data:`C_MAX` (the paper studies ``c < 1``; far beyond, ``1 + c²``
+    overflows and the direction shrinks like ``1/c``).
 
     Deviations from the authors' code: their RL code parametrises w by a softmax and runs
     20 SGD steps (lr 25, or 50 at K=50, momentum 0.5) keeping the best iterate, with
@@ -175,7 +181,7 @@ class CAGrad(Balancer):
 
     def __init__(self, c: float = 0.9) -> None:
         super().__init__()
-        self.c = check_number("c", c, low=0.0)
+        self.c = check_number("c", c, low=0.0, high=C_MAX)
 
     def weights(self, gram: Tensor | None, losses: Tensor | None) -> Tensor:
         self.info.pop("fallback", None)

@@ -35,7 +35,8 @@ class FAMO(Balancer):
     Defaults: ``gamma=0.01``, ``lr=0.025`` (the authors' MT10 ``run.sh``).
 
     State (buffers): ``logits`` ξ, Adam moments ``exp_avg`` / ``exp_avg_sq``, Adam step
-    count ``adam_step``, and ``prev_losses`` (the losses seen by the last :meth:`weights`).
+    count ``adam_step``, and ``prev_losses`` (the losses seen by the last :meth:`weights`,
+    emptied when :meth:`after_step` has used them: one ``after_step`` per ``combine``).
 
     Deviations from the authors' code: losses are shifted by ``min_loss = 0`` plus 1e-8 as
     they do; Adam is written out (same update as ``torch.optim.Adam`` with
@@ -92,7 +93,10 @@ class FAMO(Balancer):
         after = losses_after.detach().to("cpu", torch.float64).reshape(-1)
         prev = get_buffer64(self, "prev_losses")
         if prev.numel() == 0:
-            raise RuntimeError("famo.after_step called before combine(grads, losses)")
+            raise RuntimeError(
+                "famo.after_step called before combine(grads, losses), or twice after one "
+                "combine (each after_step consumes the losses of the combine before it)"
+            )
         if after.shape != prev.shape:
             raise ValueError(
                 f"losses_after must have shape {tuple(prev.shape)} to match the last "
@@ -116,4 +120,5 @@ class FAMO(Balancer):
         set_buffer(self, "exp_avg", m)
         set_buffer(self, "exp_avg_sq", v)
         set_buffer(self, "adam_step", torch.tensor(t))
+        set_buffer(self, "prev_losses", torch.empty(0, dtype=torch.float64))
         self.info["delta"] = delta

@@ -53,7 +53,7 @@ class IMTLG(Balancer):
         keep = diag > 1e-20 * dmax
         sub = a[np.ix_(keep, keep)] / dmax
         norms = np.sqrt(diag[keep] / dmax)
-        v = np.linalg.lstsq(sub, norms, rcond=None)[0]
+        v, _, rank, _ = np.linalg.lstsq(sub, norms, rcond=None)
         total = float(v.sum())
         if not np.isfinite(total) or abs(total) <= 1e-12 * float(np.abs(v).sum()):
             self.info["fallback"] = "no sum-1 weights give equal projections; used mean weights"
@@ -64,8 +64,10 @@ class IMTLG(Balancer):
             self.info["fallback"] = f"{int((~keep).sum())} zero gradient row(s) get weight 0"
         # With K > rank(G) the equal-projection system may have no exact solution with a
         # non-zero direction: then the least-squares weights are returned, and said so.
+        # A (numerically) full-rank Gramian always has one; its residual is rounding,
+        # ~eps·cond(A), which exceeds 1e-8 from cond(A) ~ 1e8 (G's condition 1e4) on.
         miss = float(np.linalg.norm(sub @ v - norms)) / float(np.linalg.norm(norms))
-        if miss > 1e-8:
+        if rank < sub.shape[0] and miss > 1e-8:
             note = (
                 f"no direction has equal projections on all unit gradients (relative "
                 f"residual {miss:.2g}; K exceeds the rank of the gradients); used the "
