@@ -506,7 +506,16 @@ def train(
                 action = agent.act(obs)
 
             # Step all tasks; store the true final observation, bootstrap through time limits.
-            out = envs.step(action)
+            try:
+                out = envs.step(action)
+            except Exception:
+                if not interrupted:
+                    raise
+                # A stop signal sent to the whole process group (a scheduler's SIGTERM)
+                # also killed the env workers: this step did not happen, but everything
+                # up to the previous one is intact and is checkpointed below.
+                step -= 1
+                break
             buffer.add(obs, action, out.reward, out.next_obs, out.terminated.float())
             obs = out.obs
             ep_return += out.reward
@@ -561,7 +570,13 @@ def train(
                     bar.set_postfix(env_sps=f"{sps:.0f}", success=success)
 
             if cfg.eval_every and step % cfg.eval_every == 0:
-                last_eval = run_eval(step)
+                try:
+                    last_eval = run_eval(step)
+                except Exception:
+                    if not interrupted:
+                        raise
+                    # (the eval workers died of a group-wide stop signal: checkpoint
+                    # without this evaluation; a resumed run evaluates at its end)
             if step % cfg.checkpoint_every == 0:
                 checkpoint(step)
             if bar is not None:
@@ -593,7 +608,14 @@ def train(
         if bar is not None:
             bar.close()
         log.close()
-        envs.close()
-        if eval_envs is not None:
-            eval_envs.close()
+        for venv in (envs, eval_envs):
+            if venv is None:
+                continue
+            try:
+                venv.close()
+            except Exception as exc:  # noqa: BLE001 - never mask the run's own outcome
+                # (workers killed by a group-wide stop signal cannot be closed politely;
+                # the checkpoint and logs are already written)
+                warnings.warn(f"closing the environments failed: {type(exc).__name__}: "
+                              f"{exc}", stacklevel=2)
     return TrainResult(run_dir, step, last_eval, skipped_total, interrupted)

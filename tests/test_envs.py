@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import os
+import signal
+from pathlib import Path
 
 import metaworld
 import numpy as np
@@ -270,6 +273,37 @@ def test_async_matches_sync(build_envs):
     np.testing.assert_array_equal(
         rollout_after_reset(sync, seed=11), rollout_after_reset(asyn, seed=11)
     )
+
+
+def _blocked_signals(pid: int) -> set[int]:
+    """Signals blocked by process ``pid`` (Linux: SigBlk in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            mask = int(line.split()[1], 16)
+            return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+    raise AssertionError("no SigBlk line")
+
+
+@pytest.mark.metaworld
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_async_workers_survive_ctrl_c_and_hangups(build_envs):
+    """Ctrl-C goes to the whole foreground process group: async workers died of it, and the
+    trainer's next step failed before its interrupt checkpoint. Workers start with SIGINT
+    and SIGHUP blocked; SIGTERM still stops them (AsyncVectorEnv.close(terminate=True))."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    envs = build_envs(benchmark="custom", tasks=SMALL_TASKS[:2], vector_strategy="async",
+                      max_episode_steps=4)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # this thread: restored
+    pids = [p.pid for p in envs.venv.processes]
+    for pid in pids:
+        blocked = _blocked_signals(pid)
+        assert {signal.SIGINT, signal.SIGHUP} <= blocked and signal.SIGTERM not in blocked
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGHUP)
+    envs.reset(seed=0)
+    out = envs.step(torch.zeros(envs.num_tasks, envs.act_dim))  # the workers still answer
+    assert torch.isfinite(out.reward).all()
+    assert all(p.is_alive() for p in envs.venv.processes)
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -271,6 +271,81 @@ def test_sigterm_and_sighup_write_a_checkpoint_like_ctrl_c(tmp_path, signum, mon
     assert signal.getsignal(signum) is signal.SIG_DFL  # the previous handler is back
 
 
+class WorkersKilledBySigterm(NaNRewardAfter):
+    """SIGTERM sent to the whole process group (a scheduler's time limit): the async env
+    workers die with the trainer's signal, so what the trainer asks of them afterwards
+    fails (as AsyncVectorEnv does: EOFError on a step, BrokenPipeError on close)."""
+
+    def __init__(self, cfg, signal_at: int | None):
+        super().__init__(cfg, 10**9, signal_at, signum=signal.SIGTERM)
+        self.dead = signal_at is None  # None: the evaluation envs, dead from the start
+
+    def step(self, action):
+        if self.dead:
+            raise EOFError
+        out = super().step(action)
+        self.dead = self.t == self.signal_at
+        return out
+
+    def close(self):
+        self.env.close()
+        if self.dead:
+            raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_group_sigterm_that_kills_the_env_workers_still_writes_the_checkpoint(tmp_path):
+    """The signal arrives during step 50's env step; the evaluation due at step 50 and the
+    closing of both env sets then fail. The run used to end with a raw EOFError and no
+    checkpoint."""
+    cfg = toy_config(tmp_path, total_steps=100, checkpoint_every=1000, eval_every=50)
+    built = []
+
+    def factory(c):
+        built.append(WorkersKilledBySigterm(c, signal_at=None if built else 50))
+        return built[-1]
+
+    with pytest.warns(UserWarning, match="closing the environments failed: BrokenPipeError"):
+        result = train(cfg, env_factory=factory)
+    assert len(built) == 2  # training and evaluation envs
+    # step 50 finished (its update ran); the signal is seen at its end
+    assert result.interrupted and result.steps == 50 and result.final_eval is None
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 50
+    assert not (tmp_path / "run" / "eval.jsonl").exists()
+    done = train(cfg, resume=True)
+    assert done.steps == 100 and not done.interrupted
+
+
+def test_env_workers_dying_mid_step_after_a_stop_request_checkpoint_the_last_full_step(
+        tmp_path):
+    """Here the stop request is seen only after the env step of step 61 failed: step 61
+    did not happen, step 60 is checkpointed."""
+    cfg = toy_config(tmp_path, total_steps=100, checkpoint_every=1000)
+
+    class DiesAt61(NaNRewardAfter):
+        def step(self, action):
+            if self.t == 60:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled before the raise below
+                raise ConnectionResetError(104, "Connection reset by peer")
+            return super().step(action)
+
+    result = train(cfg, env_factory=lambda c: DiesAt61(c, 10**9))
+    assert result.interrupted and result.steps == 60
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 60
+
+
+def test_env_failure_without_a_stop_request_is_raised(tmp_path):
+    cfg = toy_config(tmp_path, total_steps=100, checkpoint_every=1000)
+
+    class Fails(NaNRewardAfter):
+        def step(self, action):
+            if self.t == 30:
+                raise EOFError("worker gone")
+            return super().step(action)
+
+    with pytest.raises(EOFError, match="worker gone"):
+        train(cfg, env_factory=lambda c: Fails(c, 10**9))
+
+
 def test_sighup_ignored_under_nohup_stays_ignored(tmp_path):
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:

@@ -15,6 +15,7 @@ the first observation of the next one.
 from __future__ import annotations
 
 import contextlib
+import signal
 import warnings
 from collections.abc import Iterator
 from functools import partial
@@ -255,6 +256,36 @@ def _metaworld_num_goals(n: int) -> Iterator[None]:
         metaworld._N_GOALS = old
 
 
+#: Signals that async env workers never act on (see :func:`_workers_ignore_terminal_stops`).
+WORKER_BLOCKED_SIGNALS = tuple(
+    s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGHUP", None)) if s is not None
+)
+
+
+@contextlib.contextmanager
+def _workers_ignore_terminal_stops() -> Iterator[None]:
+    """Start worker processes with Ctrl-C (SIGINT) and hangups (SIGHUP) blocked.
+
+    A terminal sends Ctrl-C to the whole foreground process group: the async workers
+    died of it (KeyboardInterrupt tracebacks), and the trainer's next ``envs.step``
+    failed before it could write its interrupt checkpoint. Workers inherit the signal
+    mask of the thread that starts them (fork, and exec for spawn / forkserver), so the
+    two signals are blocked in this thread while the workers start and unblocked after:
+    in the workers they stay pending for good, while the parent receives any that came in
+    the meantime as soon as the mask is restored (a Ctrl-C during the build is not
+    lost). SIGTERM is left alone: ``AsyncVectorEnv.close(terminate=True)`` stops workers
+    with it (the trainer copes with workers killed by a SIGTERM sent to the whole group).
+    """
+    if not hasattr(signal, "pthread_sigmask") or not WORKER_BLOCKED_SIGNALS:
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_BLOCKED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _build_vector_env(cfg: EnvConfig, task_names: list[str]) -> gym.vector.VectorEnv:
     import metaworld  # noqa: F401  (registers the Meta-World/* gymnasium ids)
 
@@ -326,7 +357,10 @@ def make_envs(cfg: EnvConfig) -> MultiTaskVecEnv:
     with warnings.catch_warnings():
         # the one-hot wrapper builds a float64 Box that gymnasium casts to float32, noisily
         warnings.filterwarnings("ignore", message=".*precision lowered by casting")
-        venv = _build_vector_env(cfg, task_names)
+        workers = (_workers_ignore_terminal_stops() if cfg.vector_strategy == "async"
+                   else contextlib.nullcontext())
+        with workers:
+            venv = _build_vector_env(cfg, task_names)
     try:
         _check_task_order(venv, task_names)
         return MultiTaskVecEnv(venv, task_names, device, config=cfg)
