@@ -27,6 +27,7 @@ import contextlib
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,7 +64,9 @@ BENCH_CONFIG = "bench_config.json"
 LOG_NAME = "train.log"
 #: Files a fresh start removes from a run directory left by a run that died before its
 #: first checkpoint (the trainer appends to its logs).
-STALE_FILES = ("config.json", "metrics.jsonl", "eval.jsonl", "result.json")
+#: A run's files besides its checkpoint (``tb`` is a directory); removed before a run
+#: that has no checkpoint starts again (``mtrl train`` refuses a directory holding them).
+STALE_FILES = ("config.json", "metrics.jsonl", "eval.jsonl", "result.json", "tb")
 ERROR_TAIL_LINES = 15
 
 
@@ -405,7 +408,11 @@ def execute_run(
     atomic_write_text(config_path, job.config_text)
     if not job.resume:  # files of a run that died before its first checkpoint
         for name in STALE_FILES:
-            (run_dir / name).unlink(missing_ok=True)
+            path = run_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "mtrl.cli", "train", "--config", str(config_path)]
     if job.resume:
         cmd += ["--resume", str(run_dir)]

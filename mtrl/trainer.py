@@ -82,6 +82,11 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+#: What a run writes besides its checkpoint and config.json (a fresh run refuses a
+#: directory that holds any of them).
+RUN_LOGS = ("metrics.jsonl", "eval.jsonl", "result.json", "tb")
+
+
 def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{cfg.env.benchmark.lower()}-{cfg.balancer}-s{cfg.env.seed}"
 
@@ -139,7 +144,8 @@ class _SkipCounter:
         self.longest = self.run.clone()
         if longest >= self.limit:
             kept = (f"the last good checkpoint is kept at {ckpt_path}" if ckpt_path.is_file()
-                    else "no checkpoint had been written yet")
+                    else "no checkpoint had been written yet (delete the run directory "
+                    "before running it again)")
             raise TrainingError(
                 f"stopped at step {step}: {longest} consecutive updates had NaN/Inf losses "
                 f"or gradients and were skipped; {kept}"
@@ -311,6 +317,16 @@ def train(
             f"run directory {str(run_dir)!r} already holds a checkpoint; "
             "resume it with --resume or choose another --run-dir"
         )
+    else:
+        # Logs without a checkpoint: a run that stopped (killed, NaN guard) before its
+        # first checkpoint. A new run would append to its curves and mix the two.
+        leftovers = [name for name in RUN_LOGS if (run_dir / name).exists()]
+        if leftovers:
+            raise ConfigError(
+                f"run directory {str(run_dir)!r} holds logs of an earlier run "
+                f"({', '.join(leftovers)}) but no checkpoint to resume from; delete them "
+                "(or the directory) to start this run there, or choose another --run-dir"
+            )
     torch.manual_seed(cfg.env.seed)
     _warn_if_protocol_differs(cfg)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import mtrl.bench
+import mtrl.trainer
 from mtrl.bench import BenchSpec, local_slots, parse_overrides, plan_runs, run_config
 from mtrl.cli import main
 from mtrl.config import ConfigError
@@ -340,3 +341,32 @@ def test_a_run_that_finished_before_the_ctrl_c_reached_it_is_done(tmp_path, monk
     job = mtrl.bench.Job("mean", 0, str(run), json.dumps({"total_steps": 80}), resume=True,
                          env={}, pythonpath="")
     assert mtrl.bench.execute_run(job)["status"] == "interrupted"
+
+
+def test_a_fresh_start_clears_the_logs_of_a_run_that_died_before_its_checkpoint(
+        tmp_path, monkeypatch):
+    """``mtrl train`` refuses a run directory that holds logs but no checkpoint; the bench
+    restarts such a run, so it removes them first (TensorBoard's directory included)."""
+    run = tmp_path / "run"
+    (run / "tb").mkdir(parents=True)
+    (run / "tb" / "events.out.tfevents.1").write_bytes(b"x")
+    for name in ("metrics.jsonl", "eval.jsonl", "result.json", "config.json"):
+        (run / name).write_text("{}\n")
+    seen = {}
+
+    class Started:
+        returncode = 0
+
+        def __init__(self, cmd, **kwargs):
+            seen["files"] = sorted(p.name for p in run.iterdir())
+            (run / "result.json").write_text(json.dumps({"step": 40}))
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(mtrl.bench.subprocess, "Popen", Started)
+    job = mtrl.bench.Job("mean", 0, str(run), json.dumps({"total_steps": 40}), resume=False,
+                         env={}, pythonpath="")
+    assert mtrl.bench.execute_run(job)["status"] == "done"
+    assert not set(seen["files"]) & set(mtrl.bench.STALE_FILES)
+    assert set(mtrl.bench.STALE_FILES) == {"config.json", *mtrl.trainer.RUN_LOGS}

@@ -182,6 +182,23 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
         train(cfg)
 
 
+@pytest.mark.parametrize("leftover", ["metrics.jsonl", "eval.jsonl", "result.json", "tb"])
+def test_refuses_a_run_directory_with_logs_but_no_checkpoint(tmp_path, leftover):
+    """A run killed before its first checkpoint leaves logs: a new run there appended to
+    them (metrics steps 50..550 then 50..300 in one file)."""
+    cfg = toy_config(tmp_path, total_steps=45)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")  # alone it is no log: overwritten
+    (run / leftover).mkdir() if leftover == "tb" else (run / leftover).write_text("{}\n")
+    with pytest.raises(ConfigError, match=rf"holds logs of an earlier run \({leftover}\) but "
+                       "no checkpoint to resume from; delete them"):
+        train(cfg)
+    assert sorted(p.name for p in run.iterdir()) == sorted(["config.json", leftover])
+    (run / leftover).rmdir() if leftover == "tb" else (run / leftover).unlink()
+    assert train(cfg).steps == 45
+
+
 class NaNRewardAfter:
     """Wraps the toy env; rewards become NaN from a given step on."""
 
