@@ -223,7 +223,9 @@ def run_config(
         data = _merge(data, overrides)
     try:
         cfg = from_dict(TrainConfig, data)
-        validate(cfg)
+        # with the task count: a batch size that does not split into the tasks is found
+        # here (--dry-run included), not at each run's start
+        validate(cfg, num_tasks=len(cfg.env.task_names))
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:  # EnvConfig/SACConfig value checks

@@ -52,7 +52,7 @@ def _train(argv: list[str]) -> None:
               f"(is {known.resume!r} a run dir?)")
     if known.config:
         base = load_preset(known.config)
-        if known.resume and base.run_dir is None:
+        if known.resume:  # the run is where --resume says (a preset's run_dir may be old)
             base = dataclasses.replace(base, run_dir=str(known.resume))
     elif known.resume:  # the run's own settings, before the command-line overrides
         base, _ = read_run_config(Path(known.resume) / "config.json")
@@ -89,6 +89,27 @@ def _train(argv: list[str]) -> None:
     from mtrl.trainer import train
 
     result = train(cfg, resume=bool(known.resume))
+    try:
+        _print_train_result(result)
+    except BrokenPipeError:
+        if not result.interrupted:
+            raise
+        # `mtrl train ... | tee log`: Ctrl-C also ended tee; the checkpoint is written and
+        # the exit status must still say "interrupted"
+        _silence_stdout()
+    if result.interrupted:
+        raise SystemExit(130)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null (its reader is gone), so the flush at exit cannot fail."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _print_train_result(result: Any) -> None:
     if result.already_finished:
         print(f"{result.run_dir} already finished at step {result.steps} (total_steps); "
               "nothing to do. Pass a larger --total-steps to train on.")
@@ -97,8 +118,6 @@ def _train(argv: list[str]) -> None:
     if not result.already_finished:
         state = "interrupted" if result.interrupted else "finished"
         print(f"{state} at step {result.steps}; run directory: {result.run_dir}")
-    if result.interrupted:
-        raise SystemExit(130)
 
 
 def _print_success_table(record: dict[str, Any]) -> None:
@@ -122,8 +141,9 @@ def _eval(argv: list[str]) -> None:
     )
     parser.add_argument("path", help="run directory or checkpoint file")
     parser.add_argument("--episodes-per-task", type=int, default=None,
-                        help="evaluation episodes per task (default: the protocol's: 1 for "
-                        "mtrl, 50 for metaworld-plus)")
+                        help="evaluation episodes per task (default: the run's own "
+                        "evaluation's; with another --protocol, that protocol's: 1 for mtrl, "
+                        "50 for metaworld-plus)")
     parser.add_argument("--protocol", choices=["mtrl", "metaworld-plus"], default=None,
                         help="evaluation protocol (default: the run's)")
     parser.add_argument("--device", default="auto",
@@ -151,6 +171,10 @@ def _balancers(argv: list[str]) -> None:
 
     from mtrl.balancers import get_class, hparam_defaults, names
 
+    if argv in (["-h"], ["--help"]):
+        print("usage: mtrl balancers\n\nList every registered balancer (plug-ins included) "
+              "with its hyper-parameters, their defaults and a one-line summary.")
+        return
     if argv:
         _fail(f"mtrl balancers takes no arguments, got {' '.join(argv)}")
     for name in names():
@@ -290,10 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         # permissions) is reported in one line; when stdout/stderr themselves are gone (a
         # pipe into an exited process, a closed terminal) there is no one to tell.
         if isinstance(exc, BrokenPipeError):
-            try:  # so the flush at exit does not fail again
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            except (OSError, ValueError):
-                pass
+            _silence_stdout()  # so the flush at exit does not fail again
         else:
             try:
                 print(f"error: {exc}", file=sys.stderr, flush=True)

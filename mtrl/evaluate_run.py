@@ -44,7 +44,9 @@ def evaluate_run(
 ) -> tuple[dict[str, Any], list[Path]]:
     """Evaluate the policy in a checkpoint; write ``eval_<step>.json`` and ``.csv``
     (``eval_<step>_<protocol>_<N>ep.*`` for another protocol or episode count than the
-    run's own evaluation)."""
+    run's own evaluation). By default the run's own evaluation is repeated: its protocol
+    and episode count (``eval_episodes``); another ``protocol`` defaults to that
+    protocol's episode count."""
     from mtrl.agents.sac import MultiTaskSAC
     from mtrl.balancers import build
     from mtrl.envs import PROTOCOLS, eval_env_config, eval_seed, evaluate, make_envs
@@ -60,7 +62,11 @@ def evaluate_run(
     protocol = protocol or cfg.protocol
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
-    episodes = episodes_per_task or PROTOCOLS[protocol].episodes_per_task
+    # the run's own evaluation: its protocol with its episode count (eval_episodes, 0 =
+    # the protocol's); another protocol defaults to that protocol's count
+    run_episodes = cfg.eval_episodes or PROTOCOLS[cfg.protocol].episodes_per_task
+    default = run_episodes if protocol == cfg.protocol else PROTOCOLS[protocol].episodes_per_task
+    episodes = episodes_per_task or default
     state = load_checkpoint(ckpt, map_location="cpu")
     step = int(state["step"])
 
@@ -74,7 +80,8 @@ def evaluate_run(
             agent.load_state_dict(state["agent"])
         except (RuntimeError, KeyError) as exc:
             raise CheckpointError(
-                f"checkpoint {str(ckpt)!r} does not match the run's config: {exc}"
+                f"checkpoint {str(ckpt)!r} does not match the run's config: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             ) from exc
         # the run's own evaluation seed at this step: same protocol and episodes -> the
         # same numbers as the run's evaluation of this checkpoint
@@ -95,7 +102,7 @@ def evaluate_run(
     # the run's own evaluation keeps the plain name; another protocol or episode count
     # gets its own files instead of overwriting that one
     stem = f"eval_{step}"
-    if protocol != cfg.protocol or episodes != PROTOCOLS[protocol].episodes_per_task:
+    if protocol != cfg.protocol or episodes != run_episodes:
         stem += f"_{protocol}_{episodes}ep"
     json_path, csv_path = out / f"{stem}.json", out / f"{stem}.csv"
     atomic_write_json(json_path, record)

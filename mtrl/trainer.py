@@ -94,13 +94,17 @@ def default_run_dir(cfg: TrainConfig) -> Path:
 class _MetricsLog:
     """JSONL always (``metrics.jsonl``, ``eval.jsonl``); TensorBoard when it is installed."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, purge_after: int | None = None) -> None:
+        """``purge_after``: a resumed run's checkpoint step. Its JSONL logs are cut back
+        to that step; TensorBoard's events cannot be, so a purge marker makes TensorBoard
+        drop the lost session's events after it (else those steps show twice)."""
         self.run_dir = run_dir
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            purge = None if purge_after is None else purge_after + 1
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
         except Exception:  # tensorboard not installed: JSONL is enough
             self.tb = None
 
@@ -151,6 +155,10 @@ class _SkipCounter:
                 f"or gradients and were skipped; {kept}"
             )
         return int(self.total)
+
+
+def _success_text(last_eval: dict[str, Any] | None) -> str:
+    return "n/a" if last_eval is None else f"{last_eval['mean_success']:.2f}"
 
 
 def _set_generator(gen: torch.Generator, saved: Tensor, seed: int, what: str) -> None:
@@ -428,7 +436,7 @@ def train(
         for name in ("metrics.jsonl", "eval.jsonl"):
             _truncate_jsonl(run_dir / name, start_step)
     atomic_write_json(run_dir / "config.json", to_dict(cfg) | {"task_names": envs.task_names})
-    log = _MetricsLog(run_dir)
+    log = _MetricsLog(run_dir, purge_after=start_step if resume else None)
     skips = _SkipCounter(device, cfg.max_consecutive_skips, skipped_total)
 
     def checkpoint(step: int) -> None:
@@ -505,6 +513,7 @@ def train(
             raise KeyboardInterrupt
 
     previous_handlers = install_stop_handlers(on_signal)
+    bar_sps = "n/a"  # env-steps/s of the last log window, for the progress bar
     bar = _ProgressBar(cfg.total_steps, start_step) if cfg.progress else None
     t_start = time.perf_counter()
     t_last, step_last = t_start, start_step
@@ -581,9 +590,9 @@ def train(
                 } | _to_python(metrics)
                 done_return.zero_(), done_success.zero_(), done_count.zero_()
                 log.write("metrics.jsonl", record)
+                bar_sps = f"{sps:.0f}"
                 if bar is not None:
-                    success = "n/a" if last_eval is None else f"{last_eval['mean_success']:.2f}"
-                    bar.set_postfix(env_sps=f"{sps:.0f}", success=success)
+                    bar.set_postfix(env_sps=bar_sps, success=_success_text(last_eval))
 
             if cfg.eval_every and step % cfg.eval_every == 0:
                 try:
@@ -593,6 +602,9 @@ def train(
                         raise
                     # (the eval workers died of a group-wide stop signal: checkpoint
                     # without this evaluation; a resumed run evaluates at its end)
+                else:
+                    if bar is not None:  # the new result now, not at the next log
+                        bar.set_postfix(env_sps=bar_sps, success=_success_text(last_eval))
             if step % cfg.checkpoint_every == 0:
                 checkpoint(step)
             if bar is not None:

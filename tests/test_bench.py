@@ -306,6 +306,17 @@ def test_dry_run_shows_the_plan_and_launches_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_dry_run_checks_the_batch_against_the_task_count(tmp_path, capsys):
+    """Each run used to fail at its start (batch 1000 does not split into MT10's tasks)."""
+    out = tmp_path / "dry"
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--benchmark", "MT10", "--balancers", "mean", "--seeds", "1",
+              "--steps", "100", "--out", str(out), "--set", "batch_size=1005", "--dry-run"])
+    assert exc.value.code == 2
+    assert "batch_size 1005 must be divisible by the 10 tasks" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_one_bench_at_a_time_per_output_directory(tmp_path, capsys):
     fcntl = pytest.importorskip("fcntl")
     out = tmp_path / "locked"

@@ -33,6 +33,8 @@ def test_balancers_lists_every_registered_name_with_defaults(capsys):
     assert "famo           (gamma=0.01, lr=0.025)" in out
     # the first docstring paragraph, whole (its first line ended mid-sentence)
     assert "onto the dual cone of all task gradients," in out
+    code, out, _ = run_cli(["balancers", "--help"], capsys)
+    assert code == 0 and out.startswith("usage: mtrl balancers")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -216,3 +218,88 @@ def test_a_file_error_is_one_line_not_a_traceback(capsys, monkeypatch):
     code, _, err = run_cli(["eval", "runs/x"], capsys)
     assert code == 1
     assert err.strip() == "error: [Errno 5] Input/output error: 'runs/x/checkpoint.pt'"
+
+
+def _toy_run(tmp_path, capsys, *extra: str, steps: str = "30"):
+    run = tmp_path / "toy"
+    code, _, err = run_cli(["train", "--env.benchmark", "toy", "--env.max-episode-steps", "20",
+                            "--total-steps", steps, "--warmup-steps", "20", "--eval-every", "0",
+                            "--run-dir", str(run), *TINY, *extra], capsys)
+    assert code == 0, err
+    return run
+
+
+def test_eval_repeats_the_runs_own_episode_count_by_default(tmp_path, capsys):
+    """A run evaluated with --eval-episodes 3: `mtrl eval RUN` evaluated 1 episode per task
+    (the protocol's count) and still wrote the plain eval_<step>.json meant for the run's
+    own evaluation."""
+    run = _toy_run(tmp_path, capsys, "--eval-episodes", "3")
+    code, out, err = run_cli(["eval", str(run)], capsys)
+    assert code == 0, err
+    assert f"wrote {run / 'eval_30.json'}" in out
+    assert json.loads((run / "eval_30.json").read_text())["episodes_per_task"] == 3
+    assert json.loads((run / "result.json").read_text())["final_eval"]["success"] == json.loads(
+        (run / "eval_30.json").read_text())["success"]
+    code, out, _ = run_cli(["eval", str(run), "--episodes-per-task", "1"], capsys)
+    assert code == 0 and f"wrote {run / 'eval_30_mtrl_1ep.json'}" in out
+
+
+def test_eval_of_a_checkpoint_that_does_not_fit_is_one_line(tmp_path, capsys):
+    run = _toy_run(tmp_path, capsys)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["sac"]["hidden_sizes"] = [16, 16]
+    (run / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(["eval", str(run)], capsys)
+    assert code == 2 and "does not match the run's config: RuntimeError:" in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_resume_with_a_preset_that_names_the_old_run_dir(tmp_path, capsys):
+    """The preset (as `mtrl bench` writes it) names where the run was; the run was moved.
+    --resume says where it is now; there is no --run-dir on the command line."""
+    run = _toy_run(tmp_path, capsys)
+    preset = tmp_path / "preset.json"
+    settings = json.loads((run / "config.json").read_text())
+    del settings["task_names"]
+    preset.write_text(json.dumps(settings))  # run_dir: .../toy
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    code, out, err = run_cli(["train", "--config", str(preset), "--resume", str(moved),
+                              "--total-steps", "40"], capsys)
+    assert code == 0 and "finished at step 40" in out, err
+    code, _, err = run_cli(["train", "--config", str(preset), "--resume", str(moved),
+                            "--run-dir", str(tmp_path / "elsewhere"), "--total-steps", "50"],
+                           capsys)
+    assert code == 2 and "--resume and --run-dir must name the same directory" in err
+
+
+def test_an_interrupted_run_exits_130_when_its_output_pipe_is_gone(tmp_path, capsys,
+                                                                  monkeypatch):
+    """`mtrl train ... 2>&1 | tee log` and Ctrl-C: tee dies too, printing the result raised
+    BrokenPipeError, and the command exited 1 instead of 130."""
+    import sys
+
+    import mtrl.cli
+    import mtrl.trainer
+
+    silenced = []
+    monkeypatch.setattr(mtrl.cli, "_silence_stdout", lambda: silenced.append(True))
+    monkeypatch.setattr(mtrl.trainer, "train", lambda cfg, resume=False: mtrl.trainer.TrainResult(
+        tmp_path, 7, None, 0, interrupted=True))
+
+    class DeadPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", DeadPipe())
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--env.benchmark", "toy", "--run-dir", str(tmp_path / "r")])
+    assert exc.value.code == 130 and silenced == [True]
+    monkeypatch.setattr(mtrl.trainer, "train", lambda cfg, resume=False: mtrl.trainer.TrainResult(
+        tmp_path, 7, None, 0, interrupted=False))
+    with pytest.raises(SystemExit) as exc:  # a finished run with a dead pipe: as before
+        main(["train", "--env.benchmark", "toy", "--run-dir", str(tmp_path / "r")])
+    assert exc.value.code == 1

@@ -199,6 +199,61 @@ def test_refuses_a_run_directory_with_logs_but_no_checkpoint(tmp_path, leftover)
     assert train(cfg).steps == 45
 
 
+def test_a_resumed_run_hides_the_lost_sessions_tensorboard_events(tmp_path):
+    """Killed (here: an env error) at step 90 after its checkpoint at 60: metrics up to 80
+    were logged. The resumed run logs 61..100 again; JSONL is cut back to 60, and
+    TensorBoard's events after 60 must be purged too (steps 80 showed twice)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = toy_config(tmp_path, total_steps=100, checkpoint_every=60)
+
+    class DiesAt90(NaNRewardAfter):
+        def step(self, action):
+            if self.t == 89:
+                raise RuntimeError("killed")
+            return super().step(action)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg, env_factory=lambda c: DiesAt90(c, 10**9))
+    train(cfg, resume=True)
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("env_steps_per_s")]
+    assert steps == [20, 40, 60, 80, 100]
+
+
+def test_the_progress_bar_shows_an_evaluation_when_it_is_made(tmp_path, monkeypatch):
+    """The bar's success= was set only at log steps, before the evaluation of the same
+    step: a new result appeared one log interval late."""
+    import mtrl.trainer
+
+    shown = []
+
+    class Bar:
+        def __init__(self, total, initial):
+            self.n = initial
+
+        def set_postfix(self, **kwargs):
+            shown.append((self.n, kwargs["success"]))
+
+        def update(self, k):
+            self.n += k
+
+        def write(self, text):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(mtrl.trainer, "_ProgressBar", Bar)
+    cfg = toy_config(tmp_path, total_steps=100, eval_every=50, log_every=25, progress=True)
+    result = train(cfg)
+    at_50 = [s for n, s in shown if n == 49]  # (the bar advances after the step's work)
+    assert at_50[0] == "n/a" and at_50[-1] != "n/a"  # log first, then the evaluation
+    assert shown[-1][1] == f"{result.final_eval['mean_success']:.2f}"
+
+
 class NaNRewardAfter:
     """Wraps the toy env; rewards become NaN from a given step on."""
 
