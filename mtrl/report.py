@@ -27,13 +27,14 @@ Outputs (all written atomically): ``results.csv`` (one row per run × evaluation
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,22 @@ def _rliable():
     return library, metrics
 
 
+@contextlib.contextmanager
+def _numpy_global_seed(seed: int) -> Iterator[None]:
+    """Seed NumPy's global generator for the duration, then put its state back.
+
+    rliable takes a ``random_state`` but (1.2.0 with arch 7) its stratified bootstraps
+    draw from ``np.random.choice``: the intervals changed on every report and the
+    caller's global state was consumed. Both are fixed here; the ``random_state`` is
+    still passed, for versions that use it."""
+    saved = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(saved)
+
+
 def interval_estimates(
     scores: dict[str, np.ndarray], reps: int = DEFAULT_REPS, seed: int = 0
 ) -> dict[str, dict[str, tuple[float, float, float]]]:
@@ -140,7 +157,7 @@ def interval_estimates(
     def aggregate(x: np.ndarray) -> np.ndarray:
         return np.array([metrics.aggregate_mean(x), metrics.aggregate_iqm(x)])
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _numpy_global_seed(seed):
         warnings.simplefilter("ignore")
         point, ci = library.get_interval_estimates(
             {k: np.asarray(v, dtype=float) for k, v in scores.items()}, aggregate,
@@ -172,7 +189,7 @@ def probability_of_improvement(
     }
     if not pairs:
         return {}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _numpy_global_seed(seed):
         warnings.simplefilter("ignore")
         point, ci = library.get_interval_estimates(
             pairs, metrics.probability_of_improvement, reps=reps,
@@ -282,8 +299,15 @@ class Run:
         return int(final["step"]) if final and isinstance(final.get("step"), int) else None
 
     def success_curve(self) -> dict[int, float]:
-        return {int(r["step"]): float(np.mean([_number(v) for v in r["success"].values()]))
-                for r in self.evals if r.get("success")}
+        """{step: mean success over the tasks}, for evaluations where every task has a
+        number: one with a task's value missing (None, NaN: a hand-edited or damaged log)
+        is left out, so the seed does not count as having reached that step."""
+        curve = {}
+        for r in self.evals:
+            values = [_number(v) for v in (r.get("success") or {}).values()]
+            if values and all(math.isfinite(v) for v in values):
+                curve[int(r["step"])] = float(np.mean(values))
+        return curve
 
 
 def _number(x: Any) -> float:
@@ -817,6 +841,17 @@ class Report:
     files: list[Path]
 
 
+def _unfinished_reason(run: Run) -> str:
+    resume = (" (resume it)" if (run.path / "checkpoint.pt").exists()
+              else "; no checkpoint")
+    if run.result is not None:  # a result.json short of total_steps: extended, not done
+        return (f"result.json at step {run.result.get('step')} < total_steps "
+                f"{run.config.get('total_steps')}: extended, not finished{resume}")
+    if resume.startswith(" ("):
+        return "checkpoint, no result.json (resume it)"
+    return "no checkpoint, no result.json"
+
+
 def write_report(
     root: str | Path,
     out_dir: str | Path | None = None,
@@ -835,11 +870,7 @@ def write_report(
         raise ReportError(f"no run directories (folders with config.json) below {str(root)!r}")
     finished = [r for r in runs if r.finished]
     incomplete = [r for r in runs if not r.finished]
-    skipped: list[tuple[Run, str]] = [
-        (r, "checkpoint, no result.json (resume it)" if (r.path / "checkpoint.pt").exists()
-         else "no checkpoint, no result.json")
-        for r in incomplete
-    ]
+    skipped: list[tuple[Run, str]] = [(r, _unfinished_reason(r)) for r in incomplete]
     # One group per benchmark, protocol and task list (custom benchmarks may differ)
     keys = sorted({(r.benchmark, r.protocol, tuple(r.task_names)) for r in finished
                    if r.task_names})

@@ -152,6 +152,25 @@ def test_probability_of_improvement_of_separated_scores():
     assert tie[("a", "b")][0] == pytest.approx(0.5)
 
 
+def test_intervals_are_reproducible_and_leave_numpys_global_state_alone():
+    """rliable's bootstraps draw from np.random, not from the random_state passed: the
+    CIs changed on every report (e.g. [0.452, 0.584] then [0.452, 0.586])."""
+    rng = np.random.default_rng(1)
+    scores = {"a": rng.random((5, 6)), "b": rng.random((5, 6)), "c": rng.random((5, 6))}
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()  # the state right after seeding
+    runs = [(interval_estimates(scores, reps=REPS, seed=s),
+             probability_of_improvement(scores, reps=POI_REPS, seed=s)) for s in (0, 0, 1)]
+    np.random.seed(999)  # another global state in between: same result
+    runs.append((interval_estimates(scores, reps=REPS), probability_of_improvement(
+        scores, reps=POI_REPS)))
+    assert runs[0] == runs[1] == runs[3]
+    assert runs[2] != runs[0]  # the seed matters
+    np.random.seed(123)
+    interval_estimates(scores, reps=REPS)
+    assert np.array_equal(np.random.get_state()[1], before)  # not consumed
+
+
 def test_read_jsonl_keeps_one_history_after_resume(tmp_path):
     p = tmp_path / "eval.jsonl"
     p.write_text("\n".join([
@@ -375,7 +394,28 @@ def test_an_extended_run_with_an_old_result_is_unfinished(tmp_path):
     write_run(root / "mean" / "seed1", "mean", 1, {10: [0.0] * 4})
     report = write_report(root, reps=REPS, poi_reps=POI_REPS, plots=False)
     assert report.groups[0].methods["mean"].seeds == [1]
-    assert [r.seed for r, _ in report.skipped] == [0]
+    # (the reason said "no checkpoint, no result.json")
+    assert [(r.seed, why) for r, why in report.skipped] == [
+        (0, "result.json at step 10 < total_steps 1000: extended, not finished (resume it)")]
+
+
+def test_an_evaluation_missing_a_tasks_value_does_not_count_for_that_seed(tmp_path):
+    """Seed 0 lacks task-b's value at step 10 (a damaged log): its mean there came out NaN,
+    was dropped by the seed average while the seed still counted as having reached step
+    10, and best-over-time took seed 1's 1.0 alone as a 2-seed value."""
+    root = tmp_path / "gap"
+    write_run(root / "mean" / "seed0", "mean", 0, {10: [0.0, 0.0, 0.0, 0.0],
+                                                    20: [0.0, 0.0, 0.0, 0.0]})
+    write_run(root / "mean" / "seed1", "mean", 1, {10: [1.0] * 4, 20: [1.0, 1.0, 0.0, 0.0]})
+    log = root / "mean" / "seed0" / "eval.jsonl"
+    lines = log.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["success"]["task-b"] = None
+    log.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    (g,) = write_report(root, reps=REPS, poi_reps=POI_REPS, plots=False).groups
+    m = g.methods["mean"]
+    assert list(m.curve.count) == [1, 2]  # step 10: seed 1 only
+    assert (m.best, m.best_step) == (0.25, 20)  # the only step both seeds reached
 
 
 def test_runs_without_a_task_list_are_left_out_and_the_csv_has_no_duplicates(tmp_path):
