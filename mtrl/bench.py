@@ -62,8 +62,6 @@ BENCH_OWNED = {
 RUNTIME_KEYS = ("run_dir", "threads", "progress", "device")
 BENCH_CONFIG = "bench_config.json"
 LOG_NAME = "train.log"
-#: Files a fresh start removes from a run directory left by a run that died before its
-#: first checkpoint (the trainer appends to its logs).
 #: A run's files besides its checkpoint (``tb`` is a directory); removed before a run
 #: that has no checkpoint starts again (``mtrl train`` refuses a directory holding them).
 STALE_FILES = ("config.json", "metrics.jsonl", "eval.jsonl", "result.json", "tb")

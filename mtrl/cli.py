@@ -104,9 +104,15 @@ def _train(argv: list[str]) -> None:
 def _silence_stdout() -> None:
     """Point stdout at /dev/null (its reader is gone), so the flush at exit cannot fail."""
     try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError):
         pass
+    finally:
+        os.close(devnull)
 
 
 def _print_train_result(result: Any) -> None:

@@ -842,12 +842,12 @@ class Report:
 
 
 def _unfinished_reason(run: Run) -> str:
-    resume = (" (resume it)" if (run.path / "checkpoint.pt").exists()
-              else "; no checkpoint")
+    has_checkpoint = (run.path / "checkpoint.pt").exists()
     if run.result is not None:  # a result.json short of total_steps: extended, not done
         return (f"result.json at step {run.result.get('step')} < total_steps "
-                f"{run.config.get('total_steps')}: extended, not finished{resume}")
-    if resume.startswith(" ("):
+                f"{run.config.get('total_steps')}: extended, not finished"
+                + (" (resume it)" if has_checkpoint else "; no checkpoint"))
+    if has_checkpoint:
         return "checkpoint, no result.json (resume it)"
     return "no checkpoint, no result.json"
 
