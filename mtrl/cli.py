@@ -41,6 +41,7 @@ def _fail(message: str, code: int = 2) -> None:
 def _train(argv: list[str]) -> None:
     import tyro
 
+    from mtrl.agents.sac import SACConfig
     from mtrl.config import RESUME_MAY_CHANGE, TrainConfig, load_preset, read_run_config
 
     pre = argparse.ArgumentParser(add_help=False)
@@ -70,7 +71,11 @@ def _train(argv: list[str]) -> None:
         description="Train multi-task SAC. Options override --config PRESET (a JSON file or a "
         "name in configs/); --resume RUN_DIR continues a run from its checkpoint (with its "
         "saved config, or --config if given; only "
-        + ", ".join(RESUME_MAY_CHANGE) + " may differ from the run's).",
+        + ", ".join(RESUME_MAY_CHANGE) + " may differ from the run's). "
+        + (f"The preset's balancer_kwargs ({base.balancer_kwargs}) apply, with "
+           "--balancer-kwargs KEY VALUE on top (the default shown for that option is "
+           "empty); --balancer naming another method drops them. "
+           if base.balancer_kwargs else ""),
     )
     # the preset's (or resumed run's) kwargs belong to its balancer: kept, with the
     # command line's on top, for that balancer; dropped if --balancer chose another
@@ -83,6 +88,18 @@ def _train(argv: list[str]) -> None:
                 "--balancer-kwargs KEY VALUE", stacklevel=2,
             )
         kept = {}
+        # a preset's own choice of balanced losses (FAMO's presets: the critic only) goes
+        # with its method too, unless --sac.balance was given
+        default_balance = SACConfig().balance
+        given = any(a.split("=")[0] == "--sac.balance" for a in rest)
+        if not given and base.sac.balance != default_balance:
+            warnings.warn(
+                f"--balancer {cfg.balancer} replaces {base.balancer}: its sac.balance "
+                f"{list(base.sac.balance)} is reset to the default {list(default_balance)}; "
+                "set another with --sac.balance", stacklevel=2,
+            )
+            cfg = dataclasses.replace(
+                cfg, sac=dataclasses.replace(cfg.sac, balance=default_balance))
     cfg = dataclasses.replace(cfg, balancer_kwargs={**kept, **cfg.balancer_kwargs})
     if known.resume and Path(cfg.run_dir or "").resolve() != Path(known.resume).resolve():
         _fail("--resume and --run-dir must name the same directory")

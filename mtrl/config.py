@@ -221,13 +221,15 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def load_preset(path: str | Path) -> TrainConfig:
     """Load a JSON preset. A bare name such as ``mt10_cagrad`` is looked up in ``configs/``."""
     p = Path(path)
-    if not p.exists() and not p.suffix:
+    # (is_file, not exists: a directory named like a preset, e.g. an earlier
+    # --run-dir mt10_cagrad, is not the preset)
+    if not p.is_file() and not p.suffix:
         p = p.with_suffix(".json")
-    if not p.exists():
+    if not p.is_file():
         candidate = Path(__file__).resolve().parent.parent / "configs" / p.name
-        if candidate.exists():
+        if candidate.is_file():
             p = candidate
-    if not p.exists():
+    if not p.is_file():
         presets = sorted(x.stem for x in presets_dir().glob("*.json"))
         raise ConfigError(f"config file {str(path)!r} not found; presets: {', '.join(presets)}")
     try:

@@ -271,7 +271,7 @@ def _to_python(metrics: dict[str, Tensor]) -> dict[str, Any]:
 def train(
     cfg: TrainConfig,
     resume: bool = False,
-    env_factory: Callable[..., Any] = make_envs,
+    env_factory: Callable[..., Any] | None = None,
 ) -> TrainResult:
     """Run (or resume) a training run described by ``cfg``; returns where it wrote.
 
@@ -281,10 +281,17 @@ def train(
     other change is a :class:`ConfigError` listing it. Nothing in the run directory is
     written before the checkpoint has been restored, so a failed resume leaves the run as
     it was. Resuming a run that already reached ``total_steps`` (it has ``result.json``)
-    runs and writes nothing (``TrainResult.already_finished``).
+    runs and writes nothing (``TrainResult.already_finished``). ``env_factory`` (default
+    :func:`mtrl.envs.make_envs`) builds the training and evaluation envs from an
+    ``EnvConfig``.
     """
     # ------------------------------------------------------------------ set-up
-    validate(cfg)
+    # The task count is known from the config (unless a custom factory builds the envs):
+    # a batch that does not split into the tasks fails now, not after the envs are built
+    # (MT50: ~45 s).
+    validate(cfg, num_tasks=len(cfg.env.task_names) if env_factory is None else None)
+    if env_factory is None:
+        env_factory = make_envs
     device = resolve_device(cfg.device)
     configure_cpu(cfg.threads)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)

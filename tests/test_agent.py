@@ -576,6 +576,15 @@ def test_config_validation_and_factory_checks():
         SACConfig(tau=0.0)
     with pytest.raises(ValueError, match="log_std_bounds"):
         SACConfig(log_std_bounds=(2.0, -20.0))
+    # non-finite values passed and made the first update's weights NaN
+    inf, nan = float("inf"), float("nan")
+    for bad, name in (({"actor_lr": inf}, "actor_lr"), ({"critic_lr": nan}, "critic_lr"),
+                      ({"init_temperature": inf}, "init_temperature"),
+                      ({"target_entropy": nan}, "target_entropy"),
+                      ({"log_std_bounds": (-inf, 2.0)}, "log_std_bounds"),
+                      ({"grad_clip": inf}, "grad_clip"), ({"gamma": nan}, "gamma")):
+        with pytest.raises(ValueError, match=rf"^{name} must be"):
+            SACConfig(**bad)
     assert SACConfig(hidden_sizes=[8, 8]).hidden_sizes == (8, 8)
     shared = build("mean")
     with pytest.raises(ValueError, match="new balancer"):

@@ -167,6 +167,20 @@ def test_balancer_kwargs_with_a_preset(tmp_path, capsys):
     assert "dropped" not in errs["b"]
     assert saved("e", "--balancer", "cagrad", "--balancer-kwargs", "c", "0.2")["kwargs"] == {
         "c": 0.2}
+    # FAMO's presets balance the critic only; that choice goes with the method (it stayed:
+    # a CAGrad run from the FAMO preset balanced the critic only, silently)
+    balance = {n: json.loads((tmp_path / n / "config.json").read_text())["sac"]["balance"]
+               for n in ("a",)}
+    saved("f", "--config", "mt10_famo", "--balancer", "cagrad")
+    saved("g", "--config", "mt10_famo", "--balancer", "cagrad", "--sac.balance", "critic")
+    saved("h", "--config", "mt10_famo")
+    for n in ("f", "g", "h"):
+        balance[n] = json.loads((tmp_path / n / "config.json").read_text())["sac"]["balance"]
+    assert balance == {"a": ["critic", "actor", "alpha"], "f": ["critic", "actor", "alpha"],
+                       "g": ["critic"], "h": ["critic"]}
+    assert ("warning: --balancer cagrad replaces famo: its sac.balance ['critic'] is reset "
+            "to the default ['critic', 'actor', 'alpha']") in errs["f"]
+    assert "sac.balance" not in errs["g"] + errs["h"]
 
 
 def test_cli_warnings_are_one_line_and_ctrl_c_outside_training_exits_130(tmp_path, capsys,

@@ -175,6 +175,19 @@ def test_run_files_are_readable_like_any_new_file(tmp_path):
         assert (result.run_dir / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
 
 
+def test_a_batch_that_does_not_split_into_the_tasks_fails_before_the_envs_are_built(
+        tmp_path, monkeypatch):
+    import mtrl.trainer
+
+    def no_envs(cfg):
+        raise AssertionError("the envs were built before the check")
+
+    monkeypatch.setattr(mtrl.trainer, "make_envs", no_envs)
+    cfg = replace(toy_config(tmp_path), env=EnvConfig(benchmark="MT10"), batch_size=1285)
+    with pytest.raises(ConfigError, match="batch_size 1285 must be divisible by the 10 tasks"):
+        train(cfg)
+
+
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
     cfg = toy_config(tmp_path, total_steps=45)
     train(cfg)
@@ -531,6 +544,16 @@ def test_invalid_values_are_rejected_before_training(tmp_path):
     with pytest.raises(ConfigError, match="stratified=False.*sac.balance=\\[\\]"):
         train(toy_config(tmp_path, stratified=False))
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_directory_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
+    """An earlier `--run-dir mt10_cagrad` in the working directory made `--config
+    mt10_cagrad` fail with IsADirectoryError."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mt10_cagrad").mkdir()
+    (tmp_path / "mt10_mean.json").mkdir()
+    assert load_preset("mt10_cagrad").balancer_kwargs == {"c": 0.9}
+    assert load_preset("mt10_mean.json").balancer == "mean"
 
 
 def test_presets_load_with_published_hyper_parameters():

@@ -142,18 +142,29 @@ class SACConfig:
             raise ValueError(f"balance lists a loss twice: {bal!r}")
         object.__setattr__(self, "balance", bal)
         lo, hi = self.log_std_bounds
-        if not float(lo) < float(hi):
-            raise ValueError(f"log_std_bounds must satisfy low < high, got {self.log_std_bounds!r}")
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi)) and float(lo) < float(hi)):
+            raise ValueError(
+                f"log_std_bounds must be finite with low < high, got {self.log_std_bounds!r}"
+            )
         object.__setattr__(self, "log_std_bounds", (float(lo), float(hi)))
+        # (an infinite learning rate or temperature passed the guard's checks: the first
+        # step's finite loss and gradient made the weights NaN, and the run stopped later
+        # with a misleading "consecutive NaN updates")
         for name in ("actor_lr", "critic_lr", "alpha_lr", "init_temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if self.target_entropy is not None and not math.isfinite(self.target_entropy):
+            raise ValueError(
+                f"target_entropy must be a finite number or None, got {self.target_entropy!r}"
+            )
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {self.gamma!r}")
         if not 0.0 < self.tau <= 1.0:
             raise ValueError(f"tau must be in (0, 1], got {self.tau!r}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        clip = self.grad_clip
+        if clip is not None and not (clip > 0 and math.isfinite(clip)):
+            raise ValueError(f"grad_clip must be a finite number > 0 or None, got {clip!r}")
         if self.nan_guard not in NAN_GUARDS:
             raise ValueError(
                 f"nan_guard must be one of {', '.join(NAN_GUARDS)}, got {self.nan_guard!r}"
