@@ -120,7 +120,7 @@ def parse_balancers(text: str | Sequence[str]) -> tuple[str, ...]:
         if any(":" in x for x in bad):  # runs are folders named after the balancer
             hint = ("; bench takes registered names only: register a 'module:Class' "
                     "balancer under the entry-point group mtrl.balancers (README, "
-                    "'Add a balancer') to benchmark it")
+                    "'Writing a balancer') to benchmark it")
         raise ConfigError(
             f"unknown balancer(s) {', '.join(bad)}; valid: {', '.join(valid)}{hint}")
     dupes = sorted({x for x in items if items.count(x) > 1})
