@@ -329,21 +329,28 @@ def test_one_bench_at_a_time_per_output_directory(tmp_path, capsys):
     assert not (out / "runs").exists()
 
 
+def finished_run(run, returncode: int, on_start=None):
+    """A stand-in for the ``Popen`` of ``mtrl train``: the run writes its result.json
+    (step 40) at once, then exits with ``returncode``; ``on_start()`` runs first."""
+
+    class Run:
+        def __init__(self, cmd, **kwargs):
+            self.returncode = returncode
+            if on_start is not None:
+                on_start()
+            (run / "result.json").write_text(json.dumps({"step": 40}))
+
+        def wait(self, timeout=None):
+            return returncode
+
+    return Run
+
+
 def test_a_run_that_finished_before_the_ctrl_c_reached_it_is_done(tmp_path, monkeypatch):
     """Ctrl-C about a second after a run wrote result.json: the signal lands during its
     clean-up (exit 130), and the bench called the finished run interrupted."""
     run = tmp_path / "run"
-
-    class FinishedThenInterrupted:
-        returncode = 130
-
-        def __init__(self, cmd, **kwargs):
-            (run / "result.json").write_text(json.dumps({"step": 40}))
-
-        def wait(self, timeout=None):
-            return 130
-
-    monkeypatch.setattr(mtrl.bench.subprocess, "Popen", FinishedThenInterrupted)
+    monkeypatch.setattr(mtrl.bench.subprocess, "Popen", finished_run(run, 130))
     job = mtrl.bench.Job("mean", 0, str(run), json.dumps({"total_steps": 40}), resume=False,
                          env={}, pythonpath="")
     assert mtrl.bench.execute_run(job)["status"] == "done"
@@ -365,17 +372,10 @@ def test_a_fresh_start_clears_the_logs_of_a_run_that_died_before_its_checkpoint(
         (run / name).write_text("{}\n")
     seen = {}
 
-    class Started:
-        returncode = 0
+    def started():
+        seen["files"] = sorted(p.name for p in run.iterdir())
 
-        def __init__(self, cmd, **kwargs):
-            seen["files"] = sorted(p.name for p in run.iterdir())
-            (run / "result.json").write_text(json.dumps({"step": 40}))
-
-        def wait(self, timeout=None):
-            return 0
-
-    monkeypatch.setattr(mtrl.bench.subprocess, "Popen", Started)
+    monkeypatch.setattr(mtrl.bench.subprocess, "Popen", finished_run(run, 0, started))
     job = mtrl.bench.Job("mean", 0, str(run), json.dumps({"total_steps": 40}), resume=False,
                          env={}, pythonpath="")
     assert mtrl.bench.execute_run(job)["status"] == "done"

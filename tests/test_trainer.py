@@ -220,15 +220,8 @@ def test_a_resumed_run_hides_the_lost_sessions_tensorboard_events(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = toy_config(tmp_path, total_steps=100, checkpoint_every=60)
-
-    class DiesAt90(NaNRewardAfter):
-        def step(self, action):
-            if self.t == 89:
-                raise RuntimeError("killed")
-            return super().step(action)
-
     with pytest.raises(RuntimeError, match="killed"):
-        train(cfg, env_factory=lambda c: DiesAt90(c, 10**9))
+        train(cfg, env_factory=lambda c: EnvFailsAt(c, 89, RuntimeError("killed")))
     train(cfg, resume=True)
     acc = EventAccumulator(str(tmp_path / "run" / "tb"))
     acc.Reload()
@@ -289,6 +282,22 @@ class NaNRewardAfter:
         if self.t >= self.start:
             out = out._replace(reward=torch.full_like(out.reward, float("nan")))
         return out
+
+
+class EnvFailsAt(NaNRewardAfter):
+    """The toy env whose step raises ``exc`` once it has made ``at`` steps (a killed
+    process, dead env workers), after calling ``before`` if given."""
+
+    def __init__(self, cfg, at: int, exc: BaseException, before=None):
+        super().__init__(cfg, 10**9)
+        self.at, self.exc, self.before = at, exc, before
+
+    def step(self, action):
+        if self.t == self.at:
+            if self.before is not None:
+                self.before()
+            raise self.exc
+        return super().step(action)
 
 
 @pytest.mark.parametrize(("guard", "stop_step"), [("sync", None), ("masked", 60)])
@@ -406,29 +415,19 @@ def test_env_workers_dying_mid_step_after_a_stop_request_checkpoint_the_last_ful
     did not happen, step 60 is checkpointed."""
     cfg = toy_config(tmp_path, total_steps=100, checkpoint_every=1000)
 
-    class DiesAt61(NaNRewardAfter):
-        def step(self, action):
-            if self.t == 60:
-                os.kill(os.getpid(), signal.SIGTERM)  # handled before the raise below
-                raise ConnectionResetError(104, "Connection reset by peer")
-            return super().step(action)
+    def sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)  # handled before the env step raises
 
-    result = train(cfg, env_factory=lambda c: DiesAt61(c, 10**9))
+    result = train(cfg, env_factory=lambda c: EnvFailsAt(
+        c, 60, ConnectionResetError(104, "Connection reset by peer"), before=sigterm))
     assert result.interrupted and result.steps == 60
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 60
 
 
 def test_env_failure_without_a_stop_request_is_raised(tmp_path):
     cfg = toy_config(tmp_path, total_steps=100, checkpoint_every=1000)
-
-    class Fails(NaNRewardAfter):
-        def step(self, action):
-            if self.t == 30:
-                raise EOFError("worker gone")
-            return super().step(action)
-
     with pytest.raises(EOFError, match="worker gone"):
-        train(cfg, env_factory=lambda c: Fails(c, 10**9))
+        train(cfg, env_factory=lambda c: EnvFailsAt(c, 30, EOFError("worker gone")))
 
 
 def test_sighup_ignored_under_nohup_stays_ignored(tmp_path):
