@@ -58,6 +58,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+try:  # torch's registries of global module hooks (private; they exist since torch 1.x)
+    from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+except ImportError:  # pragma: no cover - then only the layers' own hooks are checked
+    _global_forward_hooks, _global_forward_pre_hooks = {}, {}
+
 __all__ = [
     "MIN_OUT_FEATURES",
     "MLP",
@@ -296,20 +301,27 @@ class MLP(nn.Sequential):
     three Function calls per layer (forward, input gradient, weight gradient): under
     ``torch.func`` each call carries ~0.3-0.5 ms of bookkeeping, which at K = 10 was a
     third of the per-task gradient cost. Any other input (float64, CUDA, a module that
-    is not this exact pattern) runs layer by layer.
+    is not this exact pattern, e.g. after ``append``, or one whose layers have forward
+    hooks) runs layer by layer.
     """
 
-    def __init__(self, *layers: nn.Module) -> None:
-        super().__init__(*layers)
+    def _fusable(self) -> bool:
+        """Whether the stack is (still) exactly ``Linear (ReLU Linear)*`` with biases and
+        no hooks that the fused path would skip. Checked on every call (a few µs): an
+        ``nn.Sequential`` can be edited after construction (``append``, ``m[i] = ...``),
+        and forward hooks or pre-hooks on the layers (``weight_norm``'s among them) must
+        run, so such stacks go layer by layer."""
         mods = list(self)
-        self._fusable = (
+        return (
             len(mods) % 2 == 1
             and all(isinstance(m, nn.Linear) and m.bias is not None for m in mods[0::2])
             and all(isinstance(m, nn.ReLU) for m in mods[1::2])
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in mods)
+            and not (_global_forward_hooks or _global_forward_pre_hooks)
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._fusable:
+        if not self._fusable():
             return super().forward(x)
         params = [t for lin in list(self)[0::2] for t in (lin.weight, lin.bias)]
         if not _fits(x, *params):

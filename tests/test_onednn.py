@@ -314,6 +314,55 @@ def test_mlp_runs_layer_by_layer_where_oneDNN_does_not_apply(gen):
     assert "_MLP" not in type(y.grad_fn).__name__
 
 
+def _is_fused(y: torch.Tensor) -> bool:
+    return "_MLP" in type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize("edit", ["append", "delete", "replace"])
+def test_an_edited_mlp_computes_what_its_layers_say(gen, edit):
+    """MLP decided once, at construction, that it was Linear/ReLU...: after an edit the
+    fused path ignored an appended layer, kept a deleted ReLU, kept ReLU for Tanh."""
+    ours, ref = _mlps()
+    x = torch.randn(5, 24, generator=gen)
+    if edit == "append":
+        ours.append(nn.Linear(3, 2))
+        ref.append(ours[-1])
+    elif edit == "delete":
+        del ours[-1], ref[-1]  # now ends with a ReLU
+    else:
+        ours[1], ref[1] = nn.Tanh(), nn.Tanh()
+    y = ours(x)
+    assert not _is_fused(y)
+    torch.testing.assert_close(y, ref(x), **TOL)
+
+
+def test_hooks_on_an_mlps_layers_run(gen):
+    """The fused path never called the layers: their forward hooks did not run, and
+    weight_norm's pre-hook did not recompute the weight (a stale weight was used)."""
+    ours, ref = _mlps()
+    x = torch.randn(5, 24, generator=gen)
+    assert _is_fused(ours(x))
+    calls = []
+    handle = ours[0].register_forward_hook(lambda *args: calls.append(1))
+    y = ours(x)
+    assert calls == [1] and not _is_fused(y)
+    torch.testing.assert_close(y, ref(x), **TOL)
+    handle.remove()
+    assert _is_fused(ours(x))  # no hooks left: fused again
+    torch.nn.utils.parametrizations.weight_norm(ours[2])
+    torch.nn.utils.parametrizations.weight_norm(ref[2])
+    with torch.no_grad():
+        ours[2].parametrizations.weight.original0.mul_(2)
+        ref[2].parametrizations.weight.original0.mul_(2)
+    torch.testing.assert_close(ours(x), ref(x), **TOL)
+    glob = torch.nn.modules.module.register_module_forward_hook(lambda *a: calls.append(2))
+    try:
+        ours2, _ = _mlps()
+        assert not _is_fused(ours2(x)) and 2 in calls
+    finally:
+        glob.remove()
+
+
 def test_mlp_double_backward_is_refused(gen):
     ours, _ = _mlps()
     x = torch.randn(6, 24, generator=gen, requires_grad=True)
