@@ -96,7 +96,7 @@ from torch import Tensor
 from torch.func import grad_and_value, vmap
 
 from mtrl import onednn
-from mtrl.balancers.base import Balancer, gramian_of_blocks, weights_from_gramian
+from mtrl.balancers.base import Balancer, gramian_of_blocks, to_device, weights_from_gramian
 
 __all__ = [
     "BalanceStats",
@@ -254,8 +254,12 @@ def _write_grads(params: Sequence[Tensor], direction: Tensor) -> None:
 
 def _write_grad_pieces(params: Sequence[Tensor], w: Tensor, pieces: Sequence[Tensor]) -> None:
     """Add / set ``.grad`` of each parameter to ``wᵀ piece`` (its block of ``Gᵀw``)."""
+    on: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # w copied once per place
     for p, piece in zip(params, pieces, strict=True):
-        _accumulate_grad(p, w.to(device=piece.device, dtype=piece.dtype) @ piece)
+        key = (piece.device, piece.dtype)
+        if key not in on:
+            on[key] = to_device(w, piece.device, piece.dtype)
+        _accumulate_grad(p, on[key] @ piece)
 
 
 def _accumulate_grad(p: Tensor, flat: Tensor) -> None:
@@ -296,11 +300,11 @@ def _scatter(values: Tensor | None, idx: Tensor | None, k: int, fill: float, dev
     """Place ``values`` (rows ``idx`` or all) into a (K,) float32 vector filled with ``fill``."""
     if values is None:
         return _nan((k,), device)
-    values = values.to(device=device, dtype=torch.float32)
+    values = to_device(values, device, torch.float32)
     if idx is None:
         return values
     out = torch.full((k,), fill, dtype=torch.float32, device=device)
-    return out.index_copy_(0, idx.to(device), values)
+    return out.index_copy_(0, to_device(idx, device), values)
 
 
 def _applied_weights(info: dict, rows: int) -> Tensor | None:
@@ -399,7 +403,7 @@ def _task_gradient_pieces(
             return inner(merge(trainable), *block)
 
     if tasks is not None:
-        batch = [t.index_select(0, tasks.to(t.device)) for t in batch]
+        batch = [t.index_select(0, to_device(tasks, t.device)) for t in batch]
     rows = batch[0].shape[0]
     detached = {name: p.detach() for name, p in params.items()}
     fn = vmap(
@@ -458,7 +462,7 @@ def balanced_backward(
         leaves = _leaves(params)
         losses = task_losses(loss_fn, merge(leaves), batch, **vkw)
         if idx is not None:
-            used = losses.index_select(0, idx.to(losses.device))
+            used = losses.index_select(0, to_device(idx, losses.device))
         else:
             used = losses
         return _loss_only_backward(balancer, losses, used, idx, param_list,
@@ -472,7 +476,7 @@ def balanced_backward(
         losses = losses_rows
     else:
         losses = _all_losses(k, idx, losses_rows, lambda rest: task_losses(
-            loss_fn, merge(params), [t.index_select(0, rest.to(t.device)) for t in batch],
+            loss_fn, merge(params), [t.index_select(0, to_device(rest, t.device)) for t in batch],
             **vkw,
         ))  # fmt: skip
     return _stats(losses, grads, idx, info, diagnostics, gram)
@@ -554,7 +558,7 @@ def balanced_backward_terms(
     if not balancer.needs_grads:
         leaves = _leaves(params)
         losses = _block_means(terms_fn(merge(leaves), *data), k, n)
-        used = losses if idx is None else losses.index_select(0, idx.to(losses.device))
+        used = losses if idx is None else losses.index_select(0, to_device(idx, losses.device))
         return _loss_only_backward(balancer, losses, used, idx, param_list,
                                    leaves=list(leaves.values()))  # fmt: skip
 
@@ -617,7 +621,7 @@ def _block_means(terms: Tensor, blocks: int, rows: int) -> Tensor:
 def _take_blocks(t: Tensor, idx: Tensor, k: int) -> Tensor:
     """Rows of the task blocks ``idx`` of the task-major ``t`` (N rows), in that order."""
     blocks = t.reshape(k, t.shape[0] // k, *t.shape[1:])
-    return blocks.index_select(0, idx.to(t.device)).reshape(-1, *t.shape[1:])
+    return blocks.index_select(0, to_device(idx, t.device)).reshape(-1, *t.shape[1:])
 
 
 def _block_pieces(
@@ -715,7 +719,8 @@ def _loss_only_backward(
     the gradient is taken with respect to them and added to the parameters' ``.grad``."""
     k, device = losses.shape[0], losses.device
     w = balancer.weights_for(None, used.detach())
-    objective = (w.to(device=used.device, dtype=used.dtype) * used).sum()
+    w_dev = to_device(w, used.device, used.dtype)
+    objective = (w_dev * used).sum()
     if leaves is None:
         torch.autograd.backward(objective, inputs=list(params), retain_graph=retain_graph)
     else:
@@ -733,7 +738,7 @@ def _loss_only_backward(
                 p.grad.add_(g)
     return BalanceStats(
         losses=losses.detach(),
-        weights=_scatter(w, idx, k, 0.0, device),
+        weights=_scatter(w_dev, idx, k, 0.0, device),
         grad_norms=_nan((k,), device),
         mean_cosine=_nan((), device),
         conflict_fraction=_nan((), device),
@@ -747,14 +752,14 @@ def _all_losses(
     ``losses_of(rest)`` (the losses of tasks ``rest``) run without gradients."""
     device = losses_rows.device
     losses = torch.empty(k, dtype=losses_rows.dtype, device=device)
-    losses.index_copy_(0, idx.to(device), losses_rows)
+    losses.index_copy_(0, to_device(idx, device), losses_rows)
     if idx.numel() < k:
         mask = torch.ones(k, dtype=torch.bool)
         mask[idx.cpu()] = False
         rest = mask.nonzero().squeeze(1)
         with torch.no_grad():
             rest_losses = losses_of(rest)
-        losses.index_copy_(0, rest.to(device), rest_losses.to(losses.dtype))
+        losses.index_copy_(0, to_device(rest, device), rest_losses.to(losses.dtype))
     return losses
 
 
@@ -776,10 +781,16 @@ def _stats(
         g = grads.detach()
         gram = g @ g.T
     if gram is not None:  # K×K statistics on the CPU in float64 (MPS has no float64)
-        norms, mean_cos, conflict = (
-            t.to(device) for t in gram_stats(gram.detach().to("cpu", torch.float64))
-        )
-        grad_norms = _scatter(norms, idx, k, float("nan"), device)
+        norms, mean_cos, conflict = gram_stats(gram.detach().to("cpu", torch.float64))
+        # the statistics and the weights go to the device as ONE (non-blocking) copy
+        parts = [norms, mean_cos.reshape(1), conflict.reshape(1)]
+        if w is not None:
+            parts.append(w.detach().to("cpu", torch.float32))
+        packed = to_device(torch.cat(parts), device)
+        grad_norms = _scatter(packed[:rows], idx, k, float("nan"), device)
+        mean_cos, conflict = packed[rows], packed[rows + 1]
+        if w is not None:
+            w = packed[rows + 2 :]
     else:
         grad_norms, mean_cos, conflict = _nan((k,), device), _nan((), device), _nan((), device)
     return BalanceStats(

@@ -398,6 +398,8 @@ def train(
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
+        if device.type == "mps" and "mps" in state["rng"]:
+            torch.mps.set_rng_state(state["rng"]["mps"].cpu())
         _set_generator(action_gen, state["rng"]["actions"], cfg.env.seed + 1 + int(state["step"]),
                        "the warm-up action generator")
         restored_env = "env" in state and hasattr(envs, "load_state_dict")
@@ -452,6 +454,8 @@ def train(
         rng = {"torch": torch.get_rng_state(), "actions": action_gen.get_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
+        elif device.type == "mps":  # the update noise is drawn there
+            rng["mps"] = torch.mps.get_rng_state()
         state: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
             "step": step,

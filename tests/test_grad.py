@@ -529,3 +529,63 @@ def test_loss_only_gradients_are_separate_tensors_in_the_callers_order():
     want = x.sum((0, 1)) / K
     a.grad.mul_(0.5)
     torch.testing.assert_close(b.grad, want, atol=1e-12, rtol=0)
+
+
+def test_weights_and_statistics_reach_the_device_in_few_copies(monkeypatch):
+    """On CUDA every host-to-device copy of a CPU tensor from pageable memory blocks the
+    host until the GPU queue drains. The weights were copied once per parameter (8 for
+    this net) and the statistics in 4 more copies; now the weights go once per (device,
+    dtype) and the statistics with the weights in one packed copy. Counted here on the
+    CPU through the one helper every such copy goes through."""
+    import mtrl.balancers.base
+    import mtrl.grad
+
+    calls, moved = [], []
+    real = mtrl.balancers.base.to_device
+
+    def counting(t, device, dtype=None):
+        # a tensor that came out of an earlier call (or a view of one) is on the device
+        # already: no copy on CUDA either
+        if not any(t is m or t._base is m for m in moved):
+            calls.append(tuple(t.shape))
+        out = real(t, device, dtype)
+        moved.append(out)
+        return out
+
+    monkeypatch.setattr(mtrl.grad, "to_device", counting)
+    net, loss_fn, batch = make_problem(k=3)
+    assert len(list(net.parameters())) > 2
+    for diagnostics in (True, False):
+        calls.clear()
+        stats = balanced_backward(loss_fn, dict(net.named_parameters()), batch,
+                                  build("mgda"), diagnostics=diagnostics)
+        # w for the .grad write; norms (3) + cosine + conflict + weights (3) packed
+        assert calls == [(3,), (3 + 2 + 3,)], calls
+        assert torch.isfinite(stats.grad_norms).all() and torch.isfinite(stats.weights).all()
+        torch.testing.assert_close(stats.weights.sum(), torch.tensor(1.0))
+    calls.clear()  # loss-only: the weights once (they were copied twice)
+    balanced_backward(loss_fn, dict(net.named_parameters()), batch, build("mean"))
+    assert calls == [(3,)], calls
+
+
+def test_to_device_is_to_on_the_cpu():
+    from mtrl.balancers.base import to_device
+
+    t = torch.arange(4, dtype=torch.float64)
+    assert to_device(t, "cpu") is t
+    out = to_device(t, torch.device("cpu"), torch.float32)
+    assert out.dtype == torch.float32 and torch.equal(out, t.float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_to_device_copies_to_cuda_without_blocking_and_keeps_the_values():
+    from mtrl.balancers.base import to_device
+
+    t = torch.randn(1000, dtype=torch.float64)
+    out = to_device(t, "cuda", torch.float32)
+    assert out.device.type == "cuda" and out.dtype == torch.float32
+    del t  # the pinned staging copy is kept until the copy has run
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    again = to_device(torch.arange(5), "cuda")
+    assert again.cpu().tolist() == [0, 1, 2, 3, 4]

@@ -315,7 +315,7 @@ class MultiTaskSAC(nn.Module):
         # sampler's generator, a cache), like the parameters and Adam's state.
         self._balancer_snapshots = {}
         nan_k = torch.full((K,), float("nan"), device=dev)
-        nan_0 = torch.tensor(float("nan"), device=dev)
+        nan_0 = torch.full((), float("nan"), device=dev)
         for name in LOSS_NAMES:
             metrics[f"{name}/losses"], metrics[f"{name}/grad_norm"] = nan_k, nan_0
         metrics["actor/entropy"] = nan_k
@@ -481,7 +481,7 @@ class MultiTaskSAC(nn.Module):
                 metrics.update(_stats_metrics(name, stats, None, None))
             metrics[f"{name}/losses"] = checked = losses
         if failed:
-            norm = torch.tensor(float("nan"), device=self.device)
+            norm = torch.full((), float("nan"), device=self.device)
         else:
             norm = get_total_norm([p.grad for p in params.values() if p.grad is not None])
         metrics[f"{name}/grad_norm"] = norm

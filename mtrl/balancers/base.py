@@ -107,16 +107,15 @@ class Balancer(nn.Module):
         check_inputs(grads, losses)
         idx = self.select(grads.shape[0])
         if idx is not None:
-            idx = idx.to(grads.device)
-            grads = grads.index_select(0, idx)
+            grads = grads.index_select(0, to_device(idx, grads.device))
             if losses is not None:
-                losses = losses.index_select(0, idx.to(losses.device))
+                losses = losses.index_select(0, to_device(idx, losses.device))
         return self.combine_rows(grads, losses)
 
     def combine_rows(self, grads: Tensor, losses: Tensor | None = None) -> Tensor:
         """Combine already-selected rows (no sampling). Used by the autograd plumbing."""
         w = self.weights_for(grads, losses)
-        return w.to(device=grads.device, dtype=grads.dtype) @ grads
+        return to_device(w, grads.device, grads.dtype) @ grads
 
     def weights_for(
         self,
@@ -187,6 +186,23 @@ class Balancer(nn.Module):
 
         sig = inspect.signature(type(self).__init__)
         return {p: getattr(self, p) for p in list(sig.parameters)[1:] if hasattr(self, p)}
+
+
+def to_device(t: Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
+    """``t.to(device, dtype)`` without stalling a CUDA stream.
+
+    Weights, statistics and sampled task indices are made on the CPU (the K×K solves run
+    there). A plain copy of a CPU tensor to CUDA is a blocking copy from pageable memory:
+    the host waits until the GPU has drained its queue, once per copy (one per parameter
+    when the direction is written block by block). From pinned memory the copy is
+    queued (``non_blocking``) and the host goes on; the pinned block is kept until the
+    copy has run. Everything else is ``t.to(device=device, dtype=dtype)``."""
+    device = torch.device(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)  # on the host, before the copy
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device=device, dtype=dtype)
 
 
 def weights_from_gramian(balancer: Balancer) -> bool:
@@ -263,7 +279,10 @@ ONEDNN_GRAM_LONG, ONEDNN_GRAM_CHUNK = 1 << 18, 1 << 16
 def _gramian_sum(blocks: Sequence[Tensor], dtype: torch.dtype, use_numpy: bool) -> Tensor:
     total = None
     for block in blocks:
-        g = block.detach().to(dtype)
+        g = block.detach()
+        if dtype == torch.float64 and g.device.type == "mps":
+            g = g.cpu()  # MPS has no float64 (the float32 Gramian's float64 redo)
+        g = g.to(dtype)
         k, d = g.shape
         acc = torch.float32 if g.device.type == "mps" else torch.float64  # MPS: no float64
         long32 = dtype == torch.float32 and d > GRAM_CHUNK
