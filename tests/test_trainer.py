@@ -177,12 +177,12 @@ def test_run_files_are_readable_like_any_new_file(tmp_path):
 
 def test_a_batch_that_does_not_split_into_the_tasks_fails_before_the_envs_are_built(
         tmp_path, monkeypatch):
-    import mtrl.trainer
+    import mtrl.envs.vec
 
-    def no_envs(cfg):
+    def no_envs(*args, **kwargs):
         raise AssertionError("the envs were built before the check")
 
-    monkeypatch.setattr(mtrl.trainer, "make_envs", no_envs)
+    monkeypatch.setattr(mtrl.envs.vec, "_build_vector_env", no_envs)
     cfg = replace(toy_config(tmp_path), env=EnvConfig(benchmark="MT10"), batch_size=1285)
     with pytest.raises(ConfigError, match="batch_size 1285 must be divisible by the 10 tasks"):
         train(cfg)
