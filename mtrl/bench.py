@@ -39,7 +39,15 @@ from pathlib import Path
 from typing import Any
 
 from mtrl.checkpoint import atomic_write_json, atomic_write_text
-from mtrl.config import ConfigError, TrainConfig, from_dict, presets_dir, to_dict, validate
+from mtrl.config import (
+    RUN_LOGS,
+    ConfigError,
+    TrainConfig,
+    from_dict,
+    presets_dir,
+    to_dict,
+    validate,
+)
 from mtrl.runtime import install_stop_handlers, on_hangup, restore_handlers
 
 LAUNCHERS = ("local", "ray")
@@ -62,9 +70,9 @@ BENCH_OWNED = {
 RUNTIME_KEYS = ("run_dir", "threads", "progress", "device")
 BENCH_CONFIG = "bench_config.json"
 LOG_NAME = "train.log"
-#: A run's files besides its checkpoint (``tb`` is a directory); removed before a run
-#: that has no checkpoint starts again (``mtrl train`` refuses a directory holding them).
-STALE_FILES = ("config.json", "metrics.jsonl", "eval.jsonl", "result.json", "tb")
+#: A run's files besides its checkpoint; removed before a run that has no checkpoint
+#: starts again (``mtrl train`` refuses a directory holding its logs).
+STALE_FILES = ("config.json", *RUN_LOGS)
 ERROR_TAIL_LINES = 15
 
 

@@ -294,6 +294,12 @@ def resume_changes(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
     ]
 
 
+#: What a run writes into its directory besides its checkpoint and ``config.json``
+#: (``tb`` is TensorBoard's directory). A fresh ``mtrl train`` refuses a directory that
+#: holds any of them; ``mtrl bench`` removes them before restarting such a run.
+RUN_LOGS = ("metrics.jsonl", "eval.jsonl", "result.json", "tb")
+
+
 def presets_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"
 

@@ -34,6 +34,7 @@ from mtrl.checkpoint import (
 )
 from mtrl.config import (
     RESUME_MAY_CHANGE,
+    RUN_LOGS,
     ConfigError,
     TrainConfig,
     read_run_config,
@@ -80,11 +81,6 @@ def resolve_device(name: str) -> torch.device:
             f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
         )
     return dev
-
-
-#: What a run writes besides its checkpoint and config.json (a fresh run refuses a
-#: directory that holds any of them).
-RUN_LOGS = ("metrics.jsonl", "eval.jsonl", "result.json", "tb")
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
