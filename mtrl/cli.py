@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -120,16 +119,12 @@ def _train(argv: list[str]) -> None:
 
 def _silence_stdout() -> None:
     """Point stdout at /dev/null (its reader is gone), so the flush at exit cannot fail."""
+    from mtrl.runtime import to_devnull
+
     try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-    except OSError:
-        return
-    try:
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
+        to_devnull((sys.stdout.fileno(),))
+    except (OSError, ValueError):  # (ValueError: no file descriptor behind sys.stdout)
         pass
-    finally:
-        os.close(devnull)
 
 
 def _print_train_result(result: Any) -> None:

@@ -12,13 +12,13 @@ import platform
 import signal
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["configure_cpu", "install_stop_handlers", "on_hangup", "restore_handlers"]
+__all__ = ["configure_cpu", "install_stop_handlers", "on_hangup", "restore_handlers", "to_devnull"]
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -109,11 +109,18 @@ def on_hangup() -> None:
     they are regular files (a log keeps its output).
     """
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    to_devnull((1, 2), keep_files=True)
+
+
+def to_devnull(fds: Sequence[int], keep_files: bool = False) -> None:
+    """Point the file descriptors ``fds`` at /dev/null: their reader is gone (a lost
+    terminal, a pipe into an exited process), and a write or the flush at exit would fail.
+    With ``keep_files`` a descriptor open on a regular file (a log) keeps it."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        for fd in (1, 2):
+        for fd in fds:
             try:
-                if stat.S_ISREG(os.fstat(fd).st_mode):
+                if keep_files and stat.S_ISREG(os.fstat(fd).st_mode):
                     continue
             except OSError:
                 pass
