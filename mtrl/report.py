@@ -662,6 +662,12 @@ def _colors(n: int) -> list[Any]:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+def _points(n: int) -> dict[str, Any]:
+    """Line-plot style for ``n`` points: dots too when there are few (a short run's
+    handful of evaluations would otherwise read as a smooth curve)."""
+    return {"marker": "o" if n < 15 else None, "ms": 3}
+
+
 def plot_learning_curves(g: GroupSummary, path: Path) -> None:
     fig, axes = _figure(1, 1, 7, 4.5)
     ax = axes[0, 0]
@@ -670,8 +676,8 @@ def plot_learning_curves(g: GroupSummary, path: Path) -> None:
         if c.steps.size == 0:
             continue
         se = np.nan_to_num(c.se, nan=0.0)
-        ax.plot(c.env_steps, c.mean, color=color, marker="o" if c.steps.size < 15 else None,
-                ms=3, label=f"{m.label} (n={len(m.seeds)})")
+        ax.plot(c.env_steps, c.mean, color=color, label=f"{m.label} (n={len(m.seeds)})",
+                **_points(c.steps.size))
         ax.fill_between(c.env_steps, c.mean - se, c.mean + se, color=color, alpha=0.2, lw=0)
     ax.set_xlabel("environment steps (all tasks)")
     ax.set_ylabel("success rate (mean over tasks)")
@@ -751,7 +757,7 @@ def plot_weights(g: GroupSummary, path: Path) -> bool:
                 for k in range(values.shape[1]):
                     task = g.tasks[k] if k < len(g.tasks) else str(k)
                     ax.plot(steps, values[:, k], color=colors[k % len(colors)], lw=1,
-                            label=task, marker="o" if len(steps) < 15 else None, ms=3)
+                            label=task, **_points(len(steps)))
             else:
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
             ax.grid(alpha=0.3)
@@ -804,7 +810,7 @@ def plot_conflict(g: GroupSummary, path: Path) -> bool:
                 if series is not None and series[1].ndim == 1:
                     any_data = True
                     ax.plot(series[0], series[1], color=color, lw=1.2, label=name,
-                            marker="o" if len(series[0]) < 15 else None, ms=3)
+                            **_points(len(series[0])))
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=7)
             if i == 0:
