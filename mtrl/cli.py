@@ -91,6 +91,9 @@ def _train(argv: list[str]) -> None:
         # with its method too, unless --sac.balance was given
         default_balance = SACConfig().balance
         given = any(a.split("=")[0] == "--sac.balance" for a in rest)
+        if known.resume and not given:  # a run made before this reset existed keeps its own
+            saved, _ = read_run_config(Path(known.resume) / "config.json")
+            given = saved.sac.balance == base.sac.balance
         if not given and base.sac.balance != default_balance:
             warnings.warn(
                 f"--balancer {cfg.balancer} replaces {base.balancer}: its sac.balance "
@@ -105,16 +108,25 @@ def _train(argv: list[str]) -> None:
     from mtrl.trainer import train
 
     result = train(cfg, resume=bool(known.resume))
-    try:
-        _print_train_result(result)
-    except BrokenPipeError:
-        if not result.interrupted:
-            raise
-        # `mtrl train ... | tee log`: Ctrl-C also ended tee; the checkpoint is written and
-        # the exit status must still say "interrupted"
-        _silence_stdout()
+    _print_outcome(lambda: _print_train_result(result), interrupted=result.interrupted)
     if result.interrupted:
         raise SystemExit(130)
+
+
+def _print_outcome(show: Any, interrupted: bool) -> None:
+    """Run ``show()`` (prints a command's result) and flush stdout.
+
+    ``mtrl train ... | tee log``: Ctrl-C ends tee too, so after an interrupted run stdout
+    may be a dead pipe; the checkpoint is written and the exit status must still say
+    "interrupted" (130). A pipe is block-buffered, so a dead reader may only show at the
+    flush, which therefore happens here and not at exit."""
+    try:
+        show()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        if not interrupted:
+            raise
+        _silence_stdout()
 
 
 def _silence_stdout() -> None:
@@ -269,7 +281,7 @@ def _bench(argv: list[str]) -> None:
         print(format_plan(plan_runs(spec)))
         return
     result = run_bench(spec, progress=not args.no_progress)
-    print(format_outcomes(result))
+    _print_outcome(lambda: print(format_outcomes(result)), interrupted=result.exit_code == 130)
     if result.exit_code == 130:
         raise SystemExit(130)
     if result.failed:
@@ -323,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.showwarning = _show_warning  # "warning: ..." lines, no source excerpts
     try:
         COMMANDS[command](rest)
+        sys.stdout.flush()  # a dead pipe shows here (exit 1, below), not as a traceback at exit
     except KeyboardInterrupt:  # outside the training loop (which checkpoints and returns):
         # building environments, evaluating, loading
         print("interrupted", file=sys.stderr)

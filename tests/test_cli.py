@@ -181,6 +181,15 @@ def test_balancer_kwargs_with_a_preset(tmp_path, capsys):
     assert ("warning: --balancer cagrad replaces famo: its sac.balance ['critic'] is reset "
             "to the default ['critic', 'actor', 'alpha']") in errs["f"]
     assert "sac.balance" not in errs["g"] + errs["h"]
+    # the same command resumes either run: "f" (reset) and "g", whose critic-only balance is
+    # what a run made before the reset existed saved (that resume was refused as a change)
+    longer = [*toy[:toy.index("--total-steps")], "--total-steps", "6",
+              *toy[toy.index("--total-steps") + 2:]]
+    for n in ("f", "g"):
+        code, out, err = run_cli(["train", "--config", "mt10_famo", "--balancer", "cagrad",
+                                  "--resume", str(tmp_path / n), *longer], capsys)
+        assert code == 0 and "cannot resume" not in err, (n, err)
+        assert json.loads((tmp_path / n / "result.json").read_text())["step"] == 6
 
 
 def test_cli_warnings_are_one_line_and_ctrl_c_outside_training_exits_130(tmp_path, capsys,
@@ -287,10 +296,29 @@ def test_resume_with_a_preset_that_names_the_old_run_dir(tmp_path, capsys):
     assert code == 2 and "--resume and --run-dir must name the same directory" in err
 
 
+class _DeadPipe:
+    """stdout whose reader is gone. ``buffered``: writes land in a buffer (a pipe is
+    block-buffered) and only the flush fails; otherwise every write fails (unbuffered)."""
+
+    def __init__(self, buffered: bool):
+        self.buffered = buffered
+
+    def write(self, text):
+        if not self.buffered:
+            raise BrokenPipeError(32, "Broken pipe")
+        return len(text)
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize("buffered", [False, True], ids=["unbuffered", "buffered"])
 def test_an_interrupted_run_exits_130_when_its_output_pipe_is_gone(tmp_path, capsys,
-                                                                  monkeypatch):
+                                                                  monkeypatch, buffered):
     """`mtrl train ... 2>&1 | tee log` and Ctrl-C: tee dies too, printing the result raised
-    BrokenPipeError, and the command exited 1 instead of 130."""
+    BrokenPipeError, and the command exited 1 instead of 130. With a buffered pipe (the
+    usual case) the print succeeded and the flush at exit failed: exit 120 and an
+    "Exception ignored" traceback."""
     import sys
 
     import mtrl.cli
@@ -300,20 +328,30 @@ def test_an_interrupted_run_exits_130_when_its_output_pipe_is_gone(tmp_path, cap
     monkeypatch.setattr(mtrl.cli, "_silence_stdout", lambda: silenced.append(True))
     monkeypatch.setattr(mtrl.trainer, "train", lambda cfg, resume=False: mtrl.trainer.TrainResult(
         tmp_path, 7, None, 0, interrupted=True))
-
-    class DeadPipe:
-        def write(self, text):
-            raise BrokenPipeError(32, "Broken pipe")
-
-        def flush(self):
-            raise BrokenPipeError(32, "Broken pipe")
-
-    monkeypatch.setattr(sys, "stdout", DeadPipe())
+    monkeypatch.setattr(sys, "stdout", _DeadPipe(buffered))
     with pytest.raises(SystemExit) as exc:
         main(["train", "--env.benchmark", "toy", "--run-dir", str(tmp_path / "r")])
     assert exc.value.code == 130 and silenced == [True]
     monkeypatch.setattr(mtrl.trainer, "train", lambda cfg, resume=False: mtrl.trainer.TrainResult(
         tmp_path, 7, None, 0, interrupted=False))
-    with pytest.raises(SystemExit) as exc:  # a finished run with a dead pipe: as before
+    with pytest.raises(SystemExit) as exc:  # a finished run with a dead pipe: exit 1, quietly
         main(["train", "--env.benchmark", "toy", "--run-dir", str(tmp_path / "r")])
-    assert exc.value.code == 1
+    assert exc.value.code == 1 and silenced == [True, True]
+
+
+@pytest.mark.parametrize("buffered", [False, True], ids=["unbuffered", "buffered"])
+def test_an_interrupted_bench_exits_130_when_its_output_pipe_is_gone(tmp_path, monkeypatch,
+                                                                    buffered):
+    import sys
+
+    import mtrl.bench
+    import mtrl.cli
+
+    silenced = []
+    monkeypatch.setattr(mtrl.cli, "_silence_stdout", lambda: silenced.append(True))
+    monkeypatch.setattr(mtrl.bench, "run_bench", lambda spec, progress=True: mtrl.bench.BenchResult(
+        tmp_path, [], interrupted=True))
+    monkeypatch.setattr(sys, "stdout", _DeadPipe(buffered))
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--steps", "100", "--out", str(tmp_path / "b"), "--no-progress"])
+    assert exc.value.code == 130 and silenced == [True]
