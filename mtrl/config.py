@@ -218,18 +218,23 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def _readable(p: Path) -> bool:
+    """A file to read a preset from: a regular file, or a pipe such as bash's
+    ``--config <(jq ... preset.json)`` (``/dev/fd/N``); not a directory (an earlier
+    ``--run-dir mt10_cagrad`` is not the preset ``mt10_cagrad``)."""
+    return p.exists() and not p.is_dir()
+
+
 def load_preset(path: str | Path) -> TrainConfig:
     """Load a JSON preset. A bare name such as ``mt10_cagrad`` is looked up in ``configs/``."""
     p = Path(path)
-    # (is_file, not exists: a directory named like a preset, e.g. an earlier
-    # --run-dir mt10_cagrad, is not the preset)
-    if not p.is_file() and not p.suffix:
+    if not _readable(p) and not p.suffix:
         p = p.with_suffix(".json")
-    if not p.is_file():
+    if not _readable(p):
         candidate = Path(__file__).resolve().parent.parent / "configs" / p.name
         if candidate.is_file():
             p = candidate
-    if not p.is_file():
+    if not _readable(p):
         presets = sorted(x.stem for x in presets_dir().glob("*.json"))
         raise ConfigError(f"config file {str(path)!r} not found; presets: {', '.join(presets)}")
     try:

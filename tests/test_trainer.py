@@ -555,6 +555,24 @@ def test_a_directory_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch)
     assert load_preset("mt10_mean.json").balancer == "mean"
 
 
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="needs /dev/fd")
+def test_a_preset_can_come_from_a_pipe(tmp_path):
+    """`--config <(jq ... preset.json)`: bash passes /dev/fd/N, a pipe, not a regular file."""
+    import threading
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "configs" / "mt10_cagrad.json").read_text()
+    r, w = os.pipe()
+    writer = threading.Thread(target=lambda: (os.write(w, text.encode()), os.close(w)))
+    writer.start()
+    try:
+        cfg = load_preset(f"/dev/fd/{r}")
+    finally:
+        writer.join()
+        os.close(r)
+    assert cfg.balancer == "cagrad" and cfg.balancer_kwargs == {"c": 0.9}
+
+
 def test_presets_load_with_published_hyper_parameters():
     assert load_preset("mt10_cagrad").balancer_kwargs == {"c": 0.9}
     assert load_preset("mt50_cagrad").balancer_kwargs == {"c": 0.5}
