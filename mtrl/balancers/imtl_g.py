@@ -30,7 +30,9 @@ class IMTLG(Balancer):
 
     Deviations from the reference implementation: it inverts ``D Uᵀ`` in D-space (adding
     ``1e-8·I`` when that fails); we solve the equivalent K×K Gramian system in float64
-    with ``numpy.linalg.lstsq`` (minimum-norm solution when singular).
+    with ``numpy.linalg.lstsq`` (minimum-norm solution when singular; singular values
+    under ``10·K·eps`` of the Gramian's dtype count as zero, so a float32 Gramian's
+    rounding is not solved for).
     Degenerate inputs: zero gradient rows get weight 0 (they impose no condition); when
     the system ``Aα ∝ n`` has no exact solution (possible with K > rank, e.g. K > D) the
     least-squares weights are kept and ``info["fallback"]`` says so; if ``Σ A⁺n``
@@ -53,7 +55,11 @@ class IMTLG(Balancer):
         keep = diag > 1e-20 * dmax
         sub = a[np.ix_(keep, keep)] / dmax
         norms = np.sqrt(diag[keep] / dmax)
-        v, _, rank, _ = np.linalg.lstsq(sub, norms, rcond=None)
+        # singular values under the Gramian's rounding level are rounding, not rank: a
+        # rank-deficient float32 Gramian is numerically full rank at float64's cutoff,
+        # and its exact solve would fit the rounding noise
+        eps = self.gram_eps()
+        v, _, rank, _ = np.linalg.lstsq(sub, norms, rcond=10 * sub.shape[0] * eps)
         total = float(v.sum())
         if not np.isfinite(total) or abs(total) <= 1e-12 * float(np.abs(v).sum()):
             self.info["fallback"] = "no sum-1 weights give equal projections; used mean weights"
@@ -67,7 +73,7 @@ class IMTLG(Balancer):
         # A (numerically) full-rank Gramian always has one; its residual is rounding,
         # ~eps·cond(A), which exceeds 1e-8 from cond(A) ~ 1e8 (G's condition 1e4) on.
         miss = float(np.linalg.norm(sub @ v - norms)) / float(np.linalg.norm(norms))
-        if rank < sub.shape[0] and miss > 1e-8:
+        if rank < sub.shape[0] and miss > max(1e-8, 1e3 * eps):
             note = (
                 f"no direction has equal projections on all unit gradients (relative "
                 f"residual {miss:.2g}; K exceeds the rank of the gradients); used the "
