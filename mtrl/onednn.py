@@ -59,9 +59,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 try:  # torch's registries of global module hooks (private; they exist since torch 1.x)
-    from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+    from torch.nn.modules.module import (
+        _global_backward_hooks,
+        _global_backward_pre_hooks,
+        _global_forward_hooks,
+        _global_forward_pre_hooks,
+    )
 except ImportError:  # pragma: no cover - then only the layers' own hooks are checked
     _global_forward_hooks, _global_forward_pre_hooks = {}, {}
+    _global_backward_hooks, _global_backward_pre_hooks = {}, {}
 
 __all__ = [
     "MIN_OUT_FEATURES",
@@ -292,6 +298,9 @@ class _WeightGrad(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------ fused MLPs
+_LINEAR_FORWARDS = (nn.Linear.forward, Linear.forward)
+
+
 class MLP(nn.Sequential):
     """``Linear, ReLU, Linear, ReLU, ..., Linear`` (ReLU between layers, none after the
     last), an ``nn.Sequential`` with the usual parameter names.
@@ -301,23 +310,27 @@ class MLP(nn.Sequential):
     three Function calls per layer (forward, input gradient, weight gradient): under
     ``torch.func`` each call carries ~0.3-0.5 ms of bookkeeping, which at K = 10 was a
     third of the per-task gradient cost. Any other input (float64, CUDA, a module that
-    is not this exact pattern, e.g. after ``append``, or one whose layers have forward
-    hooks) runs layer by layer.
+    is not this exact pattern, e.g. after ``append``, or one whose layers have hooks)
+    runs layer by layer.
     """
 
     def _fusable(self) -> bool:
         """Whether the stack is (still) exactly ``Linear (ReLU Linear)*`` with biases and
         no hooks that the fused path would skip. Checked on every call (a few µs): an
-        ``nn.Sequential`` can be edited after construction (``append``, ``m[i] = ...``),
-        and forward hooks or pre-hooks on the layers (``weight_norm``'s among them) must
-        run, so such stacks go layer by layer."""
+        ``nn.Sequential`` can be edited after construction (``append``, ``m[i] = ...``);
+        forward and backward hooks on the layers or global ones (``weight_norm``'s
+        pre-hook among them) must run; a subclass of ``nn.Linear`` / ``nn.ReLU`` with
+        its own ``forward`` computes something else. Such stacks go layer by layer."""
         mods = list(self)
         return (
             len(mods) % 2 == 1
-            and all(isinstance(m, nn.Linear) and m.bias is not None for m in mods[0::2])
-            and all(isinstance(m, nn.ReLU) for m in mods[1::2])
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in mods)
-            and not (_global_forward_hooks or _global_forward_pre_hooks)
+            and all(type(m).forward in _LINEAR_FORWARDS and m.bias is not None
+                    for m in mods[0::2])
+            and all(type(m).forward is nn.ReLU.forward for m in mods[1::2])
+            and not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                        or m._backward_pre_hooks for m in mods)
+            and not (_global_forward_hooks or _global_forward_pre_hooks
+                     or _global_backward_hooks or _global_backward_pre_hooks)
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -363,6 +363,50 @@ def test_hooks_on_an_mlps_layers_run(gen):
         glob.remove()
 
 
+def test_backward_hooks_on_an_mlps_layers_run(gen):
+    """The fused backward never called the layers' backward hooks (nor global ones)."""
+    ours, ref = _mlps()
+    x = torch.randn(5, 24, generator=gen, requires_grad=True)
+    calls = []
+    handle = ours[0].register_full_backward_hook(lambda *args: calls.append(1))
+    y = ours(x)
+    assert not _is_fused(y)
+    y.sum().backward()
+    assert calls == [1]
+    handle.remove()
+    glob = torch.nn.modules.module.register_module_full_backward_hook(
+        lambda *args: calls.append(2))
+    try:
+        ours(x).sum().backward()
+        ref(x).sum().backward()
+        assert calls.count(2) == 12  # each layer and the stack itself, in both modules
+    finally:
+        glob.remove()
+    assert _is_fused(ours(x))
+
+
+def test_subclassed_layers_in_an_mlp_compute_their_own_forward(gen):
+    """Any nn.Linear subclass counted as fusable: one that scales its output (a LoRA- or
+    quantised-style layer) was computed as a plain Linear."""
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    class LeakyReLU(nn.ReLU):
+        def forward(self, x):
+            return torch.nn.functional.leaky_relu(x, 0.1)
+
+    torch.manual_seed(0)
+    for layers in ([Scaled(24, 64), nn.ReLU(), nn.Linear(64, 3)],
+                   [nn.Linear(24, 64), LeakyReLU(), nn.Linear(64, 3)]):
+        x = torch.randn(5, 24, generator=gen)
+        y = onednn.MLP(*layers)(x)
+        assert not _is_fused(y)
+        torch.testing.assert_close(y, nn.Sequential(*layers)(x), **TOL)
+    assert _is_fused(onednn.MLP(Linear(24, 64), nn.ReLU(), nn.Linear(64, 3))(x))
+
+
 def test_mlp_double_backward_is_refused(gen):
     ours, _ = _mlps()
     x = torch.randn(6, 24, generator=gen, requires_grad=True)
