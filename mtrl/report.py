@@ -299,12 +299,15 @@ class Run:
         return int(final["step"]) if final and isinstance(final.get("step"), int) else None
 
     def success_curve(self) -> dict[int, float]:
-        """{step: mean success over the tasks}, for evaluations where every task has a
-        number: one with a task's value missing (None, NaN: a hand-edited or damaged log)
-        is left out, so the seed does not count as having reached that step."""
+        """{step: mean success over the run's tasks}, for evaluations where every task
+        has a number: one with a task's value missing (absent, None, NaN: a hand-edited
+        or damaged log) is left out, so the seed does not count as having reached that
+        step."""
         curve = {}
+        tasks = self.task_names
         for r in self.evals:
-            values = [_number(v) for v in (r.get("success") or {}).values()]
+            success = r.get("success") or {}
+            values = [_number(success.get(t)) for t in tasks]
             if values and all(math.isfinite(v) for v in values):
                 curve[int(r["step"])] = float(np.mean(values))
         return curve

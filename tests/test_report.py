@@ -399,10 +399,12 @@ def test_an_extended_run_with_an_old_result_is_unfinished(tmp_path):
         (0, "result.json at step 10 < total_steps 1000: extended, not finished (resume it)")]
 
 
-def test_an_evaluation_missing_a_tasks_value_does_not_count_for_that_seed(tmp_path):
+@pytest.mark.parametrize("damage", ["null", "absent"])
+def test_an_evaluation_missing_a_tasks_value_does_not_count_for_that_seed(tmp_path, damage):
     """Seed 0 lacks task-b's value at step 10 (a damaged log): its mean there came out NaN,
     was dropped by the seed average while the seed still counted as having reached step
-    10, and best-over-time took seed 1's 1.0 alone as a 2-seed value."""
+    10, and best-over-time took seed 1's 1.0 alone as a 2-seed value. With the key
+    absent, the mean was taken over the 3 other tasks."""
     root = tmp_path / "gap"
     write_run(root / "mean" / "seed0", "mean", 0, {10: [0.0, 0.0, 0.0, 0.0],
                                                     20: [0.0, 0.0, 0.0, 0.0]})
@@ -410,7 +412,10 @@ def test_an_evaluation_missing_a_tasks_value_does_not_count_for_that_seed(tmp_pa
     log = root / "mean" / "seed0" / "eval.jsonl"
     lines = log.read_text().splitlines()
     first = json.loads(lines[0])
-    first["success"]["task-b"] = None
+    if damage == "null":
+        first["success"]["task-b"] = None
+    else:
+        del first["success"]["task-b"]
     log.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
     (g,) = write_report(root, reps=REPS, poi_reps=POI_REPS, plots=False).groups
     m = g.methods["mean"]
