@@ -839,7 +839,60 @@ class _BadSelect(_Uniform):
         return torch.tensor([0, 0])
 
 
+class _ScaleDependent(_Uniform):
+    """Claims the default scale law (degree 1) but its weights grow with log |g|²."""
+
+    consensus_exact = False
+
+    def weights(self, gram, losses):
+        f = 1.0 + 0.01 * torch.log(torch.diagonal(gram).mean().clamp_min(1e-300))
+        return super().weights(gram, losses) * f
+
+
+class _FavoursTaskZero(_Uniform):
+    """Claims permutation equivariance (the default) but favours task 0."""
+
+    consensus_exact = False
+
+    def weights(self, gram, losses):
+        w = super().weights(gram, losses)
+        w[0] += 0.5
+        return w / w.sum()
+
+
+class _Negated(_Uniform):
+    consensus_exact = False
+
+    def weights(self, gram, losses):
+        return -super().weights(gram, losses)
+
+
+class _CombineDisagrees(_Uniform):
+    """combine is 1e-4 off what the training plumbing (weights_for, combine_rows) gives."""
+
+    consensus_exact = False
+
+    def combine(self, grads, losses=None):
+        return super().combine(grads, losses) * 1.0001
+
+
+class _ChecksNaNOnly(_Uniform):
+    """Refuses NaN but lets Inf through to a FloatingPointError deep inside."""
+
+    def combine(self, grads, losses=None):
+        if torch.isnan(grads).any():
+            raise ValueError("NaN in grads")
+        if torch.isinf(grads).any():
+            raise FloatingPointError("overflow")
+        return self.combine_rows(grads, losses)
+
+
 @pytest.mark.parametrize(("cls", "message"), [
+    (_ScaleDependent, "scaling the gradients by"),
+    (_FavoursTaskZero, "permuting the tasks changed the output"),
+    (_Negated, "K=1: expected a positive multiple"),
+    (_CombineDisagrees, "the training plumbing gives"),
+    (_ChecksNaNOnly, "inf in grads raised FloatingPointError"),
     (_CrashesWithoutLosses, "without losses raised TypeError"),
     (_OnlyCombine, "the training plumbing .* raised NotImplementedError"),
     (_StateInAnAttribute, r"state_dict did not capture the state \(call 5\)"),
@@ -849,3 +902,50 @@ def test_check_balancer_catches_what_training_would_hit(cls, message):
     check_balancer(_Uniform)  # the well-formed version passes
     with pytest.raises(AssertionError, match=message):
         check_balancer(cls)
+
+
+def test_cagrad_small_but_nonzero_mean_gradient_is_no_fallback():
+    """g1 = (1, 0), g2 = (-1, 2e-5): |g0|² = 1e-10 of the largest |g_i|², far above
+    rounding. The dual optimum is w ≈ (1/2, 1/2) (any other w makes |G^T w| grow like
+    2|w1 - w2|; the optimum is off by ~1e-10), so G^T w ≈ g0 and d ≈ (1 + c) g0 / (1 + c²),
+    with g_i·d > 0 for both. (A cutoff at 1e-8 of max |g_i|² returned g0 / (1 + c²).)"""
+    g = torch.tensor([[1.0, 0.0], [-1.0, 2e-5]], dtype=torch.float64)
+    b = build("cagrad", c=0.9)
+    d = b.combine(g)
+    assert "fallback" not in b.info
+    assert abs(float(d[1]) - 1.9 / 1.81 * 1e-5) <= 1e-6 * 1.9 / 1.81 * 1e-5
+    assert abs(float(d[0])) < 1e-9
+    assert float((g @ d).min()) > 1e-10
+
+
+def test_famo_restarts_adam_when_the_number_of_tasks_changes():
+    """After K changes, FAMO starts over (uniform logits, fresh Adam moments): its first
+    step at the new K must be that of a fresh instance, bias correction t = 1 included."""
+    def run(earlier_ks):
+        f = build("famo")
+        for k in earlier_ks:
+            losses = torch.linspace(1, 2, k, dtype=torch.float64)
+            f.combine(torch.eye(k, dtype=torch.float64), losses)
+            f.after_step(losses * 0.9)
+        losses = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        f.combine(torch.eye(2, dtype=torch.float64), losses)
+        f.after_step(torch.tensor([0.5, 1.9], dtype=torch.float64))
+        return f
+
+    resized, fresh = run([3, 3]), run([])
+    assert int(resized.adam_step) == 1
+    torch.testing.assert_close(resized.logits, fresh.logits, rtol=0, atol=1e-15)
+    assert not torch.equal(fresh.logits, torch.zeros(2, dtype=torch.float64))
+
+
+def test_aligned_mtl_rank_cutoff_is_k_times_float32_eps():
+    """The authors' cutoff: eigenvalues of G Gᵀ up to λ_max·K·eps_float32 count as zero.
+    Eigenvalues 1, 1, 1, 3e-7 with K = 4: 3e-7 < 4 · 1.19e-7, so the rank is 3."""
+    q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64,
+                                       generator=torch.Generator().manual_seed(0)))
+    g = q * torch.tensor([1.0, 1.0, 1.0, 3e-7**0.5], dtype=torch.float64)
+    b = build("aligned-mtl")
+    b.combine(g)
+    assert b.info["rank"] == 3
+    b.combine(q * torch.tensor([1.0, 1.0, 1.0, 6e-7**0.5], dtype=torch.float64))
+    assert b.info["rank"] == 4
