@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,11 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """``torch.save`` to a temp file in the same folder, then rename over ``path``."""
+    """``torch.save`` to a temp file in the same folder, then rename over ``path``.
+
+    A failed write leaves the previous checkpoint as it was and no temp file, and raises
+    ``OSError`` naming the checkpoint and the free space on its disk (torch reports a full
+    disk as ``RuntimeError: ... unexpected pos``, which says neither)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -78,6 +83,18 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        Path(tmp).unlink(missing_ok=True)
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise OSError(
+            getattr(exc, "errno", None),
+            f"could not write checkpoint {str(path)!r} ({free}; the previous checkpoint, "
+            f"if any, is kept): {what}",
+        ) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

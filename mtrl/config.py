@@ -40,7 +40,7 @@ class TrainConfig:
     """Multi-task SAC: network sizes, learning rates, which losses are balanced."""
     balancer: str = "mean"
     """Balancer name (see `mtrl balancers`) or a 'package.module:Class' path."""
-    balancer_kwargs: dict[str, float | int | bool | str] = field(default_factory=dict)
+    balancer_kwargs: dict[str, int | float | bool | str] = field(default_factory=dict)
     """Balancer hyper-parameters: --balancer-kwargs c 0.9 for cagrad (in a JSON preset
     {"c": 0.9}). With --config they are merged into the preset's; a --balancer other than
     the preset's drops the preset's."""
@@ -327,6 +327,11 @@ def validate(cfg: TrainConfig, num_tasks: int | None = None) -> None:
         _positive(name, getattr(cfg, name))
     for name in ("warmup_steps", "eval_every"):
         _positive(name, getattr(cfg, name), allow_zero=True)
+    if cfg.batch_size > cfg.buffer_capacity:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} exceeds buffer_capacity {cfg.buffer_capacity}: every "
+            "batch would repeat transitions; lower --batch-size or raise --buffer-capacity"
+        )
     if cfg.eval_episodes is not None:
         _positive("eval_episodes", cfg.eval_episodes)
     if cfg.protocol not in ("mtrl", "metaworld-plus"):

@@ -8,12 +8,14 @@ Steps count vector-env steps: each adds one transition per task (K env-steps).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import signal
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,8 @@ def resolve_device(name: str) -> torch.device:
         ) from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available; use cpu or auto")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r} requested but MPS is not available; use cpu or auto")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ConfigError(
             f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
@@ -291,6 +295,58 @@ def train(
     device = resolve_device(cfg.device)
     configure_cpu(cfg.threads)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    with exclusive_run_dir(run_dir):
+        return _train(cfg, resume, env_factory, device, run_dir)
+
+
+@contextlib.contextmanager
+def exclusive_run_dir(run_dir: Path) -> Iterator[None]:
+    """One training process per run directory, for the whole run.
+
+    Two processes on one directory (a command run twice, ``--resume`` of a run that is
+    still going) both "finished", with every log line twice and a ``config.json`` that
+    need not match the checkpoint. The lock is ``flock`` on the directory itself (Unix;
+    released by the OS however the process ends, SIGKILL included); the directory is
+    made for it, and removed again if the run leaves it empty. Checkpoint temp files
+    left by a killed process are deleted once the lock is held (none can be live then).
+    """
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create run directory {str(run_dir)!r}: {exc}") from exc
+    try:
+        import fcntl
+    except ImportError:  # not Unix: no lock
+        fcntl = None
+    fd = os.open(run_dir, os.O_RDONLY) if fcntl is not None else None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise ConfigError(
+                    f"another mtrl process is training in {str(run_dir)!r}; wait for it to "
+                    "end (or stop it), or choose another --run-dir"
+                ) from None
+        for stale in run_dir.glob(f".{CHECKPOINT_NAME}.*.tmp"):  # see save_checkpoint
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # (releases the lock)
+        if created:
+            with contextlib.suppress(OSError):  # only if empty: a run that wrote nothing
+                run_dir.rmdir()
+
+
+def _train(
+    cfg: TrainConfig,
+    resume: bool,
+    env_factory: Callable[..., Any],
+    device: torch.device,
+    run_dir: Path,
+) -> TrainResult:
     ckpt_path = run_dir / CHECKPOINT_NAME
     state: dict[str, Any] | None = None
     if resume:
@@ -341,6 +397,11 @@ def train(
     torch.manual_seed(cfg.env.seed)
     _warn_if_protocol_differs(cfg)
 
+    if cfg.env.device not in (type(cfg.env)().device, str(device)):
+        warnings.warn(
+            f"env.device {cfg.env.device!r} is ignored: the environments hand their tensors "
+            f"to the learner's device ({device}, from --device)", stacklevel=2,
+        )
     env_cfg = replace(cfg.env, device=str(device))
     envs = env_factory(env_cfg)
     num_tasks = envs.num_tasks
@@ -354,10 +415,18 @@ def train(
             lambda: build(cfg.balancer, **cfg.balancer_kwargs),
             device=device,
         )
-        buffer = MultiTaskReplayBuffer(
-            max(1, cfg.buffer_capacity // num_tasks), num_tasks, envs.obs_dim, envs.act_dim,
-            device=device, seed=cfg.env.seed,
-        )
+        per_task = max(1, cfg.buffer_capacity // num_tasks)
+        try:
+            buffer = MultiTaskReplayBuffer(per_task, num_tasks, envs.obs_dim, envs.act_dim,
+                                           device=device, seed=cfg.env.seed)
+        except (RuntimeError, MemoryError) as exc:  # (torch: "can't allocate memory")
+            floats = per_task * num_tasks * (2 * envs.obs_dim + envs.act_dim + 2)
+            raise ConfigError(
+                f"cannot allocate the replay buffer for buffer_capacity "
+                f"{cfg.buffer_capacity} on {device} (~{floats * 4 / 2**30:,.1f} GiB): "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+                "choose a smaller --buffer-capacity"
+            ) from exc
     except BaseException:
         envs.close()
         raise

@@ -25,6 +25,16 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
+@pytest.fixture(autouse=True)
+def _hangup_not_ignored():
+    """Run under ``nohup`` (or a CI runner that ignores SIGHUP), the process starts with
+    SIGHUP ignored, which the trainer rightly keeps: the hangup tests would then fail.
+    They test a terminal session, so SIGHUP starts at its default here."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGHUP, previous)
+
+
 def toy_config(tmp_path, **overrides) -> TrainConfig:
     base = TrainConfig(
         env=EnvConfig(benchmark="toy", max_episode_steps=20, seed=3),
@@ -542,7 +552,98 @@ def test_invalid_values_are_rejected_before_training(tmp_path):
         train(toy_config(tmp_path, balancer="famo"))
     with pytest.raises(ConfigError, match="stratified=False.*sac.balance=\\[\\]"):
         train(toy_config(tmp_path, stratified=False))
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    # a batch larger than the buffer (1e14 rows: an allocation failure deep in sampling)
+    with pytest.raises(ConfigError, match="batch_size 100000000000000 exceeds buffer_capacity"):
+        train(toy_config(tmp_path, batch_size=10**14))
+    assert not (tmp_path / "run").exists()  # made for the run's lock, removed: it was empty
+
+
+def test_a_buffer_too_large_for_memory_is_a_one_line_config_error(tmp_path):
+    """A raw torch allocator traceback before; and the run directory it left was refused."""
+    cfg = toy_config(tmp_path, buffer_capacity=10**14)
+    with pytest.raises(ConfigError, match=r"cannot allocate the replay buffer for "
+                       r"buffer_capacity 100000000000000 on cpu \(~.* GiB\).*--buffer-capacity"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+    assert train(replace(cfg, buffer_capacity=4000, total_steps=5)).steps == 5
+
+
+def test_mps_without_mps_is_a_config_error(tmp_path, monkeypatch):
+    from mtrl.trainer import resolve_device
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="device 'mps' requested but MPS is not available"):
+        resolve_device("mps")
+
+
+def test_env_device_set_apart_from_device_is_warned_as_ignored(tmp_path):
+    with pytest.warns(UserWarning, match="env.device 'cuda:3' is ignored.*learner's device \\(cpu"):
+        train(toy_config(tmp_path, total_steps=5, env=replace(toy_config(tmp_path).env,
+                                                              device="cuda:3")))
+
+
+def test_one_training_process_per_run_directory(tmp_path):
+    """Two `mtrl train` on one run directory (a command run twice, --resume of a live run)
+    both "finished", every log line twice, a config.json that need not match the
+    checkpoint. Now the second is refused before it builds its envs, whatever the first
+    has written so far; the lock goes with the process."""
+    from mtrl.trainer import exclusive_run_dir
+
+    cfg = toy_config(tmp_path, total_steps=45)
+    run = tmp_path / "run"
+    built = []
+
+    def factory(c):
+        built.append(c)
+        return make_envs(c)
+
+    with exclusive_run_dir(run):  # another process holds the run (flock: per open file)
+        for resume in (False, True):
+            with pytest.raises(ConfigError, match="another mtrl process is training in .*run"):
+                train(cfg, resume=resume, env_factory=factory)
+    assert built == [] and not run.exists()
+    assert train(cfg).steps == 45
+    with exclusive_run_dir(run):
+        with pytest.raises(ConfigError, match="another mtrl process is training"):
+            train(replace(cfg, total_steps=60), resume=True)
+    assert train(replace(cfg, total_steps=60), resume=True).steps == 60
+
+
+def test_checkpoint_temp_files_of_a_killed_run_are_removed(tmp_path):
+    """A SIGKILL during a checkpoint write leaves `.checkpoint.pt.<random>.tmp` (6.6 MB at
+    3×400, hundreds of MB with the buffer); resume kept it forever."""
+    cfg = toy_config(tmp_path, total_steps=45)
+    train(cfg)
+    run = tmp_path / "run"
+    stale = run / ".checkpoint.pt.k1ll3d.tmp"
+    stale.write_bytes(b"x" * 100)
+    other = run / ".eval_45.json.abc.tmp"  # `mtrl eval` may be writing this one right now
+    other.write_text("{}")
+    assert train(replace(cfg, total_steps=50), resume=True).steps == 50
+    assert not stale.exists() and other.exists()
+
+
+def test_a_failed_checkpoint_write_says_where_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    """A full disk: torch.save raised `RuntimeError: [enforce fail at inline_container.cc:672]
+    . unexpected pos 180416 vs 180304` (a traceback from the trainer, no path, no hint)."""
+    from mtrl import checkpoint as ckpt_mod
+
+    path = tmp_path / "checkpoint.pt"
+    ckpt_mod.save_checkpoint(path, {"format": 1, "step": 1})
+    before = path.read_bytes()
+
+    def full_disk(obj, f):
+        with open(f, "wb") as out:
+            out.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 2")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"could not write checkpoint '.*checkpoint.pt' \([\d,]+ "
+                       r"MiB free there; the previous checkpoint, if any, is kept\): "
+                       r"\[enforce fail"):
+        ckpt_mod.save_checkpoint(path, {"format": 1, "step": 2})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
 def test_a_directory_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
