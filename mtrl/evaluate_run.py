@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from mtrl.checkpoint import (
     atomic_write_text,
     load_checkpoint,
 )
-from mtrl.config import read_run_config
+from mtrl.config import ConfigError, read_run_config
 from mtrl.runtime import configure_cpu
 
 
@@ -69,6 +70,14 @@ def evaluate_run(
     episodes = episodes_per_task or default
     state = load_checkpoint(ckpt, map_location="cpu")
     step = int(state["step"])
+    out = Path(out_dir) if out_dir else run_dir
+    # before the evaluation (minutes on MT50), not after it: where the results will go
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), out)
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(
+            f"cannot write the evaluation into {str(out)!r} (read-only: "
+            f"{str(probe)!r}); pass --out DIR to write it elsewhere"
+        )
 
     envs = make_envs(replace(eval_env_config(cfg.env, protocol), device=str(dev)))
     try:
@@ -98,7 +107,6 @@ def evaluate_run(
         "success": {k: float(v) for k, v in result.success_rate.items()},
         "return": {k: float(v) for k, v in result.mean_return.items()},
     }
-    out = Path(out_dir) if out_dir else run_dir
     # the run's own evaluation keeps the plain name; another protocol or episode count
     # gets its own files instead of overwriting that one
     stem = f"eval_{step}"

@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -89,8 +90,14 @@ def _find_op():
     a documented API, so it is checked on a tiny product before use; any failure or
     mismatch leaves torch's products in place.
     """
-    if os.environ.get("MTRL_ONEDNN", "1").strip().lower() in {"0", "false", "no", "off"}:
+    setting = os.environ.get("MTRL_ONEDNN", "1").strip().lower()
+    if setting in {"0", "false", "no", "off"}:
         return None
+    if setting not in {"1", "true", "yes", "on", ""}:
+        warnings.warn(
+            f"MTRL_ONEDNN={os.environ['MTRL_ONEDNN']!r} is not understood; oneDNN stays on "
+            "(MTRL_ONEDNN=0 turns it off)", stacklevel=2,
+        )
     try:
         if not torch.backends.mkldnn.is_available():
             return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -167,6 +168,13 @@ def test_balancer_kwargs_with_a_preset(tmp_path, capsys):
     assert "dropped" not in errs["b"]
     assert saved("e", "--balancer", "cagrad", "--balancer-kwargs", "c", "0.2")["kwargs"] == {
         "c": 0.2}
+    # integers stay integers (saved as 2.0 before; an error read "got 0.0" for 0)
+    kw = saved("i", "--balancer", "sdmgrad-os", "--balancer-kwargs", "num_sampled", "2",
+               "lam", "1")["kwargs"]
+    assert kw == {"num_sampled": 2, "lam": 1} and isinstance(kw["num_sampled"], int)
+    code, _, err = run_cli(["train", "--balancer", "sdmgrad-os", "--balancer-kwargs",
+                            "num_sampled", "0", *toy, "--run-dir", str(tmp_path / "z")], capsys)
+    assert code == 2 and err.rstrip().endswith("num_sampled must be an integer >= 1, got 0"), err
     # FAMO's presets balance the critic only; that choice goes with the method (it stayed:
     # a CAGrad run from the FAMO preset balanced the critic only, silently)
     balance = {n: json.loads((tmp_path / n / "config.json").read_text())["sac"]["balance"]
@@ -275,6 +283,28 @@ def test_eval_of_a_checkpoint_that_does_not_fit_is_one_line(tmp_path, capsys):
     code, _, err = run_cli(["eval", str(run)], capsys)
     assert code == 2 and "does not match the run's config: RuntimeError:" in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_of_a_read_only_run_says_so_before_evaluating(tmp_path, capsys, monkeypatch):
+    """A read-only run folder failed after the evaluation, naming an internal temp file
+    (`[Errno 30] Read-only file system: '.../.eval_200.json.oe8vyej8.tmp'`)."""
+    import os
+
+    import mtrl.envs
+
+    run = _toy_run(tmp_path, capsys)
+    real_access = os.access
+    monkeypatch.setattr("mtrl.evaluate_run.os.access",
+                        lambda p, mode: False if Path(p) == run else real_access(p, mode))
+    built = []
+    real_make = mtrl.envs.make_envs
+    monkeypatch.setattr(mtrl.envs, "make_envs", lambda c: built.append(c) or real_make(c))
+    code, _, err = run_cli(["eval", str(run)], capsys)
+    assert code == 2 and built == []
+    assert err.strip() == (f"error: cannot write the evaluation into {str(run)!r} (read-only: "
+                           f"{str(run)!r}); pass --out DIR to write it elsewhere")
+    code, out, err = run_cli(["eval", str(run), "--out", str(tmp_path / "elsewhere")], capsys)
+    assert code == 0 and (tmp_path / "elsewhere" / "eval_30.json").is_file(), err
 
 
 def test_resume_with_a_preset_that_names_the_old_run_dir(tmp_path, capsys):

@@ -447,3 +447,19 @@ def test_a_strided_bias_and_a_toggle_between_forward_and_backward(gen):
     finally:
         onednn.set_enabled(was)
     torch.testing.assert_close(w.grad, torch.ones(6, 16).T @ x, **TOL)
+
+
+@pytest.mark.parametrize(("setting", "on", "warned"), [
+    ("0", False, False), ("off", False, False), ("1", True, False), ("maybe", True, True)])
+def test_mtrl_onednn_settings(monkeypatch, setting, on, warned):
+    """MTRL_ONEDNN=maybe was silently taken as "on"."""
+    import warnings
+
+    monkeypatch.setenv("MTRL_ONEDNN", setting)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        op = onednn._find_op()
+    assert (op is not None) == (on and onednn._AVAILABLE is not None)
+    messages = [str(w.message) for w in caught]
+    assert any("MTRL_ONEDNN='maybe' is not understood; oneDNN stays on" in m
+               for m in messages) == warned, messages
