@@ -90,11 +90,10 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         except OSError:
             free = "free space unknown"
         what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise OSError(
-            getattr(exc, "errno", None),
-            f"could not write checkpoint {str(path)!r} ({free}; the previous checkpoint, "
-            f"if any, is kept): {what}",
-        ) from exc
+        message = (f"could not write checkpoint {str(path)!r} ({free}; the previous "
+                   f"checkpoint, if any, is kept): {what}")
+        errno = getattr(exc, "errno", None)  # (OSError(None, m) would print "[Errno None]")
+        raise (OSError(errno, message) if errno is not None else OSError(message)) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
