@@ -148,3 +148,24 @@ def test_mt10_million_transitions_fit_in_500mb():
     per_transition = small.nbytes() / (k * 100)
     assert per_transition == 4 * (2 * obs + act + 2)  # float32 obs, next_obs, action, reward, done
     assert 1_000_000 * per_transition <= 500e6
+
+
+@pytest.mark.parametrize(("capacity", "steps", "stored"), [
+    (10, 1, range(1)),
+    (10, 2, range(2)),
+    (10, 7, range(7)),
+    (5, 8, range(3, 8)),  # wrapped: slots hold steps [5, 6, 7, 3, 4]; step 4 in the last slot
+])
+def test_stratified_sampling_reaches_every_stored_slot_including_the_newest(capacity, steps,
+                                                                            stored):
+    """Offsets are floor(u · size) with u in [0, 1): each of the `size` slots has chance
+    1/size per draw, so with 400 draws per task and at most 5-7 slots the chance that some
+    slot is never drawn is below 7 · (6/7)^400 ≈ 1e-26. Drawing from size - 1 slots (an
+    off-by-one) would never return the last slot: the newest transition before the ring
+    wraps, and after it wraps the one in slot capacity - 1."""
+    buf = MultiTaskReplayBuffer(capacity, K, OBS, ACT, seed=5)
+    fill(buf, steps)
+    b = buf.sample(400 * K, stratified=True)
+    codes = b.obs[:, 0].long().view(K, 400)
+    for t in range(K):
+        assert set(codes[t].tolist()) == {1000 * t + s for s in stored}, t
