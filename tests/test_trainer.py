@@ -133,8 +133,10 @@ def test_resume_refuses_other_settings_and_leaves_the_run_intact(tmp_path):
             train(replace(cfg, total_steps=60, **change), resume=True)
         assert (tmp_path / "run" / "config.json").read_text() == before
     # env.device is replaced by the resolved --device when the envs are built: may change
-    done = train(replace(cfg, total_steps=60, log_every=10, threads=1,
-                         env=replace(cfg.env, device="cuda")), resume=True)
+    # (and is said to be ignored)
+    with pytest.warns(UserWarning, match="env.device 'cuda' is ignored"):
+        done = train(replace(cfg, total_steps=60, log_every=10, threads=1,
+                             env=replace(cfg.env, device="cuda")), resume=True)
     assert done.steps == 60 and not done.already_finished
 
 
