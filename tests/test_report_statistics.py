@@ -1,0 +1,111 @@
+"""Report statistics and grouping with numbers fixed by construction: the IQM's own
+interval, the interval's 95 % width, probability-of-improvement bounds both ways, runs of
+other benchmarks or protocols kept apart, and the final score of runs without final_eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mtrl.report import interval_estimates, probability_of_improvement, write_report
+
+TASKS = ["task-a", "task-b", "task-c", "task-d"]
+REPS, POI_REPS = 300, 40
+
+
+def write_run(run_dir: Path, balancer: str, seed: int, evals: dict[int, list[float]],
+              protocol: str = "mtrl", benchmark: str = "MT10", final_eval: bool = True) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({
+        "env": {"benchmark": benchmark, "seed": seed}, "balancer": balancer,
+        "balancer_kwargs": {}, "protocol": protocol, "task_names": TASKS}))
+
+    def record(step, success):
+        return {"step": step, "env_steps": 4 * step, "protocol": protocol,
+                "episodes_per_task": 1, "mean_success": float(np.mean(success)),
+                "success": dict(zip(TASKS, success, strict=True)),
+                "return": {t: 10.0 * s for t, s in zip(TASKS, success, strict=True)}}
+
+    (run_dir / "eval.jsonl").write_text(
+        "".join(json.dumps(record(s, v)) + "\n" for s, v in sorted(evals.items())))
+    last = max(evals)
+    result = {"step": last, "env_steps": 4 * last, "wall_clock_s": 1.0}
+    if final_eval:
+        result["final_eval"] = record(last, evals[last])
+    (run_dir / "result.json").write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------- report statistics
+def test_iqm_interval_is_the_iqms_own_not_the_means():
+    """Task a in [0, .1], tasks b, c exactly .5, task d in [.9, 1]: every stratified
+    resample drops a's 10 and d's 10 values from the 40, so the IQM is .5 in every resample
+    (zero-width CI), while the mean's CI has width."""
+    rng = np.random.default_rng(0)
+    x = np.column_stack([0.1 * rng.random(10), np.full(10, 0.5), np.full(10, 0.5),
+                         0.9 + 0.1 * rng.random(10)])
+    est = interval_estimates({"x": x}, reps=REPS)["x"]
+    assert est["iqm"] == pytest.approx((0.5, 0.5, 0.5))
+    assert est["mean"][2] - est["mean"][1] > 0.01
+
+
+def test_interval_is_95_percent_wide():
+    """10 seeds x 1 task, values 0, .1, ..., .9: bootstrap s.e. of the mean is
+    std(ddof=0)/sqrt(10) = .0908; a 95% percentile CI is ~ +-1.96 s.e. (width ~.356), a 50%
+    CI ~ +-0.67 s.e. (width ~.12)."""
+    x = np.arange(10, dtype=float).reshape(10, 1) / 10
+    point, low, high = interval_estimates({"x": x}, reps=2000)["x"]["mean"]
+    assert point == pytest.approx(0.45)
+    assert 0.30 < high - low < 0.42
+
+
+def test_probability_of_improvement_intervals_are_ordered_both_ways():
+    """For the reverse pair, P(Y > X) = 1 - P(X > Y): its low bound is 1 - high."""
+    rng = np.random.default_rng(3)
+    a, b = rng.random((5, 4)), rng.random((5, 4)) + 0.15
+    poi = probability_of_improvement({"a": a, "b": b}, reps=200)
+    for pair in (("a", "b"), ("b", "a")):
+        p, low, high = poi[pair]
+        assert low <= p <= high, (pair, poi[pair])
+        assert high - low > 0.01
+    assert poi[("b", "a")][1] == pytest.approx(1 - poi[("a", "b")][2])
+
+
+# ---------------------------------------------------------------- report grouping
+def test_runs_of_other_benchmarks_with_the_same_tasks_are_not_pooled(tmp_path):
+    """A custom benchmark with MT10's task list is its own group."""
+    write_run(tmp_path / "a" / "mean" / "seed0", "mean", 0, {10: [1.0] * 4}, benchmark="MT10")
+    write_run(tmp_path / "b" / "mean" / "seed0", "mean", 0, {10: [0.0] * 4}, benchmark="custom")
+    report = write_report(tmp_path, reps=REPS, poi_reps=POI_REPS, plots=False)
+    by_bench = {g.benchmark: g for g in report.groups}
+    assert set(by_bench) == {"MT10", "custom"}
+    assert by_bench["MT10"].methods["mean"].final_mean == 1.0
+    assert by_bench["custom"].methods["mean"].final_mean == 0.0
+    for g in report.groups:
+        assert {r.benchmark for r in g.runs} == {g.benchmark}
+    assert report.skipped == []
+
+
+def test_runs_of_other_protocols_are_not_pooled(tmp_path):
+    """mtrl and metaworld-plus runs of one benchmark below one folder: two groups."""
+    write_run(tmp_path / "a" / "mean" / "seed0", "mean", 0, {10: [1.0] * 4}, protocol="mtrl")
+    write_run(tmp_path / "b" / "mean" / "seed0", "mean", 0, {10: [0.0] * 4},
+              protocol="metaworld-plus")
+    report = write_report(tmp_path, reps=REPS, poi_reps=POI_REPS, plots=False)
+    by_proto = {g.protocol: g for g in report.groups}
+    assert by_proto["mtrl"].methods["mean"].final_mean == 1.0
+    assert by_proto["metaworld-plus"].methods["mean"].final_mean == 0.0
+    for g in report.groups:
+        assert {r.protocol for r in g.runs} == {g.protocol}
+    assert report.skipped == []
+
+
+def test_final_score_without_final_eval_is_the_last_evaluation(tmp_path):
+    """An older result.json without final_eval: the last logged evaluation is final."""
+    for seed in range(2):
+        write_run(tmp_path / "mean" / f"seed{seed}", "mean", seed,
+                  {10: [0.0] * 4, 20: [1.0, 1.0, 0.0, 0.0]}, final_eval=False)
+    (g,) = write_report(tmp_path, reps=REPS, poi_reps=POI_REPS, plots=False).groups
+    assert g.methods["mean"].final_mean == 0.5
