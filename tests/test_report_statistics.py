@@ -74,31 +74,22 @@ def test_probability_of_improvement_intervals_are_ordered_both_ways():
 
 
 # ---------------------------------------------------------------- report grouping
-def test_runs_of_other_benchmarks_with_the_same_tasks_are_not_pooled(tmp_path):
-    """A custom benchmark with MT10's task list is its own group."""
-    write_run(tmp_path / "a" / "mean" / "seed0", "mean", 0, {10: [1.0] * 4}, benchmark="MT10")
-    write_run(tmp_path / "b" / "mean" / "seed0", "mean", 0, {10: [0.0] * 4}, benchmark="custom")
+@pytest.mark.parametrize(("key", "first", "second"), [
+    ("benchmark", "MT10", "custom"),  # a custom benchmark with MT10's task list
+    ("protocol", "mtrl", "metaworld-plus"),  # both protocols' runs below one folder
+])
+def test_runs_of_another_benchmark_or_protocol_are_not_pooled(tmp_path, key, first, second):
+    """Same task list, same balancer and seed: two groups (pooled, the second run was
+    dropped as a duplicate of the first and its group reported 1.0)."""
+    write_run(tmp_path / "a" / "mean" / "seed0", "mean", 0, {10: [1.0] * 4}, **{key: first})
+    write_run(tmp_path / "b" / "mean" / "seed0", "mean", 0, {10: [0.0] * 4}, **{key: second})
     report = write_report(tmp_path, reps=REPS, poi_reps=POI_REPS, plots=False)
-    by_bench = {g.benchmark: g for g in report.groups}
-    assert set(by_bench) == {"MT10", "custom"}
-    assert by_bench["MT10"].methods["mean"].final_mean == 1.0
-    assert by_bench["custom"].methods["mean"].final_mean == 0.0
+    groups = {getattr(g, key): g for g in report.groups}
+    assert set(groups) == {first, second}
+    assert groups[first].methods["mean"].final_mean == 1.0
+    assert groups[second].methods["mean"].final_mean == 0.0
     for g in report.groups:
-        assert {r.benchmark for r in g.runs} == {g.benchmark}
-    assert report.skipped == []
-
-
-def test_runs_of_other_protocols_are_not_pooled(tmp_path):
-    """mtrl and metaworld-plus runs of one benchmark below one folder: two groups."""
-    write_run(tmp_path / "a" / "mean" / "seed0", "mean", 0, {10: [1.0] * 4}, protocol="mtrl")
-    write_run(tmp_path / "b" / "mean" / "seed0", "mean", 0, {10: [0.0] * 4},
-              protocol="metaworld-plus")
-    report = write_report(tmp_path, reps=REPS, poi_reps=POI_REPS, plots=False)
-    by_proto = {g.protocol: g for g in report.groups}
-    assert by_proto["mtrl"].methods["mean"].final_mean == 1.0
-    assert by_proto["metaworld-plus"].methods["mean"].final_mean == 0.0
-    for g in report.groups:
-        assert {r.protocol for r in g.runs} == {g.protocol}
+        assert {getattr(r, key) for r in g.runs} == {getattr(g, key)}
     assert report.skipped == []
 
 
