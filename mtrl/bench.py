@@ -48,7 +48,13 @@ from mtrl.config import (
     to_dict,
     validate,
 )
-from mtrl.runtime import install_stop_handlers, on_hangup, restore_handlers
+from mtrl.runtime import (
+    RunDirBusy,
+    install_stop_handlers,
+    on_hangup,
+    restore_handlers,
+    run_dir_lock,
+)
 
 LAUNCHERS = ("local", "ray")
 PROTOCOL_TRAIN_ENV = {
@@ -411,16 +417,24 @@ def execute_run(
     import platform
 
     run_dir = Path(job.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / BENCH_CONFIG
-    atomic_write_text(config_path, job.config_text)
-    if not job.resume:  # files of a run that died before its first checkpoint
-        for name in STALE_FILES:
-            path = run_dir / name
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+    try:
+        # nothing in the directory is touched while a process trains there (an `mtrl
+        # train` started by hand, a run of a killed bench): its files are live
+        with run_dir_lock(run_dir):
+            atomic_write_text(config_path, job.config_text)
+            if not job.resume:  # files of a run that died before its first checkpoint
+                for name in STALE_FILES:
+                    path = run_dir / name
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink(missing_ok=True)
+    except RunDirBusy:
+        return asdict(RunOutcome(
+            job.balancer, job.seed, str(run_dir), "not started", "failed",
+            error=f"another mtrl process is training in {str(run_dir)}; it was left alone "
+            "(rerun the bench when that process has ended)"))
     cmd = [sys.executable, "-m", "mtrl.cli", "train", "--config", str(config_path)]
     if job.resume:
         cmd += ["--resume", str(run_dir)]
@@ -893,10 +907,12 @@ def format_outcomes(result: BenchResult) -> str:
     lines = [f"bench: {len(result.outcomes)} run(s): "
              + ", ".join(f"{n} {k}" for k, n in counts.items())]
     for o in result.failed:
-        lines.append(f"\nFAILED {o['balancer']} seed {o['seed']} ({o['action']}, exit status "
-                     f"{o['returncode']}): {o['run_dir']}")
+        status = "" if o.get("returncode") is None else f", exit status {o['returncode']}"
+        lines.append(f"\nFAILED {o['balancer']} seed {o['seed']} ({o['action']}{status}): "
+                     f"{o['run_dir']}")
         lines.append("  " + (o["error"] or "").replace("\n", "\n  "))
-        lines.append(f"  full log: {o['log']}")
+        if o.get("log"):
+            lines.append(f"  full log: {o['log']}")
     if result.failed:
         lines.append("\nFix the cause and rerun the same command: finished runs are skipped, a "
                      "failed run resumes from its checkpoint (delete its run directory to start "

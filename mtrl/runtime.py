@@ -6,13 +6,16 @@ library code: it changes state shared by the whole process.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
 import signal
 import stat
 import threading
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -127,3 +130,98 @@ def to_devnull(fds: Sequence[int], keep_files: bool = False) -> None:
             os.dup2(devnull, fd)
     finally:
         os.close(devnull)
+
+
+# ---------------------------------------------------------------- one process per run dir
+class RunDirBusy(Exception):
+    """Another process holds the run directory's lock (see :func:`run_dir_lock`)."""
+
+
+#: Name of the lock file in a run directory while a process trains there.
+LOCK_NAME = ".lock"
+_HELD_LOCKS: set[int] = set()  # file descriptors of the locks this process holds
+
+
+def _drop_locks_in_child() -> None:
+    # A forked child (an env worker of an async vector env) shares the lock's open file;
+    # a child that outlived the trainer would keep the run locked. Closing the child's
+    # descriptors (no LOCK_UN: that would release the parent's lock) leaves it to the parent.
+    for fd in list(_HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir``'s lock for the ``with`` block; raise :class:`RunDirBusy` at once if
+    another process holds it.
+
+    The lock is an exclusive ``flock`` of ``run_dir/.lock`` (Unix; a file opened for
+    writing, which NFS's emulation of ``flock`` needs). The OS releases it however the
+    process ends, SIGKILL included, and forked children do not keep it. The directory
+    (and missing parents) is made for the lock and removed again if it is left empty; the
+    lock file is removed when the block ends (a process that opened the old file then
+    sees it is gone and retries). Where locking is not supported (no ``fcntl``, a file
+    system without ``flock``) the block runs without the lock, with a warning for the
+    latter.
+    """
+    made = _missing_dirs(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not Unix: no lock
+        fcntl = None
+    path = run_dir / LOCK_NAME
+    fd = None
+    for _ in range(100) if fcntl is not None else ():
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunDirBusy(str(run_dir)) from None
+        except OSError as exc:  # e.g. ENOLCK / ENOSYS: this file system cannot lock
+            os.close(fd)
+            fd = None
+            warnings.warn(f"cannot lock run directory {str(run_dir)!r} ({exc}); going on "
+                          "without the lock (make sure no other process trains there)",
+                          stacklevel=3)
+            break
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # locked a lock file its holder removed on leaving: take the new one
+        fd = None
+    if fd is not None:
+        _HELD_LOCKS.add(fd)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()  # (still holding the lock: see the docstring)
+        for d in made:  # a run that wrote nothing leaves no trace
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        if fd is not None:
+            _HELD_LOCKS.discard(fd)
+            os.close(fd)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import time
 import warnings
@@ -45,7 +44,14 @@ from mtrl.config import (
     validate,
 )
 from mtrl.envs import PROTOCOLS, eval_env_config, eval_seed, evaluate, make_envs
-from mtrl.runtime import configure_cpu, install_stop_handlers, on_hangup, restore_handlers
+from mtrl.runtime import (
+    RunDirBusy,
+    configure_cpu,
+    install_stop_handlers,
+    on_hangup,
+    restore_handlers,
+    run_dir_lock,
+)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 #: What a resume reads from a checkpoint (the rest is optional).
@@ -301,43 +307,27 @@ def train(
 
 @contextlib.contextmanager
 def exclusive_run_dir(run_dir: Path) -> Iterator[None]:
-    """One training process per run directory, for the whole run.
+    """One training process per run directory, for the whole run
+    (:func:`mtrl.runtime.run_dir_lock`).
 
     Two processes on one directory (a command run twice, ``--resume`` of a run that is
     still going) both "finished", with every log line twice and a ``config.json`` that
-    need not match the checkpoint. The lock is ``flock`` on the directory itself (Unix;
-    released by the OS however the process ends, SIGKILL included); the directory is
-    made for it, and removed again if the run leaves it empty. Checkpoint temp files
-    left by a killed process are deleted once the lock is held (none can be live then).
+    need not match the checkpoint. Checkpoint temp files left by a killed process are
+    deleted once the lock is held (none can be live then).
     """
-    created = not run_dir.exists()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create run directory {str(run_dir)!r}: {exc}") from exc
-    try:
-        import fcntl
-    except ImportError:  # not Unix: no lock
-        fcntl = None
-    fd = os.open(run_dir, os.O_RDONLY) if fcntl is not None else None
-    try:
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise ConfigError(
-                    f"another mtrl process is training in {str(run_dir)!r}; wait for it to "
-                    "end (or stop it), or choose another --run-dir"
-                ) from None
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(run_dir_lock(run_dir))
+        except RunDirBusy:
+            raise ConfigError(
+                f"another mtrl process is training in {str(run_dir)!r}; wait for it to end "
+                "(or stop it), or choose another --run-dir"
+            ) from None
+        except OSError as exc:  # (a file of that name, no permission to create it)
+            raise ConfigError(f"cannot use run directory {str(run_dir)!r}: {exc}") from exc
         for stale in run_dir.glob(f".{CHECKPOINT_NAME}.*.tmp"):  # see save_checkpoint
             stale.unlink(missing_ok=True)
         yield
-    finally:
-        if fd is not None:
-            os.close(fd)  # (releases the lock)
-        if created:
-            with contextlib.suppress(OSError):  # only if empty: a run that wrote nothing
-                run_dir.rmdir()
 
 
 def _train(

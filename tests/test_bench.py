@@ -183,6 +183,27 @@ def test_local_bench_resume_and_failed_run(tmp_path, capsys):
         assert len(list(csv.DictReader(f))) == 3 * 2 * 4  # resumed run's duplicate dropped
 
 
+def test_a_run_directory_in_use_is_left_alone(tmp_path, capsys):
+    """A run that is training (an `mtrl train` by hand, a run of a killed bench) was
+    cleaned up as a dead run's leftovers: its config.json and tb/ deleted under it (it
+    crashed on its next TensorBoard write) and the bench's own run failed as well."""
+    from mtrl.runtime import run_dir_lock
+
+    out = tmp_path / "bench"
+    live = run_dir(out, "mean", 0)
+    with run_dir_lock(live):  # what the training process holds
+        (live / "tb").mkdir()
+        (live / "metrics.jsonl").write_text('{"step": 10}\n')
+        before = mtimes(live)
+        assert bench(out, "--balancers", "mean", "--seeds", "1") == 1
+        assert mtimes(live) == before
+    captured = capsys.readouterr()
+    assert (f"FAILED mean seed 0 (not started): {live}\n  another mtrl process is training "
+            f"in {live}; it was left alone (rerun the bench when that process has ended)"
+            in captured.out), captured.out
+    assert "full log" not in captured.out
+
+
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
 def test_ray_launcher_with_a_local_ray_instance(tmp_path, capsys):
     out = tmp_path / "ray-bench"

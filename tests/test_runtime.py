@@ -137,3 +137,96 @@ def test_configure_cpu_sets_both_thread_pools_and_keeps_freed_memory():
         # and faults (part of) them in again on every cycle
         assert res["untuned"] > 1_000
         assert res["tuned"] < 100
+
+
+# ---------------------------------------------------------------- run directory lock
+def test_run_dir_lock_is_exclusive_and_leaves_no_trace(tmp_path):
+    from mtrl.runtime import LOCK_NAME, RunDirBusy, run_dir_lock
+
+    run = tmp_path / "a" / "b" / "run"
+    with run_dir_lock(run):
+        assert (run / LOCK_NAME).is_file()
+        with pytest.raises(RunDirBusy), run_dir_lock(run):  # flock: per open file
+            pass
+        assert (run / LOCK_NAME).is_file()  # the refused one did not remove the holder's
+    assert not (tmp_path / "a").exists()  # made for the lock, left empty: removed
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    with run_dir_lock(run):
+        pass
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+
+
+def test_run_dir_lock_is_not_kept_by_forked_children(tmp_path):
+    """An async vector env's workers are forked from the trainer: they shared the lock and
+    kept the run locked after the trainer died, as long as they lived."""
+    import os
+    import signal
+
+    from mtrl.runtime import RunDirBusy, run_dir_lock
+
+    run = tmp_path / "run"
+    code = (
+        "import os, sys, time\n"
+        "from pathlib import Path\n"
+        "from mtrl.runtime import run_dir_lock\n"
+        "with run_dir_lock(Path(sys.argv[1])):\n"
+        "    if os.fork() == 0:\n"
+        "        time.sleep(60)\n"
+        "        os._exit(0)\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirBusy), run_dir_lock(run):
+            pass
+        proc.kill()  # the trainer dies; its forked child lives on
+        proc.wait(timeout=10)
+        with run_dir_lock(run):  # free at once
+            pass
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_run_dir_lock_takes_the_new_file_when_its_holder_removed_it(tmp_path, monkeypatch):
+    """A process that opened the lock file just before its holder removed it (on leaving)
+    must not lock the removed file while a third process locks the new one."""
+    import os
+
+    import mtrl.runtime
+    from mtrl.runtime import LOCK_NAME, run_dir_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    real_open = os.open
+    opened = []
+
+    def open_then_lose_it(path, flags, mode=0o777):
+        fd = real_open(path, flags, mode)
+        if not opened:  # the holder removes the file right after this open
+            os.unlink(path)
+        opened.append(fd)
+        return fd
+
+    monkeypatch.setattr(mtrl.runtime.os, "open", open_then_lose_it)
+    with run_dir_lock(run):
+        assert len(opened) == 2  # the removed file was given up, the new one locked
+        assert os.path.samestat(os.fstat(opened[1]), os.stat(run / LOCK_NAME))
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from mtrl.runtime import run_dir_lock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot lock run directory .*No locks available.*"
+                      "going on without the lock"), run_dir_lock(tmp_path / "run"):
+        pass
