@@ -337,14 +337,21 @@ def load_runs(root: str | Path) -> list[Run]:
     return runs
 
 
+def _same_numbers(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Whole-number floats as ints: ``c 1`` and ``c 1.0`` on the command line (or a run
+    saved before integers were kept as such) are one setting, not two methods."""
+    return {k: int(v) if isinstance(v, float) and v.is_integer() else v
+            for k, v in kwargs.items()}
+
+
 def _assign_labels(runs: list[Run]) -> None:
     """Label = balancer name; with its hyper-parameters when one name ran with several."""
     kwargs_seen: dict[str, set[str]] = {}
     for r in runs:
-        kw = json.dumps(r.config.get("balancer_kwargs") or {}, sort_keys=True)
+        kw = json.dumps(_same_numbers(r.config.get("balancer_kwargs") or {}), sort_keys=True)
         kwargs_seen.setdefault(r.balancer, set()).add(kw)
     for r in runs:
-        kw = r.config.get("balancer_kwargs") or {}
+        kw = _same_numbers(r.config.get("balancer_kwargs") or {})
         if len(kwargs_seen[r.balancer]) > 1 and kw:
             r.label = f"{r.balancer}({', '.join(f'{k}={v}' for k, v in sorted(kw.items()))})"
         else:

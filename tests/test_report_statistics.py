@@ -100,3 +100,27 @@ def test_final_score_without_final_eval_is_the_last_evaluation(tmp_path):
                   {10: [0.0] * 4, 20: [1.0, 1.0, 0.0, 0.0]}, final_eval=False)
     (g,) = write_report(tmp_path, reps=REPS, poi_reps=POI_REPS, plots=False).groups
     assert g.methods["mean"].final_mean == 0.5
+
+
+def _with_kwargs(run_dir: Path, kwargs: dict) -> None:
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "balancer_kwargs": kwargs}))
+
+
+def test_methods_are_labelled_by_their_hyper_parameters_when_they_differ(tmp_path):
+    """One balancer run with two settings: two methods, labelled with the setting. `c 1`
+    and `c 1.0` (the CLI keeps integers since 2026-11-29; older runs saved 1.0) are the
+    same setting: one method (they were two, each with one seed)."""
+    for seed, c in enumerate([1, 1.0]):
+        d = tmp_path / "same" / "cagrad" / f"seed{seed}"
+        write_run(d, "cagrad", seed, {10: [float(seed)] * 4})
+        _with_kwargs(d, {"c": c})
+    (g,) = write_report(tmp_path / "same", reps=REPS, poi_reps=POI_REPS, plots=False).groups
+    assert list(g.methods) == ["cagrad"] and g.methods["cagrad"].seeds == [0, 1]
+    for seed, c in enumerate([0.5, 0.9]):
+        d = tmp_path / "two" / "cagrad" / f"seed{seed}"
+        write_run(d, "cagrad", 0, {10: [float(seed)] * 4})
+        _with_kwargs(d, {"c": c})
+    (g,) = write_report(tmp_path / "two", reps=REPS, poi_reps=POI_REPS, plots=False).groups
+    assert sorted(g.methods) == ["cagrad(c=0.5)", "cagrad(c=0.9)"]
+    assert g.methods["cagrad(c=0.9)"].final_mean == 1.0
