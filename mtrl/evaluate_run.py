@@ -73,6 +73,9 @@ def evaluate_run(
     out = Path(out_dir) if out_dir else run_dir
     # before the evaluation (minutes on MT50), not after it: where the results will go
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), out)
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"cannot write the evaluation into {str(out)!r}: {str(probe)!r} is "
+                          "a file, not a directory")
     if not os.access(probe, os.W_OK):
         raise ConfigError(
             f"cannot write the evaluation into {str(out)!r} (read-only: "

@@ -93,6 +93,16 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def _same_device(name: str, device: torch.device) -> bool:
+    """``cuda:0`` and ``cuda`` (the current device) count as the same here."""
+    try:
+        other = torch.device(name)
+    except (RuntimeError, TypeError):
+        return False
+    return other.type == device.type and (
+        other.index is None or device.index is None or other.index == device.index)
+
+
 def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{cfg.env.benchmark.lower()}-{cfg.balancer}-s{cfg.env.seed}"
 
@@ -387,7 +397,7 @@ def _train(
     torch.manual_seed(cfg.env.seed)
     _warn_if_protocol_differs(cfg)
 
-    if cfg.env.device not in (type(cfg.env)().device, str(device)):
+    if cfg.env.device != type(cfg.env)().device and not _same_device(cfg.env.device, device):
         warnings.warn(
             f"env.device {cfg.env.device!r} is ignored: the environments hand their tensors "
             f"to the learner's device ({device}, from --device)", stacklevel=2,

@@ -132,7 +132,7 @@ def run_part(spec: PartSpec, args: argparse.Namespace, root: Path) -> PartResult
         total_steps=spec.steps,
         warmup_steps=spec.warmup,
         batch_size=spec.batch_size,
-        buffer_capacity=max(spec.steps * len(spec.env.task_names), 1000),
+        buffer_capacity=max(spec.steps * len(spec.env.task_names), 1000, spec.batch_size),
         protocol="mtrl",
         eval_every=spec.eval_every,
         log_every=spec.eval_every,

@@ -13,8 +13,9 @@
 #   STEPS=5000 SEEDS=5 scripts/run_short_benchmark.sh  # bigger budget, same layout
 #   scripts/run_short_benchmark.sh --launcher ray      # extra options go to `mtrl bench`
 #
-# buffer_capacity is set to STEPS x 10 tasks: every transition still fits (nothing is ever
-# evicted, so training is the same as with the 1M default), and the process allocates
+# buffer_capacity is set to STEPS x 10 tasks (at least the batch, 1280): every transition
+# still fits (nothing is ever evicted, so training is the same as with the 1M default),
+# and the process allocates
 # ~12 MB of replay instead of 416 MB (checkpoints hold only the filled part either way).
 # Commit only the report files (summary.md, summary.json, results.csv, *.png, bench.json),
 # not runs/ (checkpoints, TensorBoard logs).
@@ -37,5 +38,5 @@ exec "$PY" -m mtrl.cli bench \
     --set eval_every=500 \
     --set log_every=100 \
     --set checkpoint_every=500 \
-    --set "buffer_capacity=$((STEPS * 10))" \
+    --set "buffer_capacity=$(( STEPS * 10 > 1280 ? STEPS * 10 : 1280 ))" \
     "$@"
