@@ -40,6 +40,7 @@ from typing import Any
 
 from mtrl.checkpoint import atomic_write_json, atomic_write_text
 from mtrl.config import (
+    RESUME_MAY_CHANGE,
     RUN_LOGS,
     ConfigError,
     TrainConfig,
@@ -64,6 +65,7 @@ PROTOCOL_TRAIN_ENV = {
 }
 #: Keys the bench sets itself; ``--set`` may not override them (use the named option).
 BENCH_OWNED = {
+    "env.benchmark": "--benchmark",
     "env.seed": "--seeds",
     "total_steps": "--steps",
     "protocol": "--protocol",
@@ -72,8 +74,9 @@ BENCH_OWNED = {
     "threads": "--threads-per-run",
 }
 #: Config keys that may differ between invocations of the same bench without making an
-#: existing run a different experiment.
-RUNTIME_KEYS = ("run_dir", "threads", "progress", "device")
+#: existing run a different experiment: what a resume may change (``--steps`` may grow:
+#: the runs are extended; see plan_runs).
+RUNTIME_KEYS = tuple(k for k in RESUME_MAY_CHANGE if "." not in k)
 BENCH_CONFIG = "bench_config.json"
 LOG_NAME = "train.log"
 #: A run's files besides its checkpoint; removed before a run that has no checkpoint
@@ -294,6 +297,9 @@ def plan_runs(spec: BenchSpec) -> list[RunPlan]:
         raise ConfigError(f"unknown launcher {spec.launcher!r}; valid: {', '.join(LAUNCHERS)}")
     if spec.address and spec.launcher != "ray":
         raise ConfigError("--address is only used with --launcher ray")
+    if spec.report:  # (not only after every run has trained)
+        _check_int("--reps", spec.reps)
+        _check_int("--poi-reps", spec.poi_reps)
     balancers = parse_balancers(spec.balancers)
     overrides = parse_overrides(spec.overrides)
     out = Path(spec.out).resolve()
@@ -313,6 +319,11 @@ def plan_runs(spec: BenchSpec) -> list[RunPlan]:
                     old = None
                 if isinstance(old, dict):
                     diff = _differences(_comparable(old), _comparable(config))
+                    before = old.get("total_steps")
+                    if isinstance(before, int) and before > cfg.total_steps:
+                        diff.insert(0, f"total_steps: {before} -> {cfg.total_steps} (a bench "
+                                       "extends its runs with a larger --steps, it does not "
+                                       "shorten them)")
                     if diff:
                         mismatched.append(f"{run_dir}: {'; '.join(diff[:4])}")
             plans.append(RunPlan(balancer, seed, run_dir, config, state))
@@ -512,7 +523,10 @@ def execute_run(
             outcome.error = ("the run exited normally but wrote no result.json" +
                              (f" (last log lines:\n{tail})" if tail else ""))
         else:
-            outcome.error = f"{_headline(tail, proc.returncode)}\n{tail}"
+            headline, lines = _headline(tail, proc.returncode), tail.splitlines()
+            if lines and lines[-1] == headline:  # (said once, as the headline)
+                lines.pop()
+            outcome.error = "\n".join([headline, *lines])
     return asdict(outcome)
 
 
@@ -682,6 +696,25 @@ class _Interrupted(Exception):
         self.results = results
 
 
+_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) Ray address must accept a connection:
+    ``ray.init`` retries an unreachable one for ever."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # ("auto", a name Ray resolves itself)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"could not reach the Ray cluster at {address!r} within "
+                          f"{timeout:g} s: {exc}") from exc
+
+
 def launch_ray(jobs: Sequence[Job], spec: BenchSpec, progress: _Progress,
                uses_gpu: bool, lock_fd: int | None = None) -> list[dict]:
     """Each job is a Ray task that runs the same subprocess on whichever node it lands."""
@@ -699,11 +732,20 @@ def launch_ray(jobs: Sequence[Job], spec: BenchSpec, progress: _Progress,
         else:
             cpus = (spec.workers or max(1, _cpu_count() // spec.threads_per_run))
             kwargs["num_cpus"] = cpus * spec.threads_per_run
+        if spec.address:
+            _check_reachable(spec.address)
+        # ray.init puts its own SIGTERM handler (kill the driver) over the bench's, which
+        # asks the runs to checkpoint and stop: the bench's go back after it
+        ours = {s: signal.getsignal(s) for s in _STOP_SIGNALS}
         try:
             ray.init(**kwargs)
         except Exception as exc:
             where = f"the Ray cluster at {spec.address!r}" if spec.address else "local Ray"
             raise ConfigError(f"could not start {where}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            for signum, handler in ours.items():
+                if callable(handler) and signal.getsignal(signum) is not handler:
+                    signal.signal(signum, handler)
         started_here = True
     try:
         cluster_gpus = ray.cluster_resources().get("GPU", 0) if uses_gpu else 0
@@ -858,7 +900,9 @@ def _run_bench(spec: BenchSpec, plans: list[RunPlan], out: Path, progress: bool,
         return o
 
     record = {
-        "command": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()},
+        # (out: "." = where bench.json is; no local path in a committed report)
+        "command": {k: ("." if k == "out" else str(v) if isinstance(v, Path) else v)
+                    for k, v in asdict(spec).items()},
         "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         "interrupted": interrupted,
         "runs": [relative(o) for o in outcomes],
@@ -922,6 +966,6 @@ def format_outcomes(result: BenchResult) -> str:
                                               if p.suffix in (".md", ".csv")))
     if result.report_error:
         lines.append(f"\nreport not written: {result.report_error}")
-    if result.interrupted:
+    if result.interrupted and any(o["status"] != "done" for o in result.outcomes):
         lines.append("\ninterrupted: rerun the same command to resume the unfinished runs")
     return "\n".join(lines)

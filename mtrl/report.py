@@ -926,9 +926,9 @@ def write_report(
     files.append(csv_path)
 
     md = ["# Benchmark report", "",
-          f"{len(finished)} finished run(s) under `{root.name or root}`"
-          + (f"; {len(skipped)} run(s) not in the statistics, listed at the end."
-             if skipped else "."),
+          f"{len(runs)} run(s) under `{root.name or root}`, {len(finished)} finished"
+          + (f"; {len(skipped)} not in the statistics ({len(incomplete)} unfinished), "
+             "listed at the end." if skipped else "."),
           ""]
     for g in groups:
         plot_files: dict[str, str] = {}

@@ -1,7 +1,7 @@
 """Evaluate Meta-World's scripted expert policies on MT10 with mtrl's evaluator.
 
-A sanity check of the environment + evaluation pipeline (placeholder demo until the
-trainer exists): the experts should solve nearly every MT10 task.
+A sanity check of the environment + evaluation pipeline, independent of training: the
+experts should solve nearly every MT10 task.
 
     python scripts/demo_experts.py                       # metaworld-plus style, 10 episodes/task
     python scripts/demo_experts.py --protocol mtrl       # fixed goals, 150-step episodes, 1 episode

@@ -292,14 +292,15 @@ def main() -> int:
             ok = res.best >= args.threshold
             verdicts["A"] = ok
             print(f"- {'PASS' if ok else 'FAIL'} (A): reach-v3 best eval success {res.best:.2f} "
-                  f">= {args.threshold} (final {res.final:.2f}; random policy "
-                  f"{res.random_mean:.2f})")
+                  f"{'>=' if ok else '<'} {args.threshold} (final {res.final:.2f}; random "
+                  f"policy {res.random_mean:.2f})")
         else:
             ok = res.best > res.random_mean
             verdicts["B"] = ok
             strict = res.best > max(res.random_success, default=float("nan"))
-            print(f"- {'PASS' if ok else 'FAIL'} (B): MT10 best mean success {res.best:.2f} > "
-                  f"random policy's mean success {res.random_mean:.3f} (final {res.final:.2f})")
+            print(f"- {'PASS' if ok else 'FAIL'} (B): MT10 best mean success {res.best:.2f} "
+                  f"{'>' if ok else '<='} random policy's mean success {res.random_mean:.3f} "
+                  f"(final {res.final:.2f})")
             print(f"  (info, max vs max) best {res.best:.2f} "
                   f"{'>' if strict else '<='} random policy's best evaluation "
                   f"{max(res.random_success, default=float('nan')):.2f} over "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -101,6 +102,12 @@ def test_run_config_uses_preset_then_protocol_then_overrides(tmp_path):
     (["--set", "warmup_steps"], "--set expects KEY=VALUE"),
     (["--set", "env.goal_mode=sometimes"], "unknown goal_mode 'sometimes'"),
     (["--launcher", "local", "--address", "ray://x:1"], "--address is only used with"),
+    # (it overrode --benchmark silently; the plan then named a preset it did not use)
+    (["--set", "env.benchmark=MT10"], "--set env.benchmark=... is set by the bench; use "
+     "--benchmark"),
+    # (accepted; the report failed after every run had trained)
+    (["--reps", "0"], "--reps must be an integer >= 1, got 0"),
+    (["--poi-reps", "0", "--dry-run"], "--poi-reps must be an integer >= 1, got 0"),
 ])
 def test_bad_arguments_give_one_clear_error(tmp_path, capsys, args, message):
     base = ["bench", "--benchmark", "toy", "--balancers", "mean", "--seeds", "1", "--steps",
@@ -118,9 +125,14 @@ def test_existing_runs_with_another_config_are_refused(tmp_path):
     spec = BenchSpec(benchmark="toy", balancers=("mean",), seeds=1, steps=40, out=tmp_path)
     (plan,) = plan_runs(spec)
     plan.run_dir.mkdir(parents=True)
-    (plan.run_dir / "config.json").write_text(json.dumps({**plan.config, "total_steps": 10}))
+    (plan.run_dir / "config.json").write_text(json.dumps({**plan.config, "total_steps": 100}))
     (plan.run_dir / "result.json").write_text("{}")
-    with pytest.raises(ConfigError, match="total_steps: 10 -> 40"):
+    with pytest.raises(ConfigError, match=r"total_steps: 100 -> 40 \(a bench extends its runs "
+                       r"with a larger --steps, it does not shorten them\)"):
+        plan_runs(spec)
+    sac = {**plan.config["sac"], "hidden_sizes": [7, 7]}  # a nested setting
+    (plan.run_dir / "config.json").write_text(json.dumps({**plan.config, "sac": sac}))
+    with pytest.raises(ConfigError, match=r"sac.hidden_sizes: \[7, 7\] -> \[400, 400, 400\]"):
         plan_runs(spec)
     # threads/device/progress may change between invocations
     (plan.run_dir / "config.json").write_text(json.dumps({**plan.config, "threads": 4}))
@@ -161,7 +173,9 @@ def test_local_bench_resume_and_failed_run(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "1 skipped (already finished)" in captured.out and "2 done" in captured.out
     assert "FAILED cagrad seed 1" in captured.out
-    assert "is corrupt or not an mtrl checkpoint" in captured.out  # the run's error line
+    # the run's error line: once when it fails, once in the summary (the summary had it
+    # twice: as the headline and again as the log's last line)
+    assert captured.out.count("is corrupt or not an mtrl checkpoint") == 2, captured.out
     assert str(broken / "train.log") in captured.out
     assert "1 of 4 run(s) failed" in captured.err
 
@@ -181,6 +195,24 @@ def test_local_bench_resume_and_failed_run(tmp_path, capsys):
     assert "Runs not in the statistics" in md and "| runs/cagrad/seed1 | cagrad | 1 |" in md
     with open(out / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 3 * 2 * 4  # resumed run's duplicate dropped
+
+
+def test_a_larger_steps_extends_the_runs_of_a_finished_bench(tmp_path, capsys):
+    """A finished 40-step bench rerun with --steps 60: its runs were refused as "made with
+    a different configuration (total_steps: 40 -> 60)"; now they resume and go on to 60,
+    like `mtrl train --resume --total-steps`. Other resume-time settings may change too."""
+    out = tmp_path / "bench"
+    one = ["--balancers", "mean", "--seeds", "1"]
+    assert bench(out, *one) == 0
+    capsys.readouterr()
+    assert bench(out, *one, "--steps", "60", "--set", "log_every=20") == 0
+    assert "1 done" in capsys.readouterr().out
+    result = json.loads((run_dir(out, "mean", 0) / "result.json").read_text())
+    assert (result["step"], result["resumed_from_step"]) == (60, 40)
+    evals = [json.loads(x)["step"] for x in
+             (run_dir(out, "mean", 0) / "eval.jsonl").read_text().splitlines()]
+    assert evals == [20, 40, 60]
+    assert json.loads((out / "bench.json").read_text())["command"]["out"] == "."
 
 
 def test_a_run_directory_in_use_is_left_alone(tmp_path, capsys):
@@ -402,3 +434,31 @@ def test_a_fresh_start_clears_the_logs_of_a_run_that_died_before_its_checkpoint(
     assert not set(seen["files"]) & set(mtrl.bench.STALE_FILES)
     assert set(mtrl.bench.STALE_FILES) == {"config.json", "metrics.jsonl", "eval.jsonl",
                                            "result.json", "tb"}
+
+
+def test_an_unreachable_ray_address_fails_at_once():
+    """`ray.init(address=...)` retries an unreachable cluster for ever (seen: over 10 min)."""
+    import socket
+
+    from mtrl.bench import _check_reachable
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(ConfigError, match=f"could not reach the Ray cluster at "
+                           f"'{re.escape(address)}' within 10 s"):
+            _check_reachable(address)
+    _check_reachable("auto")  # not a host:port: left to Ray
+
+
+def test_a_bench_stopped_after_all_its_runs_finished_does_not_ask_for_a_rerun(tmp_path):
+    """It still said "rerun the same command to resume the unfinished runs"."""
+    from mtrl.bench import BenchResult, format_outcomes
+
+    done = {"balancer": "mean", "seed": 0, "run_dir": "r", "action": "started",
+            "status": "done", "returncode": 0, "log": "r/train.log", "error": None}
+    failed = {**done, "status": "failed", "returncode": 1, "error": "error: x"}
+    assert "unfinished" not in format_outcomes(BenchResult(tmp_path, [done], interrupted=True))
+    assert "unfinished" in format_outcomes(BenchResult(tmp_path, [done, failed],
+                                                       interrupted=True))

@@ -124,3 +124,20 @@ def test_methods_are_labelled_by_their_hyper_parameters_when_they_differ(tmp_pat
     (g,) = write_report(tmp_path / "two", reps=REPS, poi_reps=POI_REPS, plots=False).groups
     assert sorted(g.methods) == ["cagrad(c=0.5)", "cagrad(c=0.9)"]
     assert g.methods["cagrad(c=0.9)"].final_mean == 1.0
+
+
+def test_the_report_header_counts_add_up(tmp_path):
+    """One unfinished run, one finished run whose final evaluation lacks a task, one good
+    run: the header said "2 finished run(s); 2 run(s) not in the statistics" (2 + 2 ≠ 3)."""
+    write_run(tmp_path / "mean" / "seed0", "mean", 0, {10: [1.0] * 4})
+    write_run(tmp_path / "mean" / "seed1", "mean", 1, {10: [1.0] * 4})
+    (tmp_path / "mean" / "seed1" / "result.json").unlink()
+    write_run(tmp_path / "mean" / "seed2", "mean", 2, {10: [1.0] * 4})
+    result = json.loads((tmp_path / "mean" / "seed2" / "result.json").read_text())
+    del result["final_eval"]["success"]["task-b"]
+    (tmp_path / "mean" / "seed2" / "result.json").write_text(json.dumps(result))
+    report = write_report(tmp_path, reps=REPS, poi_reps=POI_REPS, plots=False)
+    header = (tmp_path / "summary.md").read_text().splitlines()[2]
+    assert header == (f"3 run(s) under `{tmp_path.name}`, 2 finished; 2 not in the "
+                      "statistics (1 unfinished), listed at the end.")
+    assert report.groups[0].methods["mean"].seeds == [0]
