@@ -79,6 +79,9 @@ BENCH_OWNED = {
 RUNTIME_KEYS = tuple(k for k in RESUME_MAY_CHANGE if "." not in k)
 BENCH_CONFIG = "bench_config.json"
 LOG_NAME = "train.log"
+#: Written into a run directory by the Ray launcher to ask the run there to checkpoint and
+#: stop (``ray.cancel`` does not reliably reach a task that waits on its subprocess).
+STOP_NAME = ".bench-stop"
 #: A run's files besides its checkpoint; removed before a run that has no checkpoint
 #: starts again (``mtrl train`` refuses a directory holding its logs).
 STALE_FILES = ("config.json", *RUN_LOGS)
@@ -434,6 +437,7 @@ def execute_run(
         # train` started by hand, a run of a killed bench): its files are live
         with run_dir_lock(run_dir):
             atomic_write_text(config_path, job.config_text)
+            (run_dir / STOP_NAME).unlink(missing_ok=True)  # from an earlier, stopped bench
             if not job.resume:  # files of a run that died before its first checkpoint
                 for name in STALE_FILES:
                     path = run_dir / name
@@ -487,6 +491,8 @@ def execute_run(
         if on_start is not None:
             on_start(proc)
         interrupted = False
+        stop_file = run_dir / STOP_NAME
+        keyboard_interrupts = 0
         while True:
             try:
                 # Poll, not a blocking wait: Ray's cancel raises KeyboardInterrupt
@@ -494,13 +500,19 @@ def execute_run(
                 proc.wait(timeout=0.5)
                 break
             except subprocess.TimeoutExpired:
-                continue
-            except KeyboardInterrupt:
-                if interrupted:  # a second interrupt: stop the run at once
-                    proc.kill()
-                else:
+                if not interrupted and stop_file.exists():  # the Ray launcher's stop
                     interrupted = True
                     proc.send_signal(signal.SIGINT)
+                continue
+            except KeyboardInterrupt:
+                # (the stop file and Ray's cancel are one request: only a second
+                # KeyboardInterrupt is "stop at once")
+                if keyboard_interrupts:  # a second interrupt: stop the run at once
+                    proc.kill()
+                elif not interrupted:
+                    interrupted = True
+                    proc.send_signal(signal.SIGINT)
+                keyboard_interrupts += 1
     outcome.returncode = proc.returncode
     outcome.seconds = time.monotonic() - t0
     try:
@@ -774,6 +786,10 @@ def launch_ray(jobs: Sequence[Job], spec: BenchSpec, progress: _Progress,
                     progress.update(outcome)
         except KeyboardInterrupt:
             for ref in pending:  # first, before anything that could fail (a lost terminal)
+                # the task forwards SIGINT to its run when it sees the stop file (seen: a
+                # plain ray.cancel never reached the task, and the run trained to its end)
+                with contextlib.suppress(OSError):
+                    (Path(refs[ref].run_dir) / STOP_NAME).touch()
                 ray.cancel(ref)  # KeyboardInterrupt inside the task -> SIGINT to the run
             progress.bar.write("interrupted: asking running runs to write checkpoints ...")
             for ref in pending:

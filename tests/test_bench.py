@@ -462,3 +462,34 @@ def test_a_bench_stopped_after_all_its_runs_finished_does_not_ask_for_a_rerun(tm
     assert "unfinished" not in format_outcomes(BenchResult(tmp_path, [done], interrupted=True))
     assert "unfinished" in format_outcomes(BenchResult(tmp_path, [done, failed],
                                                        interrupted=True))
+
+
+def test_a_stop_file_asks_the_run_to_checkpoint_and_stop(tmp_path):
+    """The Ray launcher's stop on Ctrl-C/SIGTERM: ray.cancel alone never reached the task
+    waiting on its run (seen: the run trained on to its last step), so the launcher also
+    writes OUT/runs/.../.bench-stop, on which the task forwards one SIGINT to its run."""
+    import threading
+
+    from mtrl.bench import STOP_NAME, _jobs, execute_run
+
+    spec = BenchSpec(benchmark="toy", balancers=("mean",), seeds=1, steps=100_000,
+                     out=tmp_path, overrides=("sac.hidden_sizes=[16,16]", "batch_size=16",
+                                              "warmup_steps=20", "eval_every=0",
+                                              "buffer_capacity=400"))
+    (job,) = _jobs(plan_runs(spec), spec)
+    run = Path(job.run_dir)
+    run.mkdir(parents=True)
+    (run / STOP_NAME).write_text("")  # left by an earlier, stopped bench: not for this run
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(execute_run(job)))
+    worker.start()
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (run / "metrics.jsonl").exists() and not (run / STOP_NAME).exists()
+    (run / STOP_NAME).touch()
+    worker.join(timeout=120)
+    assert not worker.is_alive()
+    assert (outcome["status"], outcome["returncode"]) == ("interrupted", 130), outcome
+    assert "interrupted at step" in (run / "train.log").read_text()
+    assert (run / "checkpoint.pt").is_file()
