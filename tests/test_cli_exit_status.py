@@ -12,21 +12,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+from test_cli import run_cli
 
 import mtrl.cli
 import mtrl.trainer
-from mtrl.cli import main
 from mtrl.trainer import TrainingError
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
