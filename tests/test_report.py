@@ -35,14 +35,17 @@ def write_run(
     finished: bool = True,
     stale: dict[int, list[float]] | None = None,
     wall_clock_s: float = 100.0,
+    benchmark: str = "MT10",
+    final_eval: bool = True,
 ) -> None:
     """A run directory as the trainer writes it (4 tasks, K=4 env steps per vector step).
 
     ``stale``: eval records logged after the last checkpoint of a session that crashed; the
     resumed session logs those steps again (``evals``), so the report must drop them.
+    ``final_eval=False``: a result.json without it (written by older versions).
     """
     run_dir.mkdir(parents=True)
-    config = {"env": {"benchmark": "MT10", "seed": seed}, "balancer": balancer,
+    config = {"env": {"benchmark": benchmark, "seed": seed}, "balancer": balancer,
               "balancer_kwargs": {}, "protocol": protocol, "task_names": TASKS}
     (run_dir / "config.json").write_text(json.dumps(config))
 
@@ -71,10 +74,11 @@ def write_run(
     (run_dir / "checkpoint.pt").write_bytes(b"not read by the report")
     if finished:
         last = max(steps)
-        (run_dir / "result.json").write_text(json.dumps({
-            "step": last, "env_steps": 4 * last, "wall_clock_s": wall_clock_s,
-            "env_steps_per_s": 4 * last / wall_clock_s, "final_eval": record(last, evals[last]),
-        }))
+        result = {"step": last, "env_steps": 4 * last, "wall_clock_s": wall_clock_s,
+                  "env_steps_per_s": 4 * last / wall_clock_s}
+        if final_eval:
+            result["final_eval"] = record(last, evals[last])
+        (run_dir / "result.json").write_text(json.dumps(result))
 
 
 # Per-seed success vectors over TASKS at steps 10, 20, 30 (hand-computed below).

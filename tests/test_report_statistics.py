@@ -9,33 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_report import POI_REPS, REPS, write_run
 
 from mtrl.report import interval_estimates, probability_of_improvement, write_report
-
-TASKS = ["task-a", "task-b", "task-c", "task-d"]
-REPS, POI_REPS = 300, 40
-
-
-def write_run(run_dir: Path, balancer: str, seed: int, evals: dict[int, list[float]],
-              protocol: str = "mtrl", benchmark: str = "MT10", final_eval: bool = True) -> None:
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps({
-        "env": {"benchmark": benchmark, "seed": seed}, "balancer": balancer,
-        "balancer_kwargs": {}, "protocol": protocol, "task_names": TASKS}))
-
-    def record(step, success):
-        return {"step": step, "env_steps": 4 * step, "protocol": protocol,
-                "episodes_per_task": 1, "mean_success": float(np.mean(success)),
-                "success": dict(zip(TASKS, success, strict=True)),
-                "return": {t: 10.0 * s for t, s in zip(TASKS, success, strict=True)}}
-
-    (run_dir / "eval.jsonl").write_text(
-        "".join(json.dumps(record(s, v)) + "\n" for s, v in sorted(evals.items())))
-    last = max(evals)
-    result = {"step": last, "env_steps": 4 * last, "wall_clock_s": 1.0}
-    if final_eval:
-        result["final_eval"] = record(last, evals[last])
-    (run_dir / "result.json").write_text(json.dumps(result))
 
 
 # ---------------------------------------------------------------- report statistics
@@ -130,8 +106,7 @@ def test_the_report_header_counts_add_up(tmp_path):
     """One unfinished run, one finished run whose final evaluation lacks a task, one good
     run: the header said "2 finished run(s); 2 run(s) not in the statistics" (2 + 2 ≠ 3)."""
     write_run(tmp_path / "mean" / "seed0", "mean", 0, {10: [1.0] * 4})
-    write_run(tmp_path / "mean" / "seed1", "mean", 1, {10: [1.0] * 4})
-    (tmp_path / "mean" / "seed1" / "result.json").unlink()
+    write_run(tmp_path / "mean" / "seed1", "mean", 1, {10: [1.0] * 4}, finished=False)
     write_run(tmp_path / "mean" / "seed2", "mean", 2, {10: [1.0] * 4})
     result = json.loads((tmp_path / "mean" / "seed2" / "result.json").read_text())
     del result["final_eval"]["success"]["task-b"]
