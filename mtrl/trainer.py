@@ -500,8 +500,8 @@ def _train(
         best_success = float(state["best_success"])
         wall_before = float(state.get("wall_clock_s", 0.0))
         del state  # the buffer copy can be large
-    # Written only now: a resume that failed above leaves the run's files untouched.
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # Written only now (the directory itself exists: exclusive_run_dir made it for its
+    # lock): a resume that failed above leaves the run's files untouched.
     if resume:
         # The run goes on from its checkpoint: an older result.json (a shorter run being
         # extended) no longer describes it, and log records after the checkpoint step
