@@ -708,7 +708,9 @@ class _Interrupted(Exception):
         self.results = results
 
 
-_STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+#: What stops a bench besides Ctrl-C (a scheduler's SIGTERM, a lost terminal): its handler
+#: asks the runs to checkpoint and stop.
+STOP_SIGNALS = ("SIGTERM", "SIGHUP")
 
 
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
@@ -748,7 +750,8 @@ def launch_ray(jobs: Sequence[Job], spec: BenchSpec, progress: _Progress,
             _check_reachable(spec.address)
         # ray.init puts its own SIGTERM handler (kill the driver) over the bench's, which
         # asks the runs to checkpoint and stop: the bench's go back after it
-        ours = {s: signal.getsignal(s) for s in _STOP_SIGNALS}
+        ours = {s: signal.getsignal(s)
+                for s in (getattr(signal, n) for n in STOP_SIGNALS if hasattr(signal, n))}
         try:
             ray.init(**kwargs)
         except Exception as exc:
@@ -896,7 +899,7 @@ def _run_bench(spec: BenchSpec, plans: list[RunPlan], out: Path, progress: bool,
 
     # a lost terminal or SSH session stops the runs cleanly too, unless SIGHUP is ignored
     # (nohup): then the bench goes on
-    previous = install_stop_handlers(on_term, ("SIGTERM", "SIGHUP"))
+    previous = install_stop_handlers(on_term, STOP_SIGNALS)
     try:
         launch = launch_ray if spec.launcher == "ray" else launch_local
         outcomes = launch(jobs, spec, bar, uses_gpu, lock_fd=lock_fd) if jobs else []
