@@ -49,6 +49,7 @@ from mtrl.config import (
     to_dict,
     validate,
 )
+from mtrl.progress import Progress
 from mtrl.runtime import (
     RunDirBusy,
     install_stop_handlers,
@@ -593,23 +594,34 @@ def local_slots(spec: BenchSpec, uses_gpu: bool) -> tuple[int, list[str | None]]
 
 
 class _Progress:
-    def __init__(self, total: int, initial: int, enabled: bool = True) -> None:
-        from tqdm.auto import tqdm
+    """The bench's progress in finished runs (off a terminal: a line for each), and a
+    FAILED line on stdout as each run fails (also with ``enabled=False``, which hides the
+    progress)."""
 
-        self.bar = tqdm(total=total, initial=initial, unit="run", desc="bench",
-                        dynamic_ncols=True, file=sys.stderr, disable=not enabled)
+    def __init__(self, total: int, initial: int, enabled: bool = True) -> None:
+        self.bar = Progress(total, initial, unit="run", desc="bench",
+                            line_interval_s=0.0) if enabled else None
         self.failed = 0
 
     def update(self, outcome: dict) -> None:
         if outcome["status"] == "failed":
             self.failed += 1
-            self.bar.write(f"FAILED {outcome['balancer']} seed {outcome['seed']}: "
-                           f"{(outcome['error'] or '').splitlines()[0]} (log: {outcome['log']})")
-        self.bar.set_postfix(failed=self.failed)
-        self.bar.update(1)
+            self.write(f"FAILED {outcome['balancer']} seed {outcome['seed']}: "
+                       f"{(outcome['error'] or '').splitlines()[0]} (log: {outcome['log']})")
+        if self.bar is not None:
+            self.bar.set_postfix(failed=self.failed)
+            self.bar.update(1)
+
+    def write(self, line: str) -> None:
+        """A message line on stdout (above the bar, if there is one)."""
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def launch_local(jobs: Sequence[Job], spec: BenchSpec, progress: _Progress,
@@ -677,7 +689,7 @@ def launch_local(jobs: Sequence[Job], spec: BenchSpec, progress: _Progress,
             for proc in running:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGINT)  # the run checkpoints and exits
-        progress.bar.write("interrupted: waiting for running runs to write checkpoints "
+        progress.write("interrupted: waiting for running runs to write checkpoints "
                            "(Ctrl-C again to stop them at once) ...")
         killed: set[str] = set()
         try:
@@ -688,7 +700,7 @@ def launch_local(jobs: Sequence[Job], spec: BenchSpec, progress: _Progress,
                     if proc.poll() is None:
                         proc.kill()
                         killed.add(str(proc.args[proc.args.index("--config") + 1]))
-            progress.bar.write("stopped the running runs without a checkpoint")
+            progress.write("stopped the running runs without a checkpoint")
             collect(futures)
         outcomes = [collected[f] for f in futures if f in collected]
         for o in outcomes:  # killed on request: interrupted, not failed
@@ -794,14 +806,14 @@ def launch_ray(jobs: Sequence[Job], spec: BenchSpec, progress: _Progress,
                 with contextlib.suppress(OSError):
                     (Path(refs[ref].run_dir) / STOP_NAME).touch()
                 ray.cancel(ref)  # KeyboardInterrupt inside the task -> SIGINT to the run
-            progress.bar.write("interrupted: asking running runs to write checkpoints ...")
+            progress.write("interrupted: asking running runs to write checkpoints ...")
             for ref in pending:
                 job = refs[ref]
                 try:
                     try:
                         results.append(ray.get(ref))
                     except KeyboardInterrupt:  # a second Ctrl-C: stop the runs now
-                        progress.bar.write("stopping the running runs without a checkpoint")
+                        progress.write("stopping the running runs without a checkpoint")
                         for other in pending:
                             ray.cancel(other, force=True)
                         raise RuntimeError("cancelled") from None

@@ -44,6 +44,7 @@ from mtrl.config import (
     validate,
 )
 from mtrl.envs import PROTOCOLS, eval_env_config, eval_seed, evaluate, make_envs
+from mtrl.progress import Progress
 from mtrl.runtime import (
     RunDirBusy,
     configure_cpu,
@@ -188,39 +189,6 @@ def _set_generator(gen: torch.Generator, saved: Tensor, seed: int, what: str) ->
             f"{what} was saved on another device type and was reseeded: the resumed run "
             "is not bit-identical to an uninterrupted one", stacklevel=2,
         )
-
-
-class _ProgressBar:
-    """tqdm on stderr that can never stop the run: when stderr goes away (a closed
-    terminal, or ``mtrl train ... | tee log`` whose ``tee`` died with the same Ctrl-C) a
-    write raises ``BrokenPipeError`` / ``OSError``, which used to abort the loop before it
-    wrote the interrupt checkpoint. After the first failed write the bar is silent."""
-
-    def __init__(self, total: int, initial: int) -> None:
-        from tqdm.auto import tqdm
-
-        self._bar: Any = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
-        if self._bar is None:
-            return
-        try:
-            getattr(self._bar, method)(*args, **kwargs)
-        except OSError:
-            self._bar.disable = True  # tqdm writes nothing more, even on close
-            self._bar = None
-
-    def update(self, n: int = 1) -> None:
-        self._call("update", n)
-
-    def set_postfix(self, **kwargs: Any) -> None:
-        self._call("set_postfix", **kwargs)
-
-    def write(self, text: str) -> None:
-        self._call("write", text)
-
-    def close(self) -> None:
-        self._call("close")
 
 
 def _warn_if_protocol_differs(cfg: TrainConfig) -> None:
@@ -590,7 +558,7 @@ def _train(
 
     previous_handlers = install_stop_handlers(on_signal)
     bar_sps = "n/a"  # env-steps/s of the last log window, for the progress bar
-    bar = _ProgressBar(cfg.total_steps, start_step) if cfg.progress else None
+    bar = Progress(cfg.total_steps, start_step) if cfg.progress else None
     t_start = time.perf_counter()
     t_last, step_last = t_start, start_step
     step = start_step

@@ -264,7 +264,7 @@ def test_the_progress_bar_shows_an_evaluation_when_it_is_made(tmp_path, monkeypa
         def close(self):
             pass
 
-    monkeypatch.setattr(mtrl.trainer, "_ProgressBar", Bar)
+    monkeypatch.setattr(mtrl.trainer, "Progress", Bar)
     cfg = toy_config(tmp_path, total_steps=100, eval_every=50, log_every=25, progress=True)
     result = train(cfg)
     at_50 = [s for n, s in shown if n == 49]  # (the bar advances after the step's work)
@@ -454,11 +454,20 @@ def test_sighup_ignored_under_nohup_stays_ignored(tmp_path):
         signal.signal(signal.SIGHUP, previous)
 
 
-def test_ctrl_c_with_a_dead_stderr_pipe_still_writes_the_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("terminal", [True, False], ids=["bar", "lines"])
+def test_ctrl_c_with_a_dead_stderr_pipe_still_writes_the_checkpoint(tmp_path, monkeypatch,
+                                                                   terminal):
     """`mtrl train ... 2>&1 | tee log`: Ctrl-C kills tee too, and the progress bar's next
-    write raised BrokenPipeError before the loop saw the interrupt (no checkpoint)."""
+    write raised BrokenPipeError before the loop saw the interrupt (no checkpoint). Both
+    forms of the progress (a tqdm bar on a terminal, lines elsewhere) write at every
+    step here."""
     import io
     import sys
+
+    import mtrl.progress
+
+    monkeypatch.setattr(mtrl.progress, "_isatty", lambda stream: terminal)
+    monkeypatch.setattr(mtrl.progress.Progress, "LINE_INTERVAL_S", 0.0)
 
     class PipeToDeadTee(io.StringIO):
         broken = False

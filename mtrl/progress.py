@@ -1,0 +1,107 @@
+"""Progress output that suits where stderr goes, and never stops the work it reports."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Progress"]
+
+
+class Progress:
+    """Progress on stderr that can never stop the work it reports: when stderr goes away
+    (a closed terminal, or ``mtrl train ... | tee log`` whose ``tee`` died with the same
+    Ctrl-C) a write raises ``BrokenPipeError`` / ``OSError``, which used to abort the
+    training loop before it wrote the interrupt checkpoint. After the first failed write
+    it is silent.
+
+    On a terminal (or in a notebook) it is a tqdm bar. Where stderr is not a terminal
+    (``nohup``, ``2> log``, a batch job) a redrawn bar fills the log with carriage-return
+    frames (~1 KB/s for ``mtrl train``), so it writes one plain line at most every
+    ``line_interval_s`` seconds (default :data:`LINE_INTERVAL_S`) instead: tqdm's meter
+    text without the bar (the rate is the session's average), and on close a last one
+    unless the previous line showed the same count.
+    :meth:`write` prints a message line on stdout in both forms."""
+
+    #: Default seconds between two progress lines when stderr is not a terminal.
+    LINE_INTERVAL_S = 60.0
+
+    def __init__(self, total: int, initial: int = 0, *, unit: str = "step", desc: str = "",
+                 line_interval_s: float | None = None) -> None:
+        from tqdm.auto import tqdm
+        from tqdm.autonotebook import tqdm as plain_or_notebook
+
+        in_notebook = plain_or_notebook.__module__ == "tqdm.notebook"
+        self._lines = not in_notebook and not _isatty(sys.stderr)
+        self._interval = self.LINE_INTERVAL_S if line_interval_s is None else line_interval_s
+        self._bar: Any = tqdm(
+            total=total, initial=initial, unit=unit, desc=desc or None, dynamic_ncols=True,
+            # in line mode tqdm only counts and formats; this class prints its lines
+            file=_Discard() if self._lines else sys.stderr,
+            mininterval=math.inf if self._lines else 0.1,
+            bar_format=(f"{desc}: " if desc else "") + _LINE_FORMAT if self._lines else None,
+        )
+        self._next_line = time.monotonic() + self._interval
+        self._line_at: int | None = None  # the count the last line showed
+
+    def _guarded(self, action: Callable[[Any], None]) -> None:
+        if self._bar is None:
+            return
+        try:
+            action(self._bar)
+        except OSError:
+            self._bar.disable = True  # tqdm writes nothing more, even on close
+            self._bar = None
+
+    def _print_line(self, bar: Any) -> None:
+        sys.stderr.write(f"{bar}\n")
+        sys.stderr.flush()
+        self._next_line = time.monotonic() + self._interval
+        self._line_at = bar.n
+
+    def update(self, n: int = 1) -> None:
+        def advance(bar: Any) -> None:
+            bar.update(n)
+            if self._lines and time.monotonic() >= self._next_line:
+                self._print_line(bar)
+
+        self._guarded(advance)
+
+    def set_postfix(self, **kwargs: Any) -> None:
+        self._guarded(lambda bar: bar.set_postfix(**kwargs))
+
+    def write(self, text: str) -> None:
+        self._guarded(lambda bar: bar.write(text))
+
+    def close(self) -> None:
+        if self._lines and self._bar is not None and self._bar.n != self._line_at:
+            self._guarded(self._print_line)
+        self._guarded(lambda bar: bar.close())
+
+
+#: The progress line when stderr is not a terminal: tqdm's meter without the bar.
+_LINE_FORMAT = (
+    "{n_fmt}/{total_fmt} {unit}s ({percentage:.0f}%) [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+)
+
+
+class _Discard:
+    """A text stream that drops what it is given (the line-mode tqdm's file)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
