@@ -180,6 +180,9 @@ def _eval(argv: list[str]) -> None:
                         help="auto (CUDA when available), cpu, cuda, cuda:N or mps "
                         "(default: auto)")
     parser.add_argument("--out", default=None, help="output directory (default: the run dir)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar on stderr (shown by default: a metaworld-plus "
+                        "evaluation takes minutes)")
     args = parser.parse_args(argv)
     if args.episodes_per_task is not None and args.episodes_per_task < 1:
         _fail("--episodes-per-task must be >= 1")
@@ -188,7 +191,7 @@ def _eval(argv: list[str]) -> None:
 
     record, written = evaluate_run(
         args.path, episodes_per_task=args.episodes_per_task, protocol=args.protocol,
-        device=args.device, out_dir=args.out,
+        device=args.device, out_dir=args.out, progress=args.progress,
     )
     _print_success_table(record)
     for p in written:

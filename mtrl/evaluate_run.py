@@ -16,6 +16,7 @@ from mtrl.checkpoint import (
     load_checkpoint,
 )
 from mtrl.config import ConfigError, read_run_config
+from mtrl.progress import evaluation_progress
 from mtrl.runtime import configure_cpu
 
 
@@ -42,12 +43,13 @@ def evaluate_run(
     protocol: str | None = None,
     device: str = "auto",
     out_dir: str | Path | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, Any], list[Path]]:
     """Evaluate the policy in a checkpoint; write ``eval_<step>.json`` and ``.csv``
     (``eval_<step>_<protocol>_<N>ep.*`` for another protocol or episode count than the
     run's own evaluation). By default the run's own evaluation is repeated: its protocol
     and episode count (``eval_episodes``); another ``protocol`` defaults to that
-    protocol's episode count."""
+    protocol's episode count. ``progress``: show a progress bar on stderr."""
     from mtrl.agents.sac import MultiTaskSAC
     from mtrl.balancers import build
     from mtrl.envs import PROTOCOLS, eval_env_config, eval_seed, evaluate, make_envs
@@ -82,7 +84,8 @@ def evaluate_run(
             f"{str(probe)!r}); pass --out DIR to write it elsewhere"
         )
 
-    envs = make_envs(replace(eval_env_config(cfg.env, protocol), device=str(dev)))
+    eval_cfg = replace(eval_env_config(cfg.env, protocol), device=str(dev))
+    envs = make_envs(eval_cfg)
     try:
         agent = MultiTaskSAC(
             envs.obs_dim, envs.act_dim, envs.num_tasks, cfg.sac,
@@ -97,8 +100,9 @@ def evaluate_run(
             ) from exc
         # the run's own evaluation seed at this step: same protocol and episodes -> the
         # same numbers as the run's evaluation of this checkpoint
-        result = evaluate(lambda o: agent.act(o, deterministic=True), envs, episodes,
-                          seed=eval_seed(cfg.env.seed, step))
+        with evaluation_progress(episodes, eval_cfg.max_episode_steps, progress) as on_step:
+            result = evaluate(lambda o: agent.act(o, deterministic=True), envs, episodes,
+                              seed=eval_seed(cfg.env.seed, step), on_step=on_step)
     finally:
         envs.close()
 

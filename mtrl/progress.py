@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "evaluation_progress"]
 
 
 class Progress:
@@ -28,17 +29,24 @@ class Progress:
 
     #: Default seconds between two progress lines when stderr is not a terminal.
     LINE_INTERVAL_S = 60.0
+    #: A ``transient`` bar (e.g. an evaluation inside a training run) appears only after
+    #: this many seconds, and is removed when closed; off a terminal it writes no line on
+    #: close (only its interval lines, if it lasts that long).
+    TRANSIENT_DELAY_S = 3.0
 
     def __init__(self, total: int, initial: int = 0, *, unit: str = "step", desc: str = "",
-                 line_interval_s: float | None = None) -> None:
+                 line_interval_s: float | None = None, transient: bool = False) -> None:
         from tqdm.auto import tqdm
         from tqdm.autonotebook import tqdm as plain_or_notebook
 
         in_notebook = plain_or_notebook.__module__ == "tqdm.notebook"
         self._lines = not in_notebook and not _isatty(sys.stderr)
         self._interval = self.LINE_INTERVAL_S if line_interval_s is None else line_interval_s
+        self._transient = transient
         self._bar: Any = tqdm(
             total=total, initial=initial, unit=unit, desc=desc or None, dynamic_ncols=True,
+            # transient: shown only after TRANSIENT_DELAY_S, and gone once closed
+            leave=not transient, delay=self.TRANSIENT_DELAY_S if transient else 0.0,
             # in line mode tqdm only counts and formats; this class prints its lines
             file=_Discard() if self._lines else sys.stderr,
             mininterval=math.inf if self._lines else 0.1,
@@ -77,9 +85,27 @@ class Progress:
         self._guarded(lambda bar: bar.write(text))
 
     def close(self) -> None:
-        if self._lines and self._bar is not None and self._bar.n != self._line_at:
+        if (self._lines and not self._transient and self._bar is not None
+                and self._bar.n != self._line_at):
             self._guarded(self._print_line)
         self._guarded(lambda bar: bar.close())
+
+
+@contextlib.contextmanager
+def evaluation_progress(episodes_per_task: int, max_episode_steps: int,
+                        enabled: bool = True) -> Iterator[Callable[[], None] | None]:
+    """A transient bar over the vector-env steps of an evaluation (its episodes run to
+    their time limit: ``episodes_per_task × max_episode_steps`` steps); yields its
+    ``update`` for :func:`mtrl.envs.evaluate`'s ``on_step`` (``None`` if not ``enabled``)."""
+    if not enabled:
+        yield None
+        return
+    bar = Progress(episodes_per_task * max_episode_steps, unit="step", desc="eval",
+                   transient=True)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
 
 
 #: The progress line when stderr is not a terminal: tqdm's meter without the bar.

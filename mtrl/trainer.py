@@ -44,7 +44,7 @@ from mtrl.config import (
     validate,
 )
 from mtrl.envs import PROTOCOLS, eval_env_config, eval_seed, evaluate, make_envs
-from mtrl.progress import Progress
+from mtrl.progress import Progress, evaluation_progress
 from mtrl.runtime import (
     RunDirBusy,
     configure_cpu,
@@ -510,12 +510,14 @@ def _train(
 
     def run_eval(step: int) -> dict[str, Any]:
         nonlocal eval_envs, best_success
+        eval_cfg = replace(eval_env_config(cfg.env, cfg.protocol), device=str(device))
         if eval_envs is None:
-            eval_envs = env_factory(replace(eval_env_config(cfg.env, cfg.protocol),
-                                            device=str(device)))
-        with torch.random.fork_rng(devices=[]):  # evaluation must not shift training RNG
+            eval_envs = env_factory(eval_cfg)
+        progress = evaluation_progress(eval_episodes, eval_cfg.max_episode_steps, cfg.progress)
+        # (fork_rng: evaluation must not shift the training RNG)
+        with progress as on_step, torch.random.fork_rng(devices=[]):
             result = evaluate(lambda o: agent.act(o, deterministic=True), eval_envs,
-                              eval_episodes, seed=eval_seed(cfg.env.seed, step))
+                              eval_episodes, seed=eval_seed(cfg.env.seed, step), on_step=on_step)
         mean = float(result.mean_success)
         best_success = max(best_success, mean)
         record = {

@@ -61,6 +61,17 @@ def test_evaluate_counts_success_at_any_step_and_resets_it_between_episodes():
     assert r.env_steps == 2 * 6 and env.reset_seeds == [7]
 
 
+def test_evaluate_reports_each_vector_step():
+    """``on_step`` (a progress bar's update) is called once per vector-env step: for
+    episodes ended by the time limit, episodes × L calls, the bar's total."""
+    env = ScriptedEnv(success=[[False] * 9] * 2, reward=[[0.0] * 9] * 2)
+    calls = []
+    r = evaluate(lambda o: torch.zeros(o.shape[0], 1), env, episodes_per_task=3,
+                 on_step=lambda: calls.append(env.t))
+    assert calls == list(range(1, 3 * ScriptedEnv.L + 1))
+    assert r.env_steps == 2 * len(calls)
+
+
 def test_eval_seed_depends_on_the_seed_and_the_step():
     """Different training steps get different evaluation seeds (random goals differ between
     evaluations); the same (seed, step) always gives the same one."""

@@ -128,6 +128,22 @@ def test_eval_repeats_the_runs_own_numbers(toy_run, tmp_path):
     assert record["return"] == pytest.approx(final["return"])
 
 
+def test_eval_shows_its_progress_unless_told_not_to(toy_run, tmp_path, monkeypatch, capsys):
+    """A metaworld-plus evaluation runs for minutes: `mtrl eval` shows a bar over its
+    vector-env steps (here stderr is not a terminal: plain lines, one per interval)."""
+    from mtrl.cli import main
+    from mtrl.progress import Progress
+
+    monkeypatch.setattr(Progress, "LINE_INTERVAL_S", 0.0)
+    main(["eval", str(toy_run), "--device", "cpu", "--out", str(tmp_path)])
+    lines = capsys.readouterr().err.splitlines()
+    # the run's evaluation: 2 episodes of the mtrl protocol's 150 steps
+    assert [line.split(" steps")[0] for line in lines] == [
+        f"eval: {n}/300" for n in range(1, 301)]
+    main(["eval", str(toy_run), "--device", "cpu", "--out", str(tmp_path), "--no-progress"])
+    assert capsys.readouterr().err == ""
+
+
 def test_eval_csv_columns(toy_run, tmp_path):
     """eval_<step>.csv: task, success_rate, mean_return, matching the JSON."""
     from mtrl.evaluate_run import evaluate_run

@@ -74,3 +74,14 @@ def test_without_progress_the_bench_still_prints_failed_runs(capsys):
     progress.close()
     out = capsys.readouterr()
     assert (out.out, out.err) == ("FAILED mean seed 0: x (log: l)\ninterrupted\n", "")
+
+
+def test_a_transient_bar_off_a_terminal_writes_no_closing_line(monkeypatch, capsys):
+    """An evaluation inside a training run: its bar must not add a line to the log at
+    every evaluation (one that lasts less than the interval writes nothing)."""
+    monkeypatch.setattr(Progress, "LINE_INTERVAL_S", 3600.0)
+    for transient, expected in ((True, ""), (False, "eval: 5/10 steps (50%) [")):
+        bar = Progress(10, desc="eval", transient=transient)
+        bar.update(5)
+        bar.close()
+        assert capsys.readouterr().err[:len(expected) or None] == expected

@@ -490,6 +490,25 @@ def test_ctrl_c_with_a_dead_stderr_pipe_still_writes_the_checkpoint(tmp_path, mo
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 70
 
 
+def test_training_progress_off_a_terminal_shows_steps_and_evaluations(tmp_path, monkeypatch,
+                                                                      capsys):
+    """Under nohup / ``2> log``: plain progress lines of the training steps and of each
+    evaluation's vector-env steps (here one line per step: interval 0)."""
+    from mtrl.progress import Progress
+
+    monkeypatch.setattr(Progress, "LINE_INTERVAL_S", 0.0)
+    cfg = toy_config(tmp_path, total_steps=40, eval_every=20, eval_episodes=1, progress=True)
+    train(cfg)
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "\r" not in err
+    train_lines = [line.split(" steps")[0] for line in lines if not line.startswith("eval")]
+    assert train_lines == [f"{n}/40" for n in range(1, 41)]
+    # evaluations at steps 20 and 40, each 1 episode of the mtrl protocol's 150 steps
+    eval_lines = [line.split(" steps")[0] for line in lines if line.startswith("eval")]
+    assert eval_lines == [f"eval: {n}/150" for n in range(1, 151)] * 2
+
+
 def test_a_run_shorter_than_warmup_is_warned(tmp_path):
     cfg = toy_config(tmp_path, total_steps=30, warmup_steps=40)
     with pytest.warns(UserWarning, match=r"total_steps 30 <= 40, .*no gradient update"):

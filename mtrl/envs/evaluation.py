@@ -113,6 +113,7 @@ def evaluate(
     envs: MultiTaskVecEnv,
     episodes_per_task: int,
     seed: int | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> EvalResult:
     """Run ``policy`` until every task has finished ``episodes_per_task`` episodes.
 
@@ -121,6 +122,9 @@ def evaluate(
     given); extra episodes of tasks that finish early are ignored. An episode succeeds if
     ``info["success"]`` was true at ANY of its steps. Use a dedicated evaluation env
     (``make_envs(eval_env_config(train_cfg, protocol))``): this leaves it mid-episode.
+    ``on_step`` (e.g. a progress bar's update) is called after each vector-env step;
+    episodes that run to their time limit take ``episodes_per_task × max_episode_steps``
+    of them.
     """
     if (
         isinstance(episodes_per_task, bool)
@@ -153,6 +157,8 @@ def evaluate(
             run_return[i] = 0.0
             run_success[i] = False
         obs = step.obs
+        if on_step is not None:
+            on_step()
 
     rates = ep_success.mean(axis=1)
     returns = ep_return.mean(axis=1)
