@@ -690,7 +690,7 @@ def launch_local(jobs: Sequence[Job], spec: BenchSpec, progress: _Progress,
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGINT)  # the run checkpoints and exits
         progress.write("interrupted: waiting for running runs to write checkpoints "
-                           "(Ctrl-C again to stop them at once) ...")
+                       "(Ctrl-C again to stop them at once) ...")
         killed: set[str] = set()
         try:
             collect(futures)
