@@ -330,12 +330,21 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         _fail(f"unknown command {command!r}; valid commands: {', '.join(COMMANDS)}")
+    previous_show = warnings.showwarning
+    warnings.showwarning = _show_warning  # "warning: ..." lines, no source excerpts
+    try:
+        _run(command, rest)
+    finally:
+        warnings.showwarning = previous_show
+
+
+def _run(command: str, rest: list[str]) -> None:
+    # (imported here, after main() took over warnings: modules that warn on import, such
+    # as mtrl.onednn about MTRL_ONEDNN, then warn in the "warning: ..." form too)
     from mtrl.checkpoint import CheckpointError
     from mtrl.config import ConfigError
     from mtrl.trainer import TrainingError
 
-    previous_show = warnings.showwarning
-    warnings.showwarning = _show_warning  # "warning: ..." lines, no source excerpts
     try:
         COMMANDS[command](rest)
         sys.stdout.flush()  # a dead pipe shows here (exit 1, below), not as a traceback at exit
@@ -363,8 +372,6 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{type(exc).__name__}: {exc}", code=1)
     except ValueError as exc:  # bad values surfacing from dataclass/env validation
         _fail(str(exc))
-    finally:
-        warnings.showwarning = previous_show
 
 
 if __name__ == "__main__":

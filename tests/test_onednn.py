@@ -463,3 +463,19 @@ def test_mtrl_onednn_settings(monkeypatch, setting, on, warned):
     messages = [str(w.message) for w in caught]
     assert any("MTRL_ONEDNN='maybe' is not understood; oneDNN stays on" in m
                for m in messages) == warned, messages
+
+
+def test_the_cli_reports_a_bad_mtrl_onednn_as_a_warning_line():
+    """The warning comes at import; the `mtrl` command imported that module before it took
+    over warnings, so it printed Python's raw form (file, line and source excerpt)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MTRL_ONEDNN": "foo"}
+    proc = subprocess.run([sys.executable, "-m", "mtrl.cli", "balancers"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "warning: MTRL_ONEDNN='foo' is not understood; oneDNN stays on (MTRL_ONEDNN=0 turns "
+        "it off)"]
