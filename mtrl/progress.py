@@ -17,21 +17,23 @@ class Progress:
     (a closed terminal, or ``mtrl train ... | tee log`` whose ``tee`` died with the same
     Ctrl-C) a write raises ``BrokenPipeError`` / ``OSError``, which used to abort the
     training loop before it wrote the interrupt checkpoint. After the first failed write
-    it is silent.
+    it is silent, and a dead pipe or terminal behind stderr is pointed at /dev/null, so
+    that the flush at exit does not fail too (exit status 120).
 
-    On a terminal (or in a notebook) it is a tqdm bar. Where stderr is not a terminal
-    (``nohup``, ``2> log``, a batch job) a redrawn bar fills the log with carriage-return
-    frames (~1 KB/s for ``mtrl train``), so it writes one plain line at most every
-    ``line_interval_s`` seconds (default :data:`LINE_INTERVAL_S`) instead: tqdm's meter
-    text without the bar (the rate is the session's average), and on close a last one
-    unless the previous line showed the same count.
-    :meth:`write` prints a message line on stdout in both forms."""
+    On a terminal (or in an IPython kernel: a notebook, qtconsole, Spyder) it is a tqdm
+    bar. Where stderr is not a terminal (``nohup``, ``2> log``, a batch job) a redrawn bar
+    fills the log with carriage-return frames (~1 KB/s for ``mtrl train``), so it writes
+    plain lines instead: tqdm's meter text without the bar (the rate is the session's
+    average), one when it starts, then at most one every ``line_interval_s`` seconds
+    (default :data:`LINE_INTERVAL_S`), and on close a last one unless the previous line
+    showed the same count. ``TQDM_DISABLE=1`` silences both forms. :meth:`write` prints a
+    message line on stdout, flushed (in order with the progress lines in a shared log)."""
 
     #: Default seconds between two progress lines when stderr is not a terminal.
     LINE_INTERVAL_S = 60.0
     #: A ``transient`` bar (e.g. an evaluation inside a training run) appears only after
-    #: this many seconds, and is removed when closed; off a terminal it writes no line on
-    #: close (only its interval lines, if it lasts that long).
+    #: this many seconds, and is removed when closed; off a terminal it writes neither the
+    #: first nor the closing line (only its interval lines, if it lasts that long).
     TRANSIENT_DELAY_S = 3.0
 
     def __init__(self, total: int, initial: int = 0, *, unit: str = "step", desc: str = "",
@@ -39,30 +41,44 @@ class Progress:
         from tqdm.auto import tqdm
         from tqdm.autonotebook import tqdm as plain_or_notebook
 
-        in_notebook = plain_or_notebook.__module__ == "tqdm.notebook"
-        self._lines = not in_notebook and not _isatty(sys.stderr)
+        # IPython front ends draw tqdm's bar in place, though their stderr is no terminal
+        in_kernel = plain_or_notebook.__module__ == "tqdm.notebook" or "ipykernel" in sys.modules
+        self._lines = not in_kernel and not _isatty(sys.stderr)
         self._interval = self.LINE_INTERVAL_S if line_interval_s is None else line_interval_s
         self._transient = transient
-        self._bar: Any = tqdm(
-            total=total, initial=initial, unit=unit, desc=desc or None, dynamic_ncols=True,
-            # transient: shown only after TRANSIENT_DELAY_S, and gone once closed
-            leave=not transient, delay=self.TRANSIENT_DELAY_S if transient else 0.0,
-            # in line mode tqdm only counts and formats; this class prints its lines
-            file=_Discard() if self._lines else sys.stderr,
-            mininterval=math.inf if self._lines else 0.1,
-            bar_format=(f"{desc}: " if desc else "") + _LINE_FORMAT if self._lines else None,
-        )
         self._next_line = time.monotonic() + self._interval
         self._line_at: int | None = None  # the count the last line showed
+        self._bar: Any = None
+        if sys.stderr is None:  # (started with stderr closed: nowhere to show progress)
+            return
+        try:  # (a terminal bar draws its first frame here)
+            bar = tqdm(
+                total=total, initial=initial, unit=unit, desc=desc or None, dynamic_ncols=True,
+                # transient: shown only after TRANSIENT_DELAY_S, and gone once closed
+                leave=not transient, delay=self.TRANSIENT_DELAY_S if transient else 0.0,
+                # in line mode tqdm only counts and formats; this class prints its lines
+                file=_Discard() if self._lines else sys.stderr,
+                mininterval=math.inf if self._lines else 0.1,
+                bar_format=(f"{desc}: " if desc else "") + _LINE_FORMAT if self._lines else None,
+            )
+        except _STREAM_ERRORS:
+            _silence_stderr()
+            return
+        if bar.disable:  # TQDM_DISABLE=1 (tqdm takes TQDM_* variables as defaults)
+            return
+        self._bar = bar
+        if self._lines and not transient:  # the log shows that the work started, and where
+            self._guarded(self._print_line)
 
     def _guarded(self, action: Callable[[Any], None]) -> None:
         if self._bar is None:
             return
         try:
             action(self._bar)
-        except OSError:
+        except _STREAM_ERRORS:
             self._bar.disable = True  # tqdm writes nothing more, even on close
             self._bar = None
+            _silence_stderr()
 
     def _print_line(self, bar: Any) -> None:
         sys.stderr.write(f"{bar}\n")
@@ -82,7 +98,17 @@ class Progress:
         self._guarded(lambda bar: bar.set_postfix(**kwargs))
 
     def write(self, text: str) -> None:
-        self._guarded(lambda bar: bar.write(text))
+        """Print ``text`` as a line on stdout (on a terminal, above the bar)."""
+        try:
+            if self._bar is not None and not self._lines:
+                self._bar.write(text)  # (tqdm clears the bar, prints on stdout, redraws it)
+            else:
+                print(text)
+            sys.stdout.flush()
+        except _STREAM_ERRORS:
+            # stdout (or, clearing the bar, stderr) is gone: stdout's owner finds out at
+            # its next write or flush, and the bar at its own next write
+            pass
 
     def close(self) -> None:
         if (self._lines and not self._transient and self._bar is not None
@@ -121,6 +147,22 @@ class _Discard:
         return len(text)
 
     def flush(self) -> None:
+        pass
+
+
+#: What a write to a stream that went away raises: OSError (a dead pipe, a lost terminal),
+#: ValueError (the stream was closed).
+_STREAM_ERRORS = (OSError, ValueError)
+
+
+def _silence_stderr() -> None:
+    """Point stderr at /dev/null when its reader is gone (a pipe or terminal; a log file
+    stays), so that the bytes left in its buffer do not fail the flush at exit."""
+    from mtrl.runtime import to_devnull
+
+    try:
+        to_devnull((sys.stderr.fileno(),), keep_files=True)
+    except (*_STREAM_ERRORS, AttributeError):  # (no file descriptor behind sys.stderr)
         pass
 
 

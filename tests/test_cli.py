@@ -385,3 +385,31 @@ def test_an_interrupted_bench_exits_130_when_its_output_pipe_is_gone(tmp_path, m
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--steps", "100", "--out", str(tmp_path / "b"), "--no-progress"])
     assert exc.value.code == 130 and silenced == [True]
+
+
+def test_ctrl_c_after_the_reader_of_the_output_died_exits_130(tmp_path):
+    """``mtrl train ... 2>&1 | tee log`` and Ctrl-C, for real: tee dies first; the
+    progress line written on close failed (silently), but its bytes stayed in stderr's
+    buffer and the flush at exit failed again: exit status 120 instead of 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # pipes buffer
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mtrl.cli", "train", "--env.benchmark", "toy",
+         "--total-steps", "1000000", "--warmup-steps", "100", "--batch-size", "64",
+         "--buffer-capacity", "5000", "--eval-every", "0", "--checkpoint-every", "1000000",
+         "--run-dir", str(run)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        line = proc.stdout.readline()  # the progress's first line: the loop has started
+        assert line.startswith(b"0/1000000 steps"), line
+        proc.stdout.close()  # the reader dies
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        proc.kill()
+    assert (run / "checkpoint.pt").is_file()

@@ -13,9 +13,10 @@ def _progress(monkeypatch, capsys, interval: float, initial: int = 40) -> Progre
 def test_progress_off_a_terminal_is_plain_lines_not_redrawn_frames(monkeypatch, capsys):
     """Under nohup or ``2> log`` tqdm's redrawn bar wrote a carriage-return frame ~10
     times a second into the log (28 KB for a 35 s toy run); there the progress is one
-    line per interval, with the step, rate and the latest postfix."""
+    line per interval, with the step, rate and the latest postfix, and one at the start
+    (a resumed run's: where it starts)."""
     bar = _progress(monkeypatch, capsys, interval=0.0)  # (capsys: stderr is no terminal)
-    assert capsys.readouterr().err == ""  # nothing drawn at the start
+    assert capsys.readouterr().err.startswith("40/100 steps (40%) [00:00<?, ?step/s]\n")
     bar.update(1)
     bar.set_postfix(env_sps="496", success="0.50")
     bar.update(2)
@@ -24,7 +25,8 @@ def test_progress_off_a_terminal_is_plain_lines_not_redrawn_frames(monkeypatch, 
     out = capsys.readouterr()
     lines = out.err.split("\n")
     assert "\r" not in out.err and lines[-1] == ""
-    assert [line.split(" steps")[0] for line in lines[:-1]] == ["41/100", "43/100"]
+    assert [line.split(" steps")[0] for line in lines[:-1]] == ["41/100", "43/100"]  # (no
+    # repeated last line at close)
     assert lines[0].startswith("41/100 steps (41%) [") and "step/s" in lines[0]
     assert "success" not in lines[0] and lines[1].endswith(", env_sps=496, success=0.50]")
     assert out.out == "interrupted: checkpoint written\n"
@@ -32,6 +34,7 @@ def test_progress_off_a_terminal_is_plain_lines_not_redrawn_frames(monkeypatch, 
 
 def test_progress_lines_come_once_per_interval_and_at_close(monkeypatch, capsys):
     bar = _progress(monkeypatch, capsys, interval=3600.0, initial=0)
+    assert capsys.readouterr().err.startswith("0/100 steps (0%) [")
     for _ in range(50):
         bar.update(1)
     assert capsys.readouterr().err == ""
@@ -60,8 +63,8 @@ def test_the_bench_progress_is_a_line_per_finished_run_off_a_terminal(capsys):
     assert out.out == "FAILED cagrad seed 1: boom (log: runs/x/train.log)\n"
     lines = out.err.splitlines()
     assert "\r" not in out.err and [line.split(" runs")[0] for line in lines] == [
-        "bench: 2/3", "bench: 3/3"]  # (no repeated last line at close)
-    assert lines[0].endswith("failed=0]") and lines[1].endswith("failed=1]")
+        "bench: 1/3", "bench: 2/3", "bench: 3/3"]  # (no repeated last line at close)
+    assert lines[1].endswith("failed=0]") and lines[2].endswith("failed=1]")
 
 
 def test_without_progress_the_bench_still_prints_failed_runs(capsys):
@@ -80,8 +83,128 @@ def test_a_transient_bar_off_a_terminal_writes_no_closing_line(monkeypatch, caps
     """An evaluation inside a training run: its bar must not add a line to the log at
     every evaluation (one that lasts less than the interval writes nothing)."""
     monkeypatch.setattr(Progress, "LINE_INTERVAL_S", 3600.0)
-    for transient, expected in ((True, ""), (False, "eval: 5/10 steps (50%) [")):
+    for transient, expected in ((True, []), (False, ["eval: 0/10", "eval: 5/10"])):
         bar = Progress(10, desc="eval", transient=transient)
         bar.update(5)
         bar.close()
-        assert capsys.readouterr().err[:len(expected) or None] == expected
+        lines = capsys.readouterr().err.splitlines()
+        assert [line.split(" steps")[0] for line in lines] == expected
+
+
+def test_tqdm_disable_silences_the_progress_but_not_the_messages():
+    """TQDM_DISABLE=1 (tqdm reads TQDM_* variables at import, as defaults): off a
+    terminal the lines went on, frozen at the start count and in tqdm's default format."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import mtrl.progress as p\n"
+        "for terminal in (False, True):\n"
+        "    p._isatty = lambda stream: terminal\n"
+        "    bar = p.Progress(100, 40, line_interval_s=0.0)\n"
+        "    bar.update(3)\n"
+        "    bar.write('a message')\n"
+        "    bar.close()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "TQDM_DISABLE": "1"}, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "a message\n" * 2, "")
+
+
+def test_messages_are_flushed_in_order_with_the_progress_lines(monkeypatch):
+    """``nohup mtrl bench > log 2>&1``: stdout to a file is block-buffered, so a FAILED
+    line written with tqdm.write reached the log only at exit, after the progress lines
+    (flushed at once) that counted it."""
+    import io
+    import sys
+
+    log: list[str] = []
+
+    class Stream(io.StringIO):
+        def flush(self):
+            if self.getvalue():
+                log.append(self.getvalue())
+                self.seek(0), self.truncate()
+
+    monkeypatch.setattr(sys, "stdout", Stream())
+    monkeypatch.setattr(sys, "stderr", Stream())
+    monkeypatch.setattr(Progress, "LINE_INTERVAL_S", 0.0)
+    bar = Progress(2, desc="bench", unit="run")
+    bar.write("FAILED mean seed 0")
+    bar.update(1)
+    assert [entry.split(" runs")[0] for entry in log] == [
+        "bench: 0/2", "FAILED mean seed 0\n", "bench: 1/2"]
+
+
+class _Gone:
+    """A stream whose reader has gone (``error``: what writing to it raises)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def write(self, text):
+        raise self.error
+
+    def flush(self):
+        raise self.error
+
+    def isatty(self):
+        return True
+
+
+def test_progress_never_raises_when_stderr_is_gone(monkeypatch, capsys):
+    """A dead pipe behind stderr when the bar is made (a terminal bar draws there), a
+    closed stderr (ValueError), or none at all: the progress goes silent and says why
+    nowhere; a dead stream is pointed at /dev/null so the flush at exit cannot fail."""
+    import sys
+
+    silenced = []
+    monkeypatch.setattr(mtrl.progress, "_silence_stderr", lambda: silenced.append(True))
+    for stream in (_Gone(BrokenPipeError(32, "Broken pipe")),
+                   _Gone(ValueError("I/O operation on closed file.")), None):
+        for terminal in (True, False):
+            silenced.clear()
+            monkeypatch.setattr(mtrl.progress, "_isatty", lambda s, t=terminal: t)
+            monkeypatch.setattr(sys, "stderr", stream)
+            bar = Progress(10, 2, line_interval_s=0.0)
+            bar.update(1)
+            bar.set_postfix(x=1)
+            bar.write("still shown")
+            bar.close()
+            monkeypatch.setattr(sys, "stderr", sys.__stderr__)
+            assert capsys.readouterr().out == "still shown\n"
+            assert silenced == ([] if stream is None else [True])
+
+
+def test_an_ipython_kernel_keeps_the_bar(monkeypatch, capsys):
+    """qtconsole, Spyder or Jupyter without widgets: tqdm draws its plain bar there, and
+    the kernel's stderr is no terminal; it stays a bar, not a line a minute."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    bar = _progress(monkeypatch, capsys, interval=3600.0)
+    bar.update(1)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" in err and "41/100" in err and "|" in err
+
+
+def test_a_dead_stdout_leaves_the_bar_and_stderr_alone(monkeypatch, capsys):
+    """A message to a stdout whose reader is gone is lost, but the progress on stderr
+    goes on (before, the failure silenced the bar, and stderr would have gone to
+    /dev/null for a fault of stdout's)."""
+    import sys
+
+    silenced = []
+    monkeypatch.setattr(mtrl.progress, "_silence_stderr", lambda: silenced.append(True))
+    for terminal in (True, False):
+        monkeypatch.setattr(mtrl.progress, "_isatty", lambda s, t=terminal: t)
+        bar = _progress(monkeypatch, capsys, interval=0.0)
+        monkeypatch.setattr(sys, "stdout", _Gone(BrokenPipeError(32, "Broken pipe")))
+        bar.write("lost")
+        bar.update(1)
+        bar.close()  # (on a terminal, the last frame; off it, a line)
+        monkeypatch.setattr(sys, "stdout", sys.__stdout__)
+        assert "41/100" in capsys.readouterr().err and silenced == []

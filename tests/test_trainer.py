@@ -503,7 +503,7 @@ def test_training_progress_off_a_terminal_shows_steps_and_evaluations(tmp_path, 
     lines = err.splitlines()
     assert "\r" not in err
     train_lines = [line.split(" steps")[0] for line in lines if not line.startswith("eval")]
-    assert train_lines == [f"{n}/40" for n in range(1, 41)]
+    assert train_lines == [f"{n}/40" for n in range(41)]
     # evaluations at steps 20 and 40, each 1 episode of the mtrl protocol's 150 steps
     eval_lines = [line.split(" steps")[0] for line in lines if line.startswith("eval")]
     assert eval_lines == [f"eval: {n}/150" for n in range(1, 151)] * 2
