@@ -16,7 +16,7 @@ from mtrl.checkpoint import (
     load_checkpoint,
 )
 from mtrl.config import ConfigError, read_run_config
-from mtrl.progress import evaluation_progress
+from mtrl.progress import evaluation_progress, status
 from mtrl.runtime import configure_cpu
 
 
@@ -85,6 +85,8 @@ def evaluate_run(
         )
 
     eval_cfg = replace(eval_env_config(cfg.env, protocol), device=str(dev))
+    if progress:
+        status(f"building the {cfg.env.benchmark} environments ...")
     envs = make_envs(eval_cfg)
     try:
         agent = MultiTaskSAC(

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["Progress", "evaluation_progress"]
+__all__ = ["Progress", "evaluation_progress", "status"]
 
 
 class Progress:
@@ -115,6 +115,15 @@ class Progress:
                 and self._bar.n != self._line_at):
             self._guarded(self._print_line)
         self._guarded(lambda bar: bar.close())
+
+
+def status(text: str) -> None:
+    """A line on stderr about slow work that has no count to show (building MT50's
+    environments takes ~25 s); never raises."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (*_STREAM_ERRORS, AttributeError):  # (AttributeError: stderr is None)
+        pass
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ from mtrl.config import (
     validate,
 )
 from mtrl.envs import PROTOCOLS, eval_env_config, eval_seed, evaluate, make_envs
-from mtrl.progress import Progress, evaluation_progress
+from mtrl.progress import Progress, evaluation_progress, status
 from mtrl.runtime import (
     RunDirBusy,
     configure_cpu,
@@ -371,6 +371,8 @@ def _train(
             f"to the learner's device ({device}, from --device)", stacklevel=2,
         )
     env_cfg = replace(cfg.env, device=str(device))
+    if cfg.progress:
+        status(f"building the {cfg.env.benchmark} environments ...")
     envs = env_factory(env_cfg)
     num_tasks = envs.num_tasks
     try:

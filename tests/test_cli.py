@@ -282,7 +282,8 @@ def test_eval_of_a_checkpoint_that_does_not_fit_is_one_line(tmp_path, capsys):
     (run / "config.json").write_text(json.dumps(cfg))
     code, _, err = run_cli(["eval", str(run)], capsys)
     assert code == 2 and "does not match the run's config: RuntimeError:" in err
-    assert len(err.strip().splitlines()) == 1, err
+    assert err.strip().splitlines()[0] == "building the toy environments ..."
+    assert len(err.strip().splitlines()) == 2, err  # (the status line, then the error)
 
 
 def test_eval_of_a_read_only_run_says_so_before_evaluating(tmp_path, capsys, monkeypatch):
@@ -405,6 +406,7 @@ def test_ctrl_c_after_the_reader_of_the_output_died_exits_130(tmp_path):
          "--run-dir", str(run)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
+        assert proc.stdout.readline() == b"building the toy environments ...\n"
         line = proc.stdout.readline()  # the progress's first line: the loop has started
         assert line.startswith(b"0/1000000 steps"), line
         proc.stdout.close()  # the reader dies

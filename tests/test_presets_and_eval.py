@@ -136,7 +136,8 @@ def test_eval_shows_its_progress_unless_told_not_to(toy_run, tmp_path, monkeypat
 
     monkeypatch.setattr(Progress, "LINE_INTERVAL_S", 0.0)
     main(["eval", str(toy_run), "--device", "cpu", "--out", str(tmp_path)])
-    lines = capsys.readouterr().err.splitlines()
+    first, *lines = capsys.readouterr().err.splitlines()
+    assert first == "building the toy environments ..."
     # the run's evaluation: 2 episodes of the mtrl protocol's 150 steps
     assert [line.split(" steps")[0] for line in lines] == [
         f"eval: {n}/300" for n in range(1, 301)]

@@ -500,8 +500,8 @@ def test_training_progress_off_a_terminal_shows_steps_and_evaluations(tmp_path, 
     cfg = toy_config(tmp_path, total_steps=40, eval_every=20, eval_episodes=1, progress=True)
     train(cfg)
     err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert "\r" not in err
+    first, *lines = err.splitlines()
+    assert first == "building the toy environments ..." and "\r" not in err
     train_lines = [line.split(" steps")[0] for line in lines if not line.startswith("eval")]
     assert train_lines == [f"{n}/40" for n in range(41)]
     # evaluations at steps 20 and 40, each 1 episode of the mtrl protocol's 150 steps
