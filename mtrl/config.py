@@ -41,9 +41,7 @@ class TrainConfig:
     balancer: str = "mean"
     """Balancer name (see `mtrl balancers`) or a 'package.module:Class' path."""
     balancer_kwargs: dict[str, int | float | bool | str] = field(default_factory=dict)
-    """Balancer hyper-parameters: --balancer-kwargs c 0.9 for cagrad (in a JSON preset
-    {"c": 0.9}). With --config they are merged into the preset's; a --balancer other than
-    the preset's drops the preset's."""
+    """Balancer hyper-parameters (c 0.9 for cagrad), merged into a --config preset's."""
     total_steps: int = 1_000_000
     """Vector-env steps to train (each adds one transition per task)."""
     warmup_steps: int = 1_500

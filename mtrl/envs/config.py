@@ -78,15 +78,13 @@ class EnvConfig:
     """
 
     benchmark: str = "MT10"
-    """'MT10', 'MT50', 'MT1' (needs task), 'custom' (needs tasks) or 'toy' (a tiny
-    point-mass env without Meta-World, for tests and smoke runs)."""
+    """'MT10', 'MT50', 'MT1' (+ task), 'custom' (+ tasks), 'toy' (no Meta-World: tests)."""
     task: str | None = None
     """The one Meta-World task of 'MT1' (e.g. reach-v3)."""
     tasks: tuple[str, ...] | None = None
     """The Meta-World tasks of 'custom'."""
     seed: int = 0
-    """Seeds the goal sets (which goals exist per task), the per-env goal sampling, the
-    simulator and the run (networks, buffer sampling, warm-up actions)."""
+    """Seeds goals (sets and sampling), simulator, networks, buffer sampling, warm-up actions."""
     vector_strategy: str = "sync"
     """'sync' (in-process) or 'async' (one forked worker per task)."""
     max_episode_steps: int = 500
