@@ -599,8 +599,8 @@ class _Progress:
     progress)."""
 
     def __init__(self, total: int, initial: int, enabled: bool = True) -> None:
-        self.bar = Progress(total, initial, unit="run", desc="bench",
-                            line_interval_s=0.0) if enabled else None
+        self.bar = Progress(total, initial, unit="run", desc="bench", line_interval_s=0.0,
+                            enabled=enabled)
         self.failed = 0
 
     def update(self, outcome: dict) -> None:
@@ -608,20 +608,15 @@ class _Progress:
             self.failed += 1
             self.write(f"FAILED {outcome['balancer']} seed {outcome['seed']}: "
                        f"{(outcome['error'] or '').splitlines()[0]} (log: {outcome['log']})")
-        if self.bar is not None:
-            self.bar.set_postfix(failed=self.failed)
-            self.bar.update(1)
+        self.bar.set_postfix(failed=self.failed)
+        self.bar.update(1)
 
     def write(self, line: str) -> None:
         """A message line on stdout (above the bar, if there is one)."""
-        if self.bar is not None:
-            self.bar.write(line)
-        else:
-            print(line, flush=True)
+        self.bar.write(line)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 def launch_local(jobs: Sequence[Job], spec: BenchSpec, progress: _Progress,

@@ -26,8 +26,9 @@ class Progress:
     plain lines instead: tqdm's meter text without the bar (the rate is the session's
     average), one when it starts, then at most one every ``line_interval_s`` seconds
     (default :data:`LINE_INTERVAL_S`), and on close a last one unless the previous line
-    showed the same count. ``TQDM_DISABLE=1`` silences both forms. :meth:`write` prints a
-    message line on stdout, flushed (in order with the progress lines in a shared log)."""
+    showed the same count. ``enabled=False`` or ``TQDM_DISABLE=1`` silences both forms.
+    :meth:`write` prints a message line on stdout, flushed (in order with the progress
+    lines in a shared log), also when the progress is silent."""
 
     #: Default seconds between two progress lines when stderr is not a terminal.
     LINE_INTERVAL_S = 60.0
@@ -37,7 +38,8 @@ class Progress:
     TRANSIENT_DELAY_S = 3.0
 
     def __init__(self, total: int, initial: int = 0, *, unit: str = "step", desc: str = "",
-                 line_interval_s: float | None = None, transient: bool = False) -> None:
+                 line_interval_s: float | None = None, transient: bool = False,
+                 enabled: bool = True) -> None:
         from tqdm.auto import tqdm
         from tqdm.autonotebook import tqdm as plain_or_notebook
 
@@ -49,7 +51,7 @@ class Progress:
         self._next_line = time.monotonic() + self._interval
         self._line_at: int | None = None  # the count the last line showed
         self._bar: Any = None
-        if sys.stderr is None:  # (started with stderr closed: nowhere to show progress)
+        if not enabled or sys.stderr is None:  # (None: started with stderr closed)
             return
         try:  # (a terminal bar draws its first frame here)
             bar = tqdm(
