@@ -560,9 +560,9 @@ def _train(
         if stop_requests > 1:
             raise KeyboardInterrupt
 
-    previous_handlers = install_stop_handlers(on_signal)
     bar_sps = "n/a"  # env-steps/s of the last log window, for the progress bar
-    bar = Progress(cfg.total_steps, start_step) if cfg.progress else None
+    bar = Progress(cfg.total_steps, start_step, enabled=cfg.progress)
+    previous_handlers = install_stop_handlers(on_signal)  # (put back in the loop's finally)
     t_start = time.perf_counter()
     t_last, step_last = t_start, start_step
     step = start_step
@@ -639,8 +639,7 @@ def _train(
                 done_return.zero_(), done_success.zero_(), done_count.zero_()
                 log.write("metrics.jsonl", record)
                 bar_sps = f"{sps:.0f}"
-                if bar is not None:
-                    bar.set_postfix(env_sps=bar_sps, success=_success_text(last_eval))
+                bar.set_postfix(env_sps=bar_sps, success=_success_text(last_eval))
 
             if cfg.eval_every and step % cfg.eval_every == 0:
                 try:
@@ -651,12 +650,11 @@ def _train(
                     # (the eval workers died of a group-wide stop signal: checkpoint
                     # without this evaluation; a resumed run evaluates at its end)
                 else:
-                    if bar is not None:  # the new result now, not at the next log
-                        bar.set_postfix(env_sps=bar_sps, success=_success_text(last_eval))
+                    # (the new result now, not at the next log)
+                    bar.set_postfix(env_sps=bar_sps, success=_success_text(last_eval))
             if step % cfg.checkpoint_every == 0:
                 checkpoint(step)
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
             if interrupted:
                 break
 
@@ -664,7 +662,7 @@ def _train(
         if not interrupted and (last_eval is None or last_eval["step"] != step):
             last_eval = run_eval(step)
         checkpoint(step)
-        if interrupted and bar is not None:
+        if interrupted and cfg.progress:
             bar.write(f"interrupted: checkpoint written at step {step} to {ckpt_path}")
         if not interrupted:
             # result.json marks a finished run (benchmarks skip runs that have one).
@@ -681,8 +679,7 @@ def _train(
             })
     finally:
         restore_handlers(previous_handlers)
-        if bar is not None:
-            bar.close()
+        bar.close()
         log.close()
         for venv in (envs, eval_envs):
             if venv is None:

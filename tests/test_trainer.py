@@ -249,7 +249,7 @@ def test_the_progress_bar_shows_an_evaluation_when_it_is_made(tmp_path, monkeypa
     shown = []
 
     class Bar:
-        def __init__(self, total, initial):
+        def __init__(self, total, initial, enabled):
             self.n = initial
 
         def set_postfix(self, **kwargs):
