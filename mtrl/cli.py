@@ -131,12 +131,9 @@ def _print_outcome(show: Any, interrupted: bool) -> None:
 
 def _silence_stdout() -> None:
     """Point stdout at /dev/null (its reader is gone), so the flush at exit cannot fail."""
-    from mtrl.runtime import to_devnull
+    from mtrl.runtime import stream_to_devnull
 
-    try:
-        to_devnull((sys.stdout.fileno(),))
-    except (OSError, ValueError):  # (ValueError: no file descriptor behind sys.stdout)
-        pass
+    stream_to_devnull(sys.stdout)
 
 
 def _print_train_result(result: Any) -> None:

@@ -130,15 +130,12 @@ def status(text: str) -> None:
 
 @contextlib.contextmanager
 def evaluation_progress(episodes_per_task: int, max_episode_steps: int,
-                        enabled: bool = True) -> Iterator[Callable[[], None] | None]:
+                        enabled: bool = True) -> Iterator[Callable[[], None]]:
     """A transient bar over the vector-env steps of an evaluation (its episodes run to
     their time limit: ``episodes_per_task × max_episode_steps`` steps); yields its
-    ``update`` for :func:`mtrl.envs.evaluate`'s ``on_step`` (``None`` if not ``enabled``)."""
-    if not enabled:
-        yield None
-        return
+    ``update`` for :func:`mtrl.envs.evaluate`'s ``on_step`` (silent if not ``enabled``)."""
     bar = Progress(episodes_per_task * max_episode_steps, unit="step", desc="eval",
-                   transient=True)
+                   transient=True, enabled=enabled)
     try:
         yield bar.update
     finally:
@@ -169,16 +166,13 @@ _STREAM_ERRORS = (OSError, ValueError)
 def _silence_stderr() -> None:
     """Point stderr at /dev/null when its reader is gone (a pipe or terminal; a log file
     stays), so that the bytes left in its buffer do not fail the flush at exit."""
-    from mtrl.runtime import to_devnull
+    from mtrl.runtime import stream_to_devnull
 
-    try:
-        to_devnull((sys.stderr.fileno(),), keep_files=True)
-    except (*_STREAM_ERRORS, AttributeError):  # (no file descriptor behind sys.stderr)
-        pass
+    stream_to_devnull(sys.stderr, keep_files=True)
 
 
 def _isatty(stream: Any) -> bool:
     try:
         return bool(stream.isatty())
-    except (AttributeError, OSError, ValueError):
+    except (*_STREAM_ERRORS, AttributeError):  # (AttributeError: stream is None)
         return False

@@ -21,7 +21,10 @@ from typing import Any
 import torch
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["configure_cpu", "install_stop_handlers", "on_hangup", "restore_handlers", "to_devnull"]
+__all__ = [
+    "configure_cpu", "install_stop_handlers", "on_hangup", "restore_handlers",
+    "stream_to_devnull", "to_devnull",
+]
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -130,6 +133,16 @@ def to_devnull(fds: Sequence[int], keep_files: bool = False) -> None:
             os.dup2(devnull, fd)
     finally:
         os.close(devnull)
+
+
+def stream_to_devnull(stream: Any, keep_files: bool = False) -> None:
+    """:func:`to_devnull` for the descriptor behind a Python stream (``sys.stdout``,
+    ``sys.stderr``); nothing if it has none (a test's capture, ``None``) or the
+    redirection fails."""
+    try:
+        to_devnull((stream.fileno(),), keep_files=keep_files)
+    except (OSError, ValueError, AttributeError):  # (ValueError: closed or no descriptor)
+        pass
 
 
 # ---------------------------------------------------------------- one process per run dir
