@@ -562,10 +562,11 @@ def balanced_backward_terms(
         return _loss_only_backward(balancer, losses, used, idx, param_list,
                                    leaves=list(leaves.values()))  # fmt: skip
 
-    rows_data = data if idx is None else [_take_blocks(t, idx, k) for t in data]
-    rows = k if idx is None else idx.numel()
-    found = (_block_pieces(terms_fn, params, rows_data, rows, merge) if fast_path
-             else None)  # fmt: skip
+    found = None
+    if fast_path and _blocks_apply(params):  # (the sampled rows' data only for this path)
+        rows_data = data if idx is None else [_take_blocks(t, idx, k) for t in data]
+        rows = k if idx is None else idx.numel()
+        found = _block_pieces(terms_fn, params, rows_data, rows, merge)
     if found is not None and verify:
         _verify_blocks(terms_fn, params, rows_data, *found, merge)
     if found is None:
@@ -624,6 +625,13 @@ def _take_blocks(t: Tensor, idx: Tensor, k: int) -> Tensor:
     return blocks.index_select(0, to_device(idx, t.device)).reshape(-1, *t.shape[1:])
 
 
+def _blocks_apply(params: dict[str, Tensor]) -> bool:
+    """Whether :func:`_block_pieces` can apply: oneDNN on, float32 CPU parameters."""
+    return onednn.enabled() and all(
+        p.dtype == torch.float32 and p.device.type == "cpu" for p in params.values()
+    )
+
+
 def _block_pieces(
     terms_fn: TermsFn,
     params: dict[str, Tensor],
@@ -633,11 +641,8 @@ def _block_pieces(
 ) -> tuple[Tensor, list[Tensor]] | None:
     """Losses ``(blocks,)`` and per-parameter ``(blocks, numel)`` gradients from one
     forward and one backward with :func:`mtrl.onednn.block_gradients`, or ``None`` when
-    some parameter is not covered by its layers (the caller then uses ``vmap``)."""
-    if not onednn.enabled() or any(
-        p.dtype != torch.float32 or p.device.type != "cpu" for p in params.values()
-    ):
-        return None  # the layers would not record: skip the forward
+    some parameter is not covered by its layers (the caller then uses ``vmap``). Call it
+    only where :func:`_blocks_apply` holds (elsewhere the layers would not record)."""
     n = data[0].shape[0]
     with onednn.block_gradients(blocks, n) as recorded:
         terms = terms_fn(merge(params), *data)

@@ -219,8 +219,9 @@ def check_balancer(
         g64 = base.detach().to("cpu", torch.float64)
         gram = g64 @ g64.T
         l64 = losses.detach().to("cpu", torch.float64)
-        w = fresh().weights(gram, l64)
-        w_other = fresh().weights(gram, l64 * 3.0 + 1.0)
+        b1 = fresh()  # copies of one instance: the same random state (PCGrad's order)
+        w = copy.deepcopy(b1).weights(gram, l64)
+        w_other = copy.deepcopy(b1).weights(gram, l64 * 3.0 + 1.0)
         if not torch.equal(w, w_other):
             raise _fail(
                 label,

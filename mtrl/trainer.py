@@ -94,14 +94,23 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def _device_index(device: torch.device) -> int:
+    """The index of ``device``; a CUDA device without one is the current device."""
+    if device.index is not None:
+        return device.index
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.current_device()
+    return 0
+
+
 def _same_device(name: str, device: torch.device) -> bool:
-    """``cuda:0`` and ``cuda`` (the current device) count as the same here."""
+    """Whether ``name`` is ``device``: ``cuda`` is the current CUDA device, so it matches
+    ``cuda:N`` only when N is the current one (``cpu`` and ``cpu:0`` match)."""
     try:
         other = torch.device(name)
     except (RuntimeError, TypeError):
         return False
-    return other.type == device.type and (
-        other.index is None or device.index is None or other.index == device.index)
+    return other.type == device.type and _device_index(other) == _device_index(device)
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:

@@ -543,8 +543,21 @@ def test_after_step_gets_losses_after_the_step():
         assert len(bal.after) == 1
         after = bal.after[0]
         assert after.shape == (K,) and not after.requires_grad
+        assert after.dtype == torch.float64 and after.device.type == "cpu"
         # The step lowered the (mean) loss of this batch.
         assert after.mean() < m[f"{name}/losses"].mean(), name
+
+
+def test_after_step_is_not_called_for_a_step_the_masked_guard_undid():
+    agent = make_agent(SACConfig(hidden_sizes=(32, 32), nan_guard="masked"),
+                       factory=RecordingBalancer)
+    assert agent.update(make_batch(0))["skipped"] == 0
+    bad = make_batch(1)
+    bad.reward[0] = float("nan")
+    assert agent.update(bad)["skipped"] == 1
+    assert agent.update(make_batch(2))["skipped"] == 0
+    for name in ("critic", "actor", "alpha"):
+        assert len(agent.balancers[name].after) == 2, name
 
 
 def test_balanced_mean_jacobian_mean_and_unbalanced_agree():

@@ -791,6 +791,23 @@ def test_mean_never_copies_the_losses_to_the_host():
         build("famo").weights_for(None, meta)  # reads its losses: copies them
 
 
+def test_only_famo_copies_the_losses_to_the_host():
+    """The gradient methods solve from the Gramian alone: they read no loss values, so on
+    an accelerator the plumbing copies only the Gramian to the host (their losses were
+    copied too: one more host sync per balanced loss). check_balancer proves each flag."""
+    meta = torch.empty(4, device="meta")
+    g = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    readers = []
+    for name in names():
+        b = build(name)
+        if b.reads_losses:
+            readers.append(name)
+            continue
+        w = b.weights_for(g if b.needs_grads else None, meta)  # meta: no values to copy
+        assert w.shape == (4,) and torch.isfinite(w).all(), name
+    assert readers == ["famo"]
+
+
 def test_check_balancer_catches_a_wrong_reads_losses_flag():
     with pytest.raises(AssertionError, match="reads_losses = False, but other loss values"):
         check_balancer(_LossSoftmax)

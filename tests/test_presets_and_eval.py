@@ -112,7 +112,8 @@ def toy_run(tmp_path_factory):
     cfg = TrainConfig(env=EnvConfig(benchmark="toy", max_episode_steps=20, seed=3),
                       sac=SACConfig(hidden_sizes=(16, 16)), total_steps=40, warmup_steps=20,
                       batch_size=16, buffer_capacity=400, eval_every=20, eval_episodes=2,
-                      log_every=10, checkpoint_every=40, progress=False, run_dir=str(run))
+                      log_every=10, checkpoint_every=40, progress=False, run_dir=str(run),
+                      device="cpu")  # evaluated on the CPU below: same numbers
     train(cfg)
     return run
 

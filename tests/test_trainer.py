@@ -49,6 +49,7 @@ def toy_config(tmp_path, **overrides) -> TrainConfig:
         checkpoint_every=60,
         progress=False,
         run_dir=str(tmp_path / "run"),
+        device="cpu",  # the tests expect CPU generators and results; also on a GPU machine
     )
     return replace(base, **overrides)
 
@@ -610,6 +611,22 @@ def test_env_device_set_apart_from_device_is_warned_as_ignored(tmp_path):
     with pytest.warns(UserWarning, match="env.device 'cuda:3' is ignored.*learner's device \\(cpu"):
         train(toy_config(tmp_path, total_steps=5, env=replace(toy_config(tmp_path).env,
                                                               device="cuda:3")))
+
+
+def test_an_env_device_without_index_is_the_current_cuda_device(monkeypatch):
+    """``cuda`` is the current CUDA device: it matches ``cuda:N`` only for that N (it
+    matched every ``cuda:N``, so a mismatched env.device went unwarned)."""
+    from mtrl.trainer import _same_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    cuda = torch.device("cuda")
+    assert not _same_device("cuda:3", cuda) and not _same_device("cuda:0", cuda)
+    assert _same_device("cuda:1", cuda) and _same_device("cuda", cuda)
+    assert not _same_device("cuda", torch.device("cuda:0"))
+    assert _same_device("cuda", torch.device("cuda:1"))
+    assert _same_device("cpu:0", torch.device("cpu")) and _same_device("cpu", torch.device("cpu"))
+    assert not _same_device("cpu", cuda) and not _same_device("cuda:x", cuda)
 
 
 def test_one_training_process_per_run_directory(tmp_path):

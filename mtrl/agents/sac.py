@@ -373,12 +373,13 @@ class MultiTaskSAC(nn.Module):
                    mask)
 
         if mask is not None and self._balancer_snapshots:
-            # masked: the balancers of undone steps go back too. This reads the flags (a
-            # host sync), only for balancers that keep state, which sync anyway when
+            # masked: the balancers of undone steps go back too. This reads both flags in
+            # one host sync, only for balancers that keep state, which sync anyway when
             # their K×K problem is solved on the CPU.
-            flags = {"critic": ok_critic, "actor": ok, "alpha": ok}
+            critic_ok, rest_ok = torch.stack((ok_critic, ok)).tolist()
+            flags = {"critic": critic_ok, "actor": rest_ok, "alpha": rest_ok}
             for name, state in self._balancer_snapshots.items():
-                if not bool(flags[name]):
+                if not flags[name]:
                     self.balancers[name].load_state_dict(state)
             self._balancer_snapshots = {}
 
@@ -515,8 +516,9 @@ class MultiTaskSAC(nn.Module):
         """Clip (optional), step, and feed the balancer the losses after the step if it asks.
 
         With ``ok`` (a device bool, masked guard) the step is undone on the device when
-        ``ok`` is false; a balancer that wants the losses after the step then reads ``ok``
-        (such balancers copy losses to the host anyway) and is not called on a skip.
+        ``ok`` is false. A balancer that wants the losses after the step gets them as a
+        float64 CPU tensor, copied to the host in one copy together with ``ok``, and is not
+        called on a skip.
         """
         if self.cfg.grad_clip is not None:
             clip_grads_with_norm_(list(params.values()), self.cfg.grad_clip, norm)
@@ -527,18 +529,21 @@ class MultiTaskSAC(nn.Module):
         if ok is None:
             self._balancer_snapshots.pop(name, None)  # this step stands
         balancer = self.balancers[name] if name in self.balancers else None
-        if (
-            balancer is not None
-            and balancer.needs_losses_after_step
-            and (ok is None or bool(ok))
-        ):
+        if balancer is not None and balancer.needs_losses_after_step:
             with torch.no_grad():
                 terms_after = terms_fn(params, *data)
-                losses_after = terms_after.view(self.num_tasks, -1).mean(1)
+                losses_after = terms_after.view(self.num_tasks, -1).mean(1).double()
+                if ok is not None:  # the flag travels with the losses: one host copy
+                    losses_after = torch.cat((losses_after, ok.double().reshape(1)))
+                losses_after = losses_after.cpu()
+            if ok is not None:
+                stepped, losses_after = bool(losses_after[-1]), losses_after[:-1]
+                if not stepped:  # undone on the device: nothing to feed the balancer
+                    return
             # a step that made the losses non-finite (a diverging learning rate, say) is
             # not fed to the balancer; the next update's guard catches the divergence
             if bool(torch.isfinite(losses_after).all()):
-                balancer.after_step(losses_after.detach())
+                balancer.after_step(losses_after)
 
     def _skip(self, metrics: dict[str, Tensor], params: Any) -> dict[str, Tensor]:
         for p in params:

@@ -38,6 +38,7 @@ class AlignedMTL(Balancer):
     """
 
     name = "aligned-mtl"
+    reads_losses = False  # the weights come from the Gramian alone
 
     def weights(self, gram: Tensor | None, losses: Tensor | None) -> Tensor:
         a = gram.numpy()

@@ -49,8 +49,10 @@ class Balancer(nn.Module):
     #: losses) through such a balancer, with a message, before training starts.
     needs_nonnegative_losses: ClassVar[bool] = False
     #: False for methods whose ``weights`` use only the NUMBER of losses, not their
-    #: values (``mean``): ``weights_for`` then passes zeros of that length instead of
-    #: copying the losses to the CPU, which on an accelerator is a host sync.
+    #: values (``mean``, and the gradient methods that solve from the Gramian alone):
+    #: ``weights_for`` then passes zeros of that length instead of copying the losses to
+    #: the CPU, which on an accelerator is a host sync. True by default, so a method
+    #: that reads them is never handed zeros.
     reads_losses: ClassVar[bool] = True
 
     # Properties checked by :func:`mtrl.testing.check_balancer` (plug-ins declare theirs).
@@ -95,7 +97,10 @@ class Balancer(nn.Module):
         return None
 
     def after_step(self, losses_after: Tensor) -> None:  # noqa: B027 - optional hook
-        """Hook called with the task losses re-evaluated after the optimiser step."""
+        """Hook called with the task losses re-evaluated after the optimiser step.
+
+        ``losses_after`` is a (K,) float64 CPU tensor, like the losses ``weights`` gets.
+        """
 
     # ------------------------------------------------------------------ entry points
     def combine(self, grads: Tensor, losses: Tensor | None = None) -> Tensor:

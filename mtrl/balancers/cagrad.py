@@ -177,6 +177,7 @@ class CAGrad(Balancer):
     """
 
     name = "cagrad"
+    reads_losses = False  # the weights come from the Gramian alone
     consensus_exact = False
 
     def __init__(self, c: float = 0.9) -> None:

@@ -38,6 +38,7 @@ class FairGrad(Balancer):
     """
 
     name = "fairgrad"
+    reads_losses = False  # the weights come from the Gramian alone
     consensus_exact = False
 
     def __init__(self, alpha: float = 2.0) -> None:

@@ -41,6 +41,7 @@ class IMTLG(Balancer):
     """
 
     name = "imtl-g"
+    reads_losses = False  # the weights come from the Gramian alone
 
     def weights(self, gram: Tensor | None, losses: Tensor | None) -> Tensor:
         self.info.pop("fallback", None)

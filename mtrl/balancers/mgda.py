@@ -31,6 +31,7 @@ class MGDA(Balancer):
     """
 
     name = "mgda"
+    reads_losses = False  # the weights come from the Gramian alone
 
     def weights(self, gram: Tensor | None, losses: Tensor | None) -> Tensor:
         self.info.pop("fallback", None)

@@ -40,6 +40,7 @@ class NashMTL(Balancer):
     """
 
     name = "nash-mtl"
+    reads_losses = False  # the weights come from the Gramian alone
     consensus_exact = False
     scale_degree = 0.0
 

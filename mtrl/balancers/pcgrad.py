@@ -55,6 +55,7 @@ class PCGrad(Balancer):
     """
 
     name = "pcgrad"
+    reads_losses = False  # the weights come from the Gramian alone
     permutation_equivariant = False
 
     def __init__(self, seed: int | None = None) -> None:

@@ -57,6 +57,7 @@ class SDMGrad(Balancer):
     """
 
     name = "sdmgrad"
+    reads_losses = False  # the weights come from the Gramian alone
 
     def __init__(self, lam: float = 0.6, restart: bool = False) -> None:
         super().__init__()
@@ -109,6 +110,7 @@ class SDMGradOS(Balancer):
     """
 
     name = "sdmgrad-os"
+    reads_losses = False  # the weights come from the Gramian alone
     permutation_equivariant = False
 
     def __init__(self, lam: float = 0.6, num_sampled: int = 4, seed: int | None = None) -> None:

@@ -49,6 +49,7 @@ class UPGrad(Balancer):
     """
 
     name = "upgrad"
+    reads_losses = False  # the weights come from the Gramian alone
 
     def weights(self, gram: Tensor | None, losses: Tensor | None) -> Tensor:
         v = upgrad_projections(gram.numpy())
