@@ -845,6 +845,8 @@ class BenchResult:
     interrupted: bool = False
     report_files: list[Path] = field(default_factory=list)
     report_error: str | None = None
+    #: The report's notes (runs of different lengths or settings pooled, ...).
+    report_notes: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[dict]:
@@ -941,6 +943,7 @@ def _run_bench(spec: BenchSpec, plans: list[RunPlan], out: Path, progress: bool,
         try:
             report = write_report(out, reps=spec.reps, poi_reps=spec.poi_reps)
             result.report_files = report.files
+            result.report_notes = [w for g in report.groups for w in g.warnings]
         except ReportError as exc:
             result.report_error = str(exc)
     return result
@@ -990,6 +993,7 @@ def format_outcomes(result: BenchResult) -> str:
     if result.report_files:
         lines.append("\nreport: " + ", ".join(str(p) for p in result.report_files
                                               if p.suffix in (".md", ".csv")))
+        lines += [f"note: {w}" for w in result.report_notes]
     if result.report_error:
         lines.append(f"\nreport not written: {result.report_error}")
     if result.interrupted and any(o["status"] != "done" for o in result.outcomes):

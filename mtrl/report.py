@@ -144,6 +144,25 @@ def _numpy_global_seed(seed: int) -> Iterator[None]:
         np.random.set_state(saved)
 
 
+def _stream_seed(seed: int, *names: str) -> int:
+    """The bootstrap seed of one method (or one pair of methods): from the report's seed
+    and those names only, so a method's interval does not move when another method is
+    added to or removed from the folder (one shared stream made it depend on the methods
+    drawn before it)."""
+    digest = hashlib.sha256(json.dumps([seed, *names]).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _bootstrap(library: Any, name: str, data: Any, fn: Any, reps: int, seed: int):
+    """rliable's ``get_interval_estimates`` of one entry, on its own random stream."""
+    with warnings.catch_warnings(), _numpy_global_seed(seed):
+        warnings.simplefilter("ignore")
+        point, ci = library.get_interval_estimates(
+            {name: data}, fn, reps=reps, random_state=np.random.RandomState(seed),
+        )
+    return point[name], ci[name]
+
+
 def interval_estimates(
     scores: dict[str, np.ndarray], reps: int = DEFAULT_REPS, seed: int = 0
 ) -> dict[str, dict[str, tuple[float, float, float]]]:
@@ -151,18 +170,17 @@ def interval_estimates(
 
     Returns {name: {"mean": (point, low, high), "iqm": (point, low, high)}} (rliable
     ``get_interval_estimates``; the bootstrap resamples seeds independently per task).
+    Each method's bootstrap draws from its own stream (:func:`_stream_seed`).
     """
     library, metrics = _rliable()
 
     def aggregate(x: np.ndarray) -> np.ndarray:
         return np.array([metrics.aggregate_mean(x), metrics.aggregate_iqm(x)])
 
-    with warnings.catch_warnings(), _numpy_global_seed(seed):
-        warnings.simplefilter("ignore")
-        point, ci = library.get_interval_estimates(
-            {k: np.asarray(v, dtype=float) for k, v in scores.items()}, aggregate,
-            reps=reps, random_state=np.random.RandomState(seed),
-        )
+    point, ci = {}, {}
+    for name, x in scores.items():
+        point[name], ci[name] = _bootstrap(library, name, np.asarray(x, dtype=float),
+                                           aggregate, reps, _stream_seed(seed, name))
     out = {}
     for name in scores:
         p, c = np.asarray(point[name], dtype=float), np.asarray(ci[name], dtype=float)
@@ -179,28 +197,19 @@ def probability_of_improvement(
     """P(X > Y) for every ordered pair of score matrices, with 95% bootstrap CIs (rliable).
 
     rliable computes the pairs X < Y (in ``scores`` order); the reverse pairs follow from
-    P(Y > X) = 1 - P(X > Y) (ties count one half).
+    P(Y > X) = 1 - P(X > Y) (ties count one half). Each pair's bootstrap draws from its
+    own stream (:func:`_stream_seed`).
     """
     library, metrics = _rliable()
     names = list(scores)
-    pairs = {
-        f"{x},{y}": (np.asarray(scores[x], dtype=float), np.asarray(scores[y], dtype=float))
-        for i, x in enumerate(names) for y in names[i + 1:]
-    }
-    if not pairs:
-        return {}
-    with warnings.catch_warnings(), _numpy_global_seed(seed):
-        warnings.simplefilter("ignore")
-        point, ci = library.get_interval_estimates(
-            pairs, metrics.probability_of_improvement, reps=reps,
-            random_state=np.random.RandomState(seed),
-        )
     out: dict[tuple[str, str], tuple[float, float, float]] = {}
     for i, x in enumerate(names):
         for y in names[i + 1:]:
-            key = f"{x},{y}"
-            p = float(np.asarray(point[key]))
-            c = np.asarray(ci[key], dtype=float).reshape(-1)
+            pair = (np.asarray(scores[x], dtype=float), np.asarray(scores[y], dtype=float))
+            point, ci = _bootstrap(library, f"{x},{y}", pair, metrics.probability_of_improvement,
+                                   reps, _stream_seed(seed, x, y))
+            p = float(np.asarray(point))
+            c = np.asarray(ci, dtype=float).reshape(-1)
             lo, hi = float(c[0]), float(c[-1])
             out[(x, y)] = (p, lo, hi)
             out[(y, x)] = (1.0 - p, 1.0 - hi, 1.0 - lo)
@@ -224,8 +233,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if not isinstance(rec, dict) or "step" not in rec:
-            continue
+        if not isinstance(rec, dict) or not _is_int(rec.get("step")):
+            continue  # (a record without an integer step: hand-edited or damaged)
         while records and records[-1]["step"] >= rec["step"]:
             records.pop()
         records.append(rec)
@@ -256,12 +265,30 @@ class Run:
         return str(self.config.get("balancer", "?"))
 
     @property
-    def seed(self) -> int:
-        return int(self.config.get("env", {}).get("seed", 0))
+    def seed(self) -> int | None:
+        """The run's seed; ``None`` in a config.json without an integer one."""
+        seed = _mapping(self.config.get("env")).get("seed", 0)
+        return seed if _is_int(seed) else None
 
     @property
     def benchmark(self) -> str:
-        return str(self.config.get("env", {}).get("benchmark", "?"))
+        return str(_mapping(self.config.get("env")).get("benchmark", "?"))
+
+    @property
+    def problem(self) -> str | None:
+        """Why the run's config.json cannot be reported (a hand-edited or damaged file)."""
+        env = self.config.get("env")
+        if not isinstance(env, dict):
+            return "config.json: env is not a section"
+        if self.seed is None:
+            return f"config.json: env.seed {env.get('seed')!r} is not an integer"
+        if not isinstance(env.get("benchmark", ""), str):
+            return f"config.json: env.benchmark {env.get('benchmark')!r} is not a name"
+        if not isinstance(self.config.get("balancer"), str):
+            return f"config.json: balancer {self.config.get('balancer')!r} is not a name"
+        if not isinstance(self.config.get("balancer_kwargs") or {}, dict):
+            return "config.json: balancer_kwargs is not a section"
+        return None
 
     @property
     def protocol(self) -> str:
@@ -282,7 +309,7 @@ class Run:
         if names:
             return list(names)
         final = self.final_eval  # older runs: the tasks their evaluations name
-        return list(final.get("success") or {}) if final else []
+        return list(_mapping(final.get("success"))) if final else []
 
     @property
     def final_eval(self) -> dict[str, Any] | None:
@@ -291,8 +318,8 @@ class Run:
         return self.evals[-1] if self.evals else None
 
     def final_scores(self, tasks: Sequence[str]) -> np.ndarray:
-        final = self.final_eval or {"success": {}}
-        return np.array([_number(final["success"].get(t)) for t in tasks])
+        success = _mapping((self.final_eval or {}).get("success"))
+        return np.array([_number(success.get(t)) for t in tasks])
 
     def final_step(self) -> int | None:
         final = self.final_eval
@@ -306,7 +333,7 @@ class Run:
         curve = {}
         tasks = self.task_names
         for r in self.evals:
-            success = r.get("success") or {}
+            success = _mapping(r.get("success"))
             values = [_number(success.get(t)) for t in tasks]
             if values and all(math.isfinite(v) for v in values):
                 curve[int(r["step"])] = float(np.mean(values))
@@ -316,6 +343,21 @@ class Run:
 def _number(x: Any) -> float:
     """A logged value as a float; NaN for anything that is not a number (None, text)."""
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _mapping(x: Any) -> dict[str, Any]:
+    """A logged section (per-task success, returns); empty for anything that is not one."""
+    return x if isinstance(x, dict) else {}
+
+
+def _env_steps(record: dict[str, Any]) -> int:
+    """A record's env steps; its step where it logs none (or no integer)."""
+    value = record.get("env_steps")
+    return value if _is_int(value) else record["step"]
 
 
 def load_runs(root: str | Path) -> list[Run]:
@@ -348,10 +390,11 @@ def _assign_labels(runs: list[Run]) -> None:
     """Label = balancer name; with its hyper-parameters when one name ran with several."""
     kwargs_seen: dict[str, set[str]] = {}
     for r in runs:
-        kw = json.dumps(_same_numbers(r.config.get("balancer_kwargs") or {}), sort_keys=True)
+        kw = json.dumps(_same_numbers(_mapping(r.config.get("balancer_kwargs"))),
+                        sort_keys=True)
         kwargs_seen.setdefault(r.balancer, set()).add(kw)
     for r in runs:
-        kw = _same_numbers(r.config.get("balancer_kwargs") or {})
+        kw = _same_numbers(_mapping(r.config.get("balancer_kwargs")))
         if len(kwargs_seen[r.balancer]) > 1 and kw:
             r.label = f"{r.balancer}({', '.join(f'{k}={v}' for k, v in sorted(kw.items()))})"
         else:
@@ -427,8 +470,7 @@ def summarize_group(
         mruns = sorted((r for r in runs if r.label == label), key=lambda r: r.seed)
         scores = np.stack([r.final_scores(tasks) for r in mruns])
         finals = np.nanmean(scores, axis=1)
-        env_map = {int(e["step"]): int(e.get("env_steps", e["step"])) for r in mruns
-                   for e in r.evals}
+        env_map = {e["step"]: _env_steps(e) for r in mruns for e in r.evals}
         curve = seed_mean_curve([r.success_curve() for r in mruns], env_map)
         best, best_step, best_se = best_over_time(curve)
         res = [r.result or {} for r in mruns]
@@ -482,6 +524,100 @@ def _group_warnings(runs: Sequence[Run]) -> list[str]:
     if len(train_envs) > 1:
         shown = ", ".join(f"{steps} steps / {goals} goals" for steps, goals in train_envs)
         out.append(f"runs trained on different episodes are pooled ({shown})")
+    return out + _settings_warnings(runs)
+
+
+#: Settings that differ between the methods of one comparison by design: the method, its
+#: hyper-parameters, and which SAC losses it balances (FAMO's preset: the critic only).
+METHOD_KEYS = ("balancer", "balancer_kwargs", "sac.balance")
+#: Settings compared by the other notes (run length, training episodes, evaluation
+#: episodes), by the grouping (benchmark, protocol, task list), or that differ by design
+#: (the seed).
+_NOTED_KEYS = ("env.seed", "env.benchmark", "env.max_episode_steps", "env.goal_mode",
+               "protocol", "task_names", "eval_episodes")
+_SHOWN_KEYS = 4
+
+
+def _canonical(value: Any) -> str:
+    """A setting as JSON text, whole-number floats as integers (``1.0`` and ``1`` agree)."""
+    def norm(v: Any) -> Any:
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        if isinstance(v, dict):
+            return {k: norm(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [norm(x) for x in v]
+        return v
+    return json.dumps(norm(value), sort_keys=True)
+
+
+def _settings(run: Run) -> dict[str, str]:
+    """A run's settings as {dotted key: JSON text}, less those a resumed run may change
+    (run length, intervals, device, threads: they do not change what is trained) and
+    those in :data:`_NOTED_KEYS`."""
+    from mtrl.config import RESUME_MAY_CHANGE
+
+    skip = {*RESUME_MAY_CHANGE, *_NOTED_KEYS}
+    out: dict[str, str] = {}
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            key = prefix + k
+            if isinstance(v, dict) and key != "balancer_kwargs":
+                walk(v, key + ".")
+            elif key not in skip:
+                out[key] = _canonical(v)
+
+    walk(run.config, "")
+    return out
+
+
+def _who(runs: Sequence[Run], by_seed: bool) -> str:
+    if by_seed:
+        seeds = sorted(r.seed for r in runs if r.seed is not None)
+        return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
+    return ", ".join(_method_order(r.label for r in runs))
+
+
+def _differing(runs: Sequence[Run], settings: dict[int, dict[str, str]], keys: Iterable[str],
+               by_seed: bool) -> dict[str, str]:
+    """{key: ``key value (who) vs value (who)``} for each key whose value differs among
+    ``runs``."""
+    found = {}
+    for key in keys:
+        values: dict[str, list[Run]] = {}
+        for r in runs:
+            values.setdefault(settings[id(r)][key], []).append(r)
+        if len(values) > 1:
+            found[key] = f"{key} " + " vs ".join(
+                f"{v} ({_who(rs, by_seed)})" for v, rs in sorted(values.items()))
+    return found
+
+
+def _listed(found: dict[str, str]) -> str:
+    shown = list(found.values())
+    if len(shown) > _SHOWN_KEYS:
+        shown = [*shown[:_SHOWN_KEYS], f"and {len(shown) - _SHOWN_KEYS} more"]
+    return "; ".join(shown)
+
+
+def _settings_warnings(runs: Sequence[Run]) -> list[str]:
+    """Notes for pooled runs of one method with different settings, and for methods
+    trained with different settings (network sizes, learning rates, batch size, ...).
+    Keys that some run does not record (an older version's config.json) are not compared."""
+    settings = {id(r): _settings(r) for r in runs}
+    common = set.intersection(*(set(x) for x in settings.values())) if settings else set()
+    out, uniform = [], set(common)
+    for label in _method_order(r.label for r in runs):
+        mruns = [r for r in runs if r.label == label]
+        diff = _differing(mruns, settings, sorted(common), by_seed=True)
+        if diff:
+            out.append(f"runs of {label} with different settings are pooled: {_listed(diff)}")
+            uniform -= set(diff)
+    across = sorted(k for k in uniform if k not in METHOD_KEYS)
+    diff = _differing(runs, settings, across, by_seed=False)
+    if diff:
+        out.append(f"methods trained with different settings are compared: {_listed(diff)}")
     return out
 
 
@@ -638,10 +774,12 @@ def results_csv(runs: Sequence[Run]) -> str:
     w.writerow(CSV_COLUMNS)
     for r in sorted(runs, key=lambda r: (r.benchmark, r.protocol, r.label, r.seed)):
         for e in r.evals:
-            returns = e.get("return", {})
-            for task, success in e.get("success", {}).items():
+            returns = _mapping(e.get("return"))
+            for task, success in _mapping(e.get("success")).items():
                 ret = returns.get(task, float("nan"))
-                w.writerow((r.label, r.seed, e["step"], e.get("env_steps", ""), task,
+                env_steps = e.get("env_steps")
+                w.writerow((r.label, r.seed, e["step"], env_steps if _is_int(env_steps) else "",
+                            task,
                             repr(_number(success)), repr(_number(ret)),
                             e.get("protocol", r.protocol), r.benchmark))
     return buf.getvalue()
@@ -726,8 +864,11 @@ def _metric_series(runs: Sequence[Run], key: str) -> tuple[np.ndarray, np.ndarra
         for rec in r.metrics:
             if key not in rec or rec[key] is None:
                 continue
-            v = np.asarray(rec[key], dtype=float)
-            by_step.setdefault(int(rec.get("env_steps", rec["step"])), []).append(v)
+            try:
+                v = np.asarray(rec[key], dtype=float)
+            except (TypeError, ValueError):
+                continue  # not numbers (a hand-edited or damaged log)
+            by_step.setdefault(_env_steps(rec), []).append(v)
     if not by_step:
         return None
     steps = sorted(by_step)
@@ -884,9 +1025,12 @@ def write_report(
     runs = load_runs(root)
     if not runs:
         raise ReportError(f"no run directories (folders with config.json) below {str(root)!r}")
-    finished = [r for r in runs if r.finished]
-    incomplete = [r for r in runs if not r.finished]
+    malformed = [(r, why) for r in runs if (why := r.problem)]
+    runs_ok = [r for r in runs if not r.problem]
+    finished = [r for r in runs_ok if r.finished]
+    incomplete = [r for r in runs_ok if not r.finished]
     skipped: list[tuple[Run, str]] = [(r, _unfinished_reason(r)) for r in incomplete]
+    skipped += malformed
     # One group per benchmark, protocol and task list (custom benchmarks may differ)
     keys = sorted({(r.benchmark, r.protocol, tuple(r.task_names)) for r in finished
                    if r.task_names})
@@ -948,7 +1092,7 @@ def write_report(
     if skipped:
         md += ["## Runs not in the statistics", ""]
         md += _table(("run directory", "balancer", "seed", "last logged step", "state"), (
-            (_rel(r.path, root), r.label, str(r.seed),
+            (_rel(r.path, root), r.label, "?" if r.seed is None else str(r.seed),
              str(max([x["step"] for x in r.metrics + r.evals], default=0)), why)
             for r, why in skipped
         ))

@@ -215,6 +215,19 @@ def test_a_larger_steps_extends_the_runs_of_a_finished_bench(tmp_path, capsys):
     assert json.loads((out / "bench.json").read_text())["command"]["out"] == "."
 
 
+def test_a_bench_added_with_other_settings_gets_a_note(tmp_path, capsys):
+    """Another balancer added to OUT with another learning rate: accepted (its runs are
+    new), and the report says what differs, in summary.md and after the bench."""
+    out = tmp_path / "bench"
+    assert bench(out, "--balancers", "mean", "--seeds", "1") == 0
+    capsys.readouterr()
+    assert bench(out, "--balancers", "cagrad", "--seeds", "1", "--set", "sac.actor_lr=0.001") == 0
+    note = ("methods trained with different settings are compared: sac.actor_lr 0.0003 (mean) "
+            "vs 0.001 (cagrad)")
+    assert capsys.readouterr().out.splitlines()[-1] == f"note: {note}"
+    assert f"**Note:** {note}." in (out / "summary.md").read_text()
+
+
 def test_a_run_directory_in_use_is_left_alone(tmp_path, capsys):
     """A run that is training (an `mtrl train` by hand, a run of a killed bench) was
     cleaned up as a dead run's leftovers: its config.json and tb/ deleted under it (it
@@ -462,6 +475,19 @@ def test_a_bench_stopped_after_all_its_runs_finished_does_not_ask_for_a_rerun(tm
     assert "unfinished" not in format_outcomes(BenchResult(tmp_path, [done], interrupted=True))
     assert "unfinished" in format_outcomes(BenchResult(tmp_path, [done, failed],
                                                        interrupted=True))
+
+
+def test_the_reports_notes_are_printed_after_the_bench(tmp_path):
+    """A bench added to an OUT holding runs made with other settings is accepted (other
+    balancers and seeds); the report's note about it was only in summary.md."""
+    from mtrl.bench import BenchResult, format_outcomes
+
+    done = {"balancer": "mean", "seed": 0, "run_dir": "r", "action": "started",
+            "status": "done", "returncode": 0, "log": "r/train.log", "error": None}
+    note = "methods trained with different settings are compared: sac.actor_lr 1 (a) vs 2 (b)"
+    text = format_outcomes(BenchResult(tmp_path, [done], report_files=[tmp_path / "summary.md"],
+                                       report_notes=[note]))
+    assert text.splitlines()[-2:] == [f"report: {tmp_path / 'summary.md'}", f"note: {note}"]
 
 
 def test_a_stop_file_asks_the_run_to_checkpoint_and_stop(tmp_path):

@@ -116,3 +116,103 @@ def test_the_report_header_counts_add_up(tmp_path):
     assert header == (f"3 run(s) under `{tmp_path.name}`, 2 finished; 2 not in the "
                       "statistics (1 unfinished), listed at the end.")
     assert report.groups[0].methods["mean"].seeds == [0]
+
+
+def test_a_methods_intervals_do_not_move_when_another_method_is_added():
+    """Each method (and pair) bootstraps on its own stream: with one shared stream, adding
+    a method sorted before cagrad moved cagrad's mean CI (0.647-0.753 -> 0.650-0.752 in
+    the audit's example) with the same data."""
+    rng = np.random.default_rng(5)
+    scores = {"cagrad": rng.random((5, 4)), "mean": rng.random((5, 4))}
+    more = {"aaa": rng.random((5, 4)), **scores}
+    alone, together = interval_estimates(scores, reps=500), interval_estimates(more, reps=500)
+    for name in scores:
+        assert together[name] == alone[name], name
+    poi, poi_more = (probability_of_improvement(s, reps=100) for s in (scores, more))
+    assert poi_more[("cagrad", "mean")] == poi[("cagrad", "mean")]
+    # still a seeded, reproducible draw, and another seed draws differently
+    assert interval_estimates(scores, reps=500) == alone
+    assert interval_estimates(scores, reps=500, seed=1)["cagrad"] != alone["cagrad"]
+
+
+def _set(run_dir: Path, **changes) -> None:
+    """Change (dotted) keys of a run's config.json."""
+    config = json.loads((run_dir / "config.json").read_text())
+    for key, value in changes.items():
+        *parents, last = key.split("__")
+        d = config
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[last] = value
+    (run_dir / "config.json").write_text(json.dumps(config))
+
+
+def test_runs_trained_with_different_settings_are_noted(tmp_path):
+    """Pooled seeds of one method with other network sizes, and two methods trained with
+    other learning rates, were reported side by side without a word. By design a method's
+    own settings (its hyper-parameters, the losses it balances), the seed, the run
+    intervals and whole-number floats written as 1.0 or 1 raise no note."""
+    root = tmp_path / "bench"
+    for balancer in ("mean", "famo"):
+        for seed in range(3):
+            d = root / balancer / f"seed{seed}"
+            write_run(d, balancer, seed, {10: [float(seed % 2)] * 4})
+            _set(d, sac__hidden_sizes=[400, 400], sac__actor_lr=0.0003, batch_size=1280,
+                 eval_every=10 * (seed + 1), sac__tau=1.0 if seed else 1)
+    for seed in range(3):
+        _set(root / "famo" / f"seed{seed}", sac__balance=["critic"])
+    (g,) = write_report(root, reps=REPS, poi_reps=POI_REPS, plots=False).groups
+    assert g.warnings == []
+    _set(root / "mean" / "seed1", sac__hidden_sizes=[16, 16])
+    for seed in range(3):
+        _set(root / "famo" / f"seed{seed}", sac__actor_lr=0.001)
+    (g,) = write_report(root, reps=REPS, poi_reps=POI_REPS, plots=False).groups
+    assert g.warnings == [
+        "runs of mean with different settings are pooled: sac.hidden_sizes [16, 16] "
+        "(seed 1) vs [400, 400] (seeds 0, 2)",
+        "methods trained with different settings are compared: sac.actor_lr 0.0003 (mean) "
+        "vs 0.001 (famo)",
+    ]
+    assert "**Note:** runs of mean with different settings are pooled" in (
+        root / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(("where", "edit", "listed"), [
+    ("eval.jsonl", {"step": None}, False),
+    ("eval.jsonl", {"step": "20"}, False),
+    ("eval.jsonl", {"success": None}, False),
+    ("eval.jsonl", {"success": [1, 2]}, False),
+    ("eval.jsonl", {"return": None}, False),
+    ("eval.jsonl", {"env_steps": None}, False),
+    ("metrics.jsonl", {"critic/weights": "abc", "env_steps": None}, False),
+    ("config.json", {"env": "MT10"}, "config.json: env is not a section"),
+    ("config.json", {"env": {"benchmark": "MT10", "seed": None}},
+     "config.json: env.seed None is not an integer"),
+    ("config.json", {"balancer_kwargs": [1]}, "config.json: balancer_kwargs is not a section"),
+    ("result.json", {"final_eval": {"step": 30, "success": None}},
+     "final evaluation has no success value for task(s) task-a, task-b, task-c, task-d"),
+])
+def test_damaged_fields_are_left_out_or_listed_not_a_traceback(tmp_path, where, edit, listed):
+    """Records and configs that parse as JSON but hold the wrong types (hand-edited or
+    damaged files) raised TypeError/AttributeError from the report. A damaged evaluation
+    or metrics record is left out; a damaged config or final evaluation puts the run under
+    "Runs not in the statistics" with the reason."""
+    for seed in range(2):
+        write_run(tmp_path / "mean" / f"seed{seed}", "mean", seed,
+                  {10: [0.0] * 4, 20: [0.5] * 4, 30: [1.0] * 4})
+    path = tmp_path / "mean" / "seed1" / where
+    if where.endswith(".jsonl"):
+        lines = path.read_text().splitlines()
+        lines[1] = json.dumps({**json.loads(lines[1]), **edit})  # a middle record
+        path.write_text("\n".join(lines) + "\n")
+    else:
+        path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    report = write_report(tmp_path, reps=REPS, poi_reps=POI_REPS, plots=True)
+    (g,) = report.groups
+    if listed:
+        assert g.methods["mean"].seeds == [0]
+        assert [why for _, why in report.skipped] == [listed]
+        assert listed in (tmp_path / "summary.md").read_text()
+    else:
+        assert g.methods["mean"].seeds == [0, 1] and report.skipped == []
+        assert g.methods["mean"].final_mean == 1.0
