@@ -346,8 +346,15 @@ def _run(command: str, rest: list[str]) -> None:
         COMMANDS[command](rest)
         sys.stdout.flush()  # a dead pipe shows here (exit 1, below), not as a traceback at exit
     except KeyboardInterrupt:  # outside the training loop (which checkpoints and returns):
-        # building environments, evaluating, loading
-        print("interrupted", file=sys.stderr)
+        # building environments, evaluating, loading. The output may have no reader left
+        # (`... | tee log`, whose tee the same Ctrl-C stopped): the status is 130 all the same
+        from mtrl.progress import status
+
+        status("interrupted")
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            _silence_stdout()
         raise SystemExit(130) from None
     except OSError as exc:
         # A file the command could not read or write (a full disk, a failing drive,

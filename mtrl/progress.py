@@ -124,8 +124,10 @@ def status(text: str) -> None:
     environments takes ~25 s); never raises."""
     try:
         print(text, file=sys.stderr, flush=True)
-    except (*_STREAM_ERRORS, AttributeError):  # (AttributeError: stderr is None)
+    except AttributeError:  # stderr is None
         pass
+    except _STREAM_ERRORS:  # its reader is gone: the unwritten line must not fail the exit
+        _silence_stderr()
 
 
 @contextlib.contextmanager

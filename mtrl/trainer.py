@@ -570,8 +570,14 @@ def _train(
             raise KeyboardInterrupt
 
     bar_sps = "n/a"  # env-steps/s of the last log window, for the progress bar
-    bar = Progress(cfg.total_steps, start_step, enabled=cfg.progress)
+    # The handlers first: a signal right after the progress's first line (the loop has
+    # started, as far as the user sees) then stops at the first step's checkpoint.
     previous_handlers = install_stop_handlers(on_signal)  # (put back in the loop's finally)
+    try:
+        bar = Progress(cfg.total_steps, start_step, enabled=cfg.progress)
+    except BaseException:
+        restore_handlers(previous_handlers)
+        raise
     t_start = time.perf_counter()
     t_last, step_last = t_start, start_step
     step = start_step

@@ -415,3 +415,30 @@ def test_ctrl_c_after_the_reader_of_the_output_died_exits_130(tmp_path):
     finally:
         proc.kill()
     assert (run / "checkpoint.pt").is_file()
+
+
+def test_ctrl_c_while_building_the_envs_with_the_reader_gone_exits_130(tmp_path):
+    """The same pipe, Ctrl-C before the loop (while the environments are built): the
+    "interrupted" line failed on the dead pipe inside the handler, exit status 120. The
+    run directory is not left in a state that refuses the same command again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    cmd = [sys.executable, "-m", "mtrl.cli", "train", "--env.benchmark", "toy",
+           "--total-steps", "30", "--warmup-steps", "10", "--batch-size", "64",
+           "--buffer-capacity", "500", "--eval-every", "0", "--run-dir", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        assert proc.stdout.readline() == b"building the toy environments ...\n"
+        proc.stdout.close()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        proc.kill()
+    done = subprocess.run(cmd, capture_output=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert (run / "result.json").is_file()
