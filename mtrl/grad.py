@@ -96,7 +96,13 @@ from torch import Tensor
 from torch.func import grad_and_value, vmap
 
 from mtrl import onednn
-from mtrl.balancers.base import Balancer, gramian_of_blocks, to_device, weights_from_gramian
+from mtrl.balancers.base import (
+    Balancer,
+    gramian_and_dtype,
+    to_device,
+    weights_fit,
+    weights_from_gramian,
+)
 
 __all__ = [
     "BalanceStats",
@@ -257,9 +263,12 @@ def _write_grad_pieces(params: Sequence[Tensor], w: Tensor, pieces: Sequence[Ten
     on: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # w copied once per place
     for p, piece in zip(params, pieces, strict=True):
         key = (piece.device, piece.dtype)
-        if key not in on:
-            on[key] = to_device(w, piece.device, piece.dtype)
-        _accumulate_grad(p, on[key] @ piece)
+        if key not in on:  # (float64 where the piece's dtype would lose the weights)
+            fits = weights_fit(w, piece.dtype, piece.device)
+            on[key] = to_device(w, piece.device, piece.dtype if fits else None)
+        wk = on[key]
+        flat = wk @ piece if wk.dtype == piece.dtype else (wk @ piece.double()).to(piece.dtype)
+        _accumulate_grad(p, flat)
 
 
 def _accumulate_grad(p: Tensor, flat: Tensor) -> None:
@@ -877,8 +886,8 @@ def _combine_pieces(
     (K, D) matrix.
     """
     if weights_from_gramian(balancer):
-        gram = gramian_of_blocks(pieces)
-        w = balancer.weights_for(None, losses, gram=gram, grads_dtype=pieces[0].dtype)
+        gram, formed = gramian_and_dtype(pieces)
+        w = balancer.weights_for(None, losses, gram=gram, grads_dtype=formed)
         _write_grad_pieces(params, w, pieces)
         return None, gram
     grads = _concat_rows(pieces)

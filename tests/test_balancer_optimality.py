@@ -225,6 +225,22 @@ def test_imtl_g_equal_projections(k, d, seed):
     assert float(proj.max() - proj.min()) <= 1e-8 * float(proj.abs().max())
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("k, d", [(2, 2), (3, 1000), (10, 1000)])
+@pytest.mark.parametrize("factor", [1e3, 1e6])
+def test_imtl_g_equal_projections_with_very_different_norms(k, d, factor, dtype, tol):
+    """One gradient 1e3 or 1e6 times longer: the system in A/max(A) took the short rows
+    for rounding (float32 projections [30925, 1828, -1538] at K=3, ratio 1e3, with a false
+    "K exceeds the rank" fallback; float64 K=2 off by 4.8 %). Solved in cosines: exact."""
+    g = torch.from_numpy(np.random.default_rng(0).standard_normal((k, d)))
+    g[0] *= factor
+    b = build("imtl-g")
+    out = b.combine(g.to(dtype)).double()
+    proj = (g / g.norm(dim=1, keepdim=True)) @ out
+    assert float(proj.max() - proj.min()) <= tol * float(proj.abs().max())
+    assert "fallback" not in b.info
+
+
 @pytest.mark.parametrize("k, d, seed", [(2, 5, 0), (3, 10, 1), (10, 40, 2), (50, 120, 4)])
 def test_aligned_mtl_balanced_components(k, d, seed):
     g = problem(k, d, seed)

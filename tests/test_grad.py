@@ -590,3 +590,22 @@ def test_to_device_copies_to_cuda_without_blocking_and_keeps_the_values():
     assert torch.equal(out.cpu(), expected)
     again = to_device(torch.arange(5), "cuda")
     assert again.cpu().tolist() == [0, 1, 2, 3, 4]
+
+
+def test_grad_write_keeps_weights_beyond_the_gradients_dtype():
+    """FairGrad's weights of gradients ~1e-30 are ~1e40: cast to float32 they were inf and
+    the .grad NaN (and weights ~1e-35 subnormal). Such weights are applied in float64."""
+    from mtrl.balancers.base import weighted_sum, weights_fit
+    from mtrl.grad import _write_grad_pieces
+
+    piece = torch.randn(2, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for w in (torch.tensor([1e40, 2e40], dtype=torch.float64),
+              torch.tensor([3e-35, 1e-35], dtype=torch.float64)):
+        small = (piece * (1e-30 if w[0] > 1 else 1e25)).float()
+        want = w @ small.double()
+        assert not weights_fit(w, torch.float32) and weights_fit(w, torch.float64)
+        p = torch.zeros(5, requires_grad=True)
+        _write_grad_pieces([p], w, [small])
+        torch.testing.assert_close(p.grad.double(), want, rtol=1e-6, atol=0)
+        torch.testing.assert_close(weighted_sum(w, small).double(), want, rtol=1e-6, atol=0)
+    assert weights_fit(torch.tensor([0.3, 0.7], dtype=torch.float64), torch.float32)

@@ -631,11 +631,13 @@ def power_weights(
             # float64's rounding of (Aw)_i where its terms cancel (Gramians whose rows
             # differ by orders of magnitude) or of w_i^p for a large p (FairGrad with a
             # tiny alpha): the last iterate is as exact as float64 allows, far better
-            # than the mean weights.
+            # than the mean weights. (Capped at 1e-4, this threw away roots exact to
+            # 1e-16 whose residual's floor is 1e-3: FairGrad α = 0.1 with norms 1e3
+            # apart, in 34 of 60 draws.)
             res = power_residual(sub, last, p)
             floor = power_rounding_floor(sub, last, p=p)
             info["residual_floor"] = floor
-            if res <= min(1e-4, max(1e-9, 10.0 * floor)):
+            if res <= min(0.1, max(1e-9, 10.0 * floor)):
                 sol = last
     info["iterations"] = iters
     info["residual"] = res

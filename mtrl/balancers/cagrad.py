@@ -192,7 +192,13 @@ class CAGrad(Balancer):
         rescale = 1.0 / (1.0 + self.c**2)
         g0_sq = float(a.mean())  # |g0|² = 1ᵀA1 / K²
         scale = float(np.max(np.diag(a)))
-        if self.c == 0.0 or not scale > 0.0 or g0_sq <= 1e-30 * scale:
+        if self.c == 0.0 or not scale > 0.0:
+            return torch.from_numpy(mean * rescale)
+        if g0_sq <= 1e-30 * scale:  # the ball around g0 is the point g0 = 0
+            self.info["fallback"] = (
+                "the mean gradient g0 is 0 (|g0|² <= 1e-30 of the largest |g_i|²): "
+                "the direction is g0 (mean weights)"
+            )
             return torch.from_numpy(mean * rescale)
         a_s = a / scale
         r = self.c * math.sqrt(g0_sq / scale)

@@ -30,9 +30,10 @@ class IMTLG(Balancer):
 
     Deviations from the reference implementation: it inverts ``D Uᵀ`` in D-space (adding
     ``1e-8·I`` when that fails); we solve the equivalent K×K Gramian system in float64
-    with ``numpy.linalg.lstsq`` (minimum-norm solution when singular; singular values
-    under ``10·K·eps`` of the Gramian's dtype count as zero, so a float32 Gramian's
-    rounding is not solved for).
+    with ``numpy.linalg.lstsq``, in the variables ``β_i = α_i |g_i|`` where it reads
+    ``C β = 1`` with ``C`` the matrix of gradient cosines (minimum-norm solution when
+    singular; singular values under ``10·K·eps`` of the Gramian's dtype count as zero, so
+    a float32 Gramian's rounding is not solved for, and gradient norms 1e6 apart are not).
     Degenerate inputs: zero gradient rows get weight 0 (they impose no condition); when
     the system ``Aα ∝ n`` has no exact solution (possible with K > rank, e.g. K > D) the
     least-squares weights are kept and ``info["fallback"]`` says so; if ``Σ A⁺n``
@@ -54,13 +55,19 @@ class IMTLG(Balancer):
             self.info["fallback"] = "all gradients are zero; used mean weights"
             return torch.from_numpy(mean)
         keep = diag > 1e-20 * dmax
-        sub = a[np.ix_(keep, keep)] / dmax
-        norms = np.sqrt(diag[keep] / dmax)
-        # singular values under the Gramian's rounding level are rounding, not rank: a
-        # rank-deficient float32 Gramian is numerically full rank at float64's cutoff,
-        # and its exact solve would fit the rounding noise
+        norms = np.sqrt(diag[keep])
+        # In the variables β = α·|g| the system is C β = 1 with C the cosine matrix (unit
+        # diagonal): its rounding is ~eps whatever the norms, so a short gradient is not
+        # mistaken for rank deficiency (dividing A by its largest entry did that from a
+        # norm ratio of ~1e3 on, with float32 Gramians). Singular values under the
+        # Gramian's rounding level are rounding, not rank: a rank-deficient float32
+        # Gramian is numerically full rank at float64's cutoff, and its exact solve would
+        # fit the rounding noise.
+        cos = a[np.ix_(keep, keep)] / np.outer(norms, norms)
+        ones = np.ones(cos.shape[0])
         eps = self.gram_eps()
-        v, _, rank, _ = np.linalg.lstsq(sub, norms, rcond=10 * sub.shape[0] * eps)
+        beta, _, rank, _ = np.linalg.lstsq(cos, ones, rcond=10 * cos.shape[0] * eps)
+        v = beta / norms
         total = float(v.sum())
         if not np.isfinite(total) or abs(total) <= 1e-12 * float(np.abs(v).sum()):
             self.info["fallback"] = "no sum-1 weights give equal projections; used mean weights"
@@ -73,8 +80,8 @@ class IMTLG(Balancer):
         # non-zero direction: then the least-squares weights are returned, and said so.
         # A (numerically) full-rank Gramian always has one; its residual is rounding,
         # ~eps·cond(A), which exceeds 1e-8 from cond(A) ~ 1e8 (G's condition 1e4) on.
-        miss = float(np.linalg.norm(sub @ v - norms)) / float(np.linalg.norm(norms))
-        if rank < sub.shape[0] and miss > max(1e-8, 1e3 * eps):
+        miss = float(np.linalg.norm(cos @ beta - ones)) / float(np.linalg.norm(ones))
+        if rank < cos.shape[0] and miss > max(1e-8, 1e3 * eps):
             note = (
                 f"no direction has equal projections on all unit gradients (relative "
                 f"residual {miss:.2g}; K exceeds the rank of the gradients); used the "

@@ -40,9 +40,11 @@ class UPGrad(Balancer):
     we solve on the unit-diagonal Gramian (the QPs are invariant under diagonal scaling)
     with a ridge of 1e-12 that quadprog needs, and remove the ridge's bias by an
     unridged re-solve when the Gramian is numerically positive definite. What remains is
-    the float64 Gramian's own rounding, ~1e-16/λ_min relative (measured against a
-    D-space NNLS projection: ≤ 3e-15 for 200 random K ≤ D problems, 4e-8 when two
-    gradients cancel to within 1e-4 of their norm). Speed-ups that do not change the
+    the Gramian's own rounding, ~eps/λ_min relative (float64: measured against a D-space
+    NNLS projection, ≤ 3e-15 for 200 random K ≤ D problems, 4e-8 when two gradients
+    cancel to within 1e-4 of their norm). Float32 gradients whose cosine matrix is too
+    close to singular for float32 (:data:`mtrl.balancers.base.GRAM_RESOLUTION`) get a
+    float64 Gramian, so that bound holds for them too. Speed-ups that do not change the
     answer: no QP for a gradient that conflicts with no task, and block principal pivoting
     started from the set of tasks it conflicts with (quadprog only when that fails).
     Degenerate inputs: all-zero gradients give the mean weights (zero direction).
