@@ -150,4 +150,8 @@ def load_checkpoint(
             f"checkpoint {str(path)!r} lacks {', '.join(map(repr, missing))}; it is "
             "incomplete or not an mtrl training checkpoint"
         )
+    step = state.get("step", 0)
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        raise CheckpointError(f"checkpoint {str(path)!r} has step {step!r}, not a step count; "
+                              "it is damaged or not an mtrl training checkpoint")
     return state

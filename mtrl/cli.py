@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -43,10 +44,16 @@ def _train(argv: list[str]) -> None:
     from mtrl.agents.sac import SACConfig
     from mtrl.config import RESUME_MAY_CHANGE, TrainConfig, load_preset, read_run_config
 
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(
+        prog="mtrl train", add_help=False,
+        usage="mtrl train [--config PRESET] [--resume RUN_DIR] [OPTIONS]  (all options: "
+        "mtrl train --help)")
     pre.add_argument("--config", default=None)
     pre.add_argument("--resume", default=None, metavar="RUN_DIR")
     known, rest = pre.parse_known_args(argv)
+    for option, value in (("--config", known.config), ("--resume", known.resume)):
+        if value is not None and not value.strip():  # (an unset shell variable, say)
+            _fail(f"{option} was given an empty value")
     if known.resume and not (Path(known.resume) / "config.json").is_file():
         _fail(f"cannot resume: {str(Path(known.resume) / 'config.json')!r} not found "
               f"(is {known.resume!r} a run dir?)")
@@ -129,6 +136,32 @@ def _print_outcome(show: Any, interrupted: bool) -> None:
         _silence_stdout()
 
 
+def _check_out_dir(option: str, path: str | None, create: bool = True) -> None:
+    """Refuse an output directory that cannot be one before any work is done (an
+    evaluation of minutes was lost at its end): empty, a file, or one that cannot be
+    made. ``create``: make it now (the command writes there anyway); else only check
+    that its nearest existing parent is a writable directory (``--dry-run``)."""
+    if path is None:
+        return
+    if not path.strip():
+        _fail(f"{option} was given an empty value")
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        _fail(f"{option} {path!r} is a file, not a directory")
+    if create:
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            _fail(f"{option} {path!r} cannot be created: {exc.strerror or exc}")
+        return
+    parent = p
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        _fail(f"{option} {path!r} cannot be written: {str(parent)!r} is not a writable "
+              "directory")
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null (its reader is gone), so the flush at exit cannot fail."""
     from mtrl.runtime import stream_to_devnull
@@ -183,6 +216,7 @@ def _eval(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.episodes_per_task is not None and args.episodes_per_task < 1:
         _fail("--episodes-per-task must be >= 1")
+    _check_out_dir("--out", args.out)
 
     from mtrl.evaluate_run import evaluate_run
 
@@ -267,6 +301,7 @@ def _bench(argv: list[str]) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="validate and show what would run (skip/resume/start); launch nothing")
     args = parser.parse_args(argv)
+    _check_out_dir("--out", args.out, create=not args.dry_run)
     out = args.out or f"benchmarks/{args.benchmark.lower()}-{args.protocol}"
     spec = BenchSpec(
         benchmark=args.benchmark, balancers=tuple(args.balancers.split(",")), seeds=args.seeds,
@@ -307,6 +342,11 @@ def _report(argv: list[str]) -> None:
                         help="bootstrap resamples for probability of improvement")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
+    if not args.dir.strip():
+        _fail("DIR was given an empty value")
+    if not Path(args.dir).is_dir():
+        _fail(f"{args.dir!r} is not a directory")
+    _check_out_dir("--out", args.out)
     report = write_report(args.dir, out_dir=args.out, reps=args.reps, poi_reps=args.poi_reps,
                           plots=not args.no_plots)
     md = next(p for p in report.files if p.name == "summary.md")
@@ -374,6 +414,15 @@ def _run(command: str, rest: list[str]) -> None:
         _fail(str(exc), code=1)
     except ArithmeticError as exc:  # e.g. a plug-in balancer returning NaN weights
         _fail(f"{type(exc).__name__}: {exc}", code=1)
+    except (MemoryError, RuntimeError) as exc:
+        from mtrl.runtime import out_of_memory
+
+        if not out_of_memory(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "MemoryError"
+        _fail(f"out of memory: {first} (a run directory keeps its last checkpoint; smaller "
+              "--batch-size, --buffer-capacity, --sac.hidden-sizes or --eval-episodes "
+              "need less)", code=1)
     except ValueError as exc:  # bad values surfacing from dataclass/env validation
         _fail(str(exc))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import types
 import typing
@@ -91,7 +92,8 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     are accepted for float fields and lists for tuple fields.
     """
     if not isinstance(data, Mapping):
-        raise ConfigError(f"config section {prefix or '<root>'!r} must be an object, got {data!r}")
+        section = prefix.rstrip(".") or "<root>"
+        raise ConfigError(f"config section {section!r} must be an object, got {data!r}")
     hints = _field_types(cls)
     unknown = sorted(set(data) - set(hints))
     if unknown:
@@ -233,12 +235,17 @@ def load_preset(path: str | Path) -> TrainConfig:
         if candidate.is_file():
             p = candidate
     if not _readable(p):
+        if Path(path).is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a directory; --config takes a "
+                              "JSON file or a preset name")
         presets = sorted(x.stem for x in presets_dir().glob("*.json"))
         raise ConfigError(f"config file {str(path)!r} not found; presets: {', '.join(presets)}")
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not text (UTF-8 JSON): {exc}") from exc
     if isinstance(data, dict) and "task_names" in data:
         # a run's config.json as a preset: its settings, not that run's task record or
         # its directory (a new run goes to its own folder)
@@ -316,6 +323,20 @@ def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be an integer {bound}, got {value!r}")
 
 
+#: Most torch threads per usable CPU core accepted (``threads``).
+MAX_THREADS_PER_CORE = 4
+#: Most gradient updates per vector-env step accepted (``updates_per_step``; published
+#: update-to-data ratios go to ~20).
+MAX_UPDATES_PER_STEP = 1000
+
+
+def _usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def validate(cfg: TrainConfig, num_tasks: int | None = None) -> None:
     """Check values that the dataclasses cannot check by type; raise ConfigError."""
     from mtrl.balancers import build
@@ -325,6 +346,21 @@ def validate(cfg: TrainConfig, num_tasks: int | None = None) -> None:
         _positive(name, getattr(cfg, name))
     for name in ("warmup_steps", "eval_every"):
         _positive(name, getattr(cfg, name), allow_zero=True)
+    cores = _usable_cores()
+    if cfg.threads > MAX_THREADS_PER_CORE * cores:
+        # (100,000 threads crashed the process without a word; 10,000 crawled)
+        raise ConfigError(
+            f"threads {cfg.threads} is more than {MAX_THREADS_PER_CORE} per usable core "
+            f"({cores} here): at most {MAX_THREADS_PER_CORE * cores}; the cores are the "
+            "useful number"
+        )
+    if cfg.updates_per_step > MAX_UPDATES_PER_STEP:
+        # (a stop signal takes effect after the current step's updates: 1e9 of them
+        # ignored it for good)
+        raise ConfigError(
+            f"updates_per_step {cfg.updates_per_step} is above {MAX_UPDATES_PER_STEP} (a "
+            "stop signal waits for the current step's updates)"
+        )
     if cfg.batch_size > cfg.buffer_capacity:
         raise ConfigError(
             f"batch_size {cfg.batch_size} exceeds buffer_capacity {cfg.buffer_capacity}: every "

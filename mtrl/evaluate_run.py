@@ -58,7 +58,8 @@ def evaluate_run(
     run_dir, ckpt = _locate(path)
     config_file = run_dir / "config.json"
     if not config_file.is_file():
-        raise CheckpointError(f"{str(config_file)!r} not found next to the checkpoint")
+        raise CheckpointError(f"{str(config_file)!r} not found next to the checkpoint "
+                              f"{str(ckpt)!r} (is it an mtrl checkpoint in its run directory?)")
     cfg, _ = read_run_config(config_file)
     dev = resolve_device(device)
     configure_cpu(cfg.threads)

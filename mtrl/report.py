@@ -49,6 +49,9 @@ PROTOCOL_NOTES = {
     "mtrl": "fixed goal per task, 150-step episodes, deterministic policy",
     "metaworld-plus": "goals resampled per episode, 500-step episodes, deterministic policy",
 }
+#: Files that make a folder with a config.json a run directory even when that config.json
+#: cannot be read.
+RUN_FILES = ("checkpoint.pt", "eval.jsonl", "metrics.jsonl", "result.json")
 DEFAULT_REPS = 10_000
 DEFAULT_POI_REPS = 1_000
 
@@ -259,6 +262,8 @@ class Run:
     metrics: list[dict[str, Any]]
     result: dict[str, Any] | None
     label: str = ""
+    #: Why config.json could not be read (the run is then listed, not reported).
+    config_error: str | None = None
 
     @property
     def balancer(self) -> str:
@@ -277,6 +282,8 @@ class Run:
     @property
     def problem(self) -> str | None:
         """Why the run's config.json cannot be reported (a hand-edited or damaged file)."""
+        if self.config_error:
+            return self.config_error
         env = self.config.get("env")
         if not isinstance(env, dict):
             return "config.json: env is not a section"
@@ -367,13 +374,17 @@ def load_runs(root: str | Path) -> list[Run]:
         raise ReportError(f"{str(root)!r} is not a directory")
     runs = []
     for cfg_path in sorted(root.rglob("config.json")):
-        config = _read_json(cfg_path)
-        if config is None or "env" not in config or "balancer" not in config:
-            continue  # not a trainer's config.json
         d = cfg_path.parent
+        config, error = _read_json(cfg_path), None
+        if config is None and any((d / name).exists() for name in RUN_FILES):
+            # a run directory whose config.json is damaged: listed, not silently dropped
+            config, error = {}, "config.json cannot be read (not a JSON object)"
+        elif config is None or "env" not in config or "balancer" not in config:
+            continue  # not a trainer's config.json
         runs.append(Run(
             path=d, config=config, evals=read_jsonl(d / "eval.jsonl"),
             metrics=read_jsonl(d / "metrics.jsonl"), result=_read_json(d / "result.json"),
+            config_error=error,
         ))
     _assign_labels(runs)
     return runs

@@ -145,6 +145,20 @@ def stream_to_devnull(stream: Any, keep_files: bool = False) -> None:
         pass
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says memory ran out: NumPy's (``MemoryError``), torch's on an
+    accelerator (``torch.OutOfMemoryError``) or on the CPU (a ``RuntimeError`` from its
+    allocator)."""
+    if isinstance(exc, MemoryError):
+        return True
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text
+                                              or "out of memory" in text)
+
+
 # ---------------------------------------------------------------- one process per run dir
 class RunDirBusy(Exception):
     """Another process holds the run directory's lock (see :func:`run_dir_lock`)."""

@@ -50,6 +50,7 @@ from mtrl.runtime import (
     configure_cpu,
     install_stop_handlers,
     on_hangup,
+    out_of_memory,
     restore_handlers,
     run_dir_lock,
 )
@@ -61,6 +62,10 @@ RESUME_KEYS = ("step", "agent", "optim", "rng", "obs", "skipped_total", "best_su
 
 class TrainingError(RuntimeError):
     """The run had to stop (e.g. repeated NaN updates); the message says why and what is kept."""
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 @dataclass
@@ -495,6 +500,17 @@ def _train(
     def checkpoint(step: int) -> None:
         nonlocal skipped_total
         skipped_total = skips.check(step, ckpt_path)  # never overwrite it after a failure
+        # Nor with weights that are no longer numbers: finite losses and gradients can
+        # still overflow in a step (the guard checks those, not the weights after it)
+        bad = [name for name, p in agent.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            kept = (f"the last good checkpoint is kept at {ckpt_path}" if ckpt_path.is_file()
+                    else "no checkpoint had been written yet")
+            raise TrainingError(
+                f"stopped at step {step}: the weights {', '.join(bad[:3])}"
+                f"{' ...' if len(bad) > 3 else ''} are NaN/Inf (an optimiser step overflowed; "
+                f"a learning rate too large?); {kept}"
+            )
         rng = {"torch": torch.get_rng_state(), "actions": action_gen.get_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
@@ -525,10 +541,21 @@ def _train(
         if eval_envs is None:
             eval_envs = env_factory(eval_cfg)
         progress = evaluation_progress(eval_episodes, eval_cfg.max_episode_steps, cfg.progress)
-        # (fork_rng: evaluation must not shift the training RNG)
-        with progress as on_step, torch.random.fork_rng(devices=[]):
-            result = evaluate(lambda o: agent.act(o, deterministic=True), eval_envs,
-                              eval_episodes, seed=eval_seed(cfg.env.seed, step), on_step=on_step)
+        try:  # (fork_rng: evaluation must not shift the training RNG)
+            with progress as on_step, torch.random.fork_rng(devices=[]):
+                result = evaluate(lambda o: agent.act(o, deterministic=True), eval_envs,
+                                  eval_episodes, seed=eval_seed(cfg.env.seed, step),
+                                  on_step=on_step)
+        except Exception as exc:
+            if not out_of_memory(exc):
+                raise
+            # the training state is intact (the evaluation runs beside it): keep it
+            checkpoint(step)
+            raise TrainingError(
+                f"the evaluation at step {step} ran out of memory ({_first_line(exc)}); "
+                f"the run is checkpointed at step {step} in {ckpt_path}: resume it with a "
+                f"smaller --eval-episodes (now {eval_episodes})"
+            ) from None
         mean = float(result.mean_success)
         best_success = max(best_success, mean)
         record = {

@@ -598,6 +598,16 @@ def test_config_validation_and_factory_checks():
                       ({"grad_clip": inf}, "grad_clip"), ({"gamma": nan}, "gamma")):
         with pytest.raises(ValueError, match=rf"^{name} must be"):
             SACConfig(**bad)
+    # finite but beyond float32 at the first step: the weights went NaN, every update was
+    # skipped, and the "last good checkpoint" held NaN weights
+    with pytest.raises(ValueError, match=r"^actor_lr must be a number in \(0, 1\], got 1e\+308"):
+        SACConfig(actor_lr=1e308)
+    with pytest.raises(ValueError, match=r"^init_temperature must be a number in \(0, 1e\+06\]"):
+        SACConfig(init_temperature=1e300)
+    with pytest.raises(ValueError, match=r"^log_std_bounds must be finite with -50 <= low < high "
+                       r"<= 20, got \(-20, 100\)"):
+        SACConfig(log_std_bounds=(-20, 100))
+    assert SACConfig(actor_lr=1.0, log_std_bounds=(-50, 20)).actor_lr == 1.0
     assert SACConfig(hidden_sizes=[8, 8]).hidden_sizes == (8, 8)
     shared = build("mean")
     with pytest.raises(ValueError, match="new balancer"):
@@ -703,8 +713,10 @@ def test_optimizer_state_from_a_capturable_run_loads_on_the_cpu():
 def test_non_finite_losses_after_a_step_are_not_fed_to_the_balancer():
     """A step that makes the losses non-finite (a diverging learning rate) does not crash
     a FAMO-style balancer; the next update's guard skips."""
-    cfg = SACConfig(hidden_sizes=(16, 16), critic_lr=1e30, balance=("critic",))
+    cfg = SACConfig(hidden_sizes=(16, 16), balance=("critic",))
     agent = make_agent(cfg, factory=RecordingBalancer)
+    for group in agent.critic_optimizer.param_groups:  # (the config refuses lr > 1 now)
+        group["lr"] = 1e30
     agent.update(make_batch(0))
     assert agent.balancers["critic"].after == []  # the losses after the step were inf/nan
     assert agent.update(make_batch(1))["skipped"] == 1

@@ -38,3 +38,18 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_and_no_temp_file(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
     assert path.read_bytes() == before
     assert load_checkpoint(path)["step"] == 10
+
+
+@pytest.mark.parametrize("step", ["x", -1, 2.5, True, None])
+def test_a_checkpoint_without_a_step_count_is_refused_by_name(tmp_path, step):
+    """`step: 'x'` gave `error: invalid literal for int() with base 10: 'x'` from both
+    `mtrl eval` and `--resume`, naming no file."""
+    from mtrl.checkpoint import CHECKPOINT_FORMAT, CheckpointError
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "step": step, "agent": {}})
+    with pytest.raises(CheckpointError, match=rf"checkpoint '{path}' has step .*, not a step "
+                       "count; it is damaged or not an mtrl training checkpoint"):
+        load_checkpoint(path)
+    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "step": 7, "agent": {}})
+    assert load_checkpoint(path)["step"] == 7

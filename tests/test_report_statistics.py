@@ -216,3 +216,19 @@ def test_damaged_fields_are_left_out_or_listed_not_a_traceback(tmp_path, where, 
     else:
         assert g.methods["mean"].seeds == [0, 1] and report.skipped == []
         assert g.methods["mean"].final_mean == 1.0
+
+
+def test_a_run_whose_config_json_does_not_parse_is_listed(tmp_path):
+    """`{x` in a run's config.json: the run vanished from the report ("1 run(s)"), and
+    with no other run the report said there were no run directories."""
+    for seed in range(2):
+        write_run(tmp_path / "mean" / f"seed{seed}", "mean", seed, {10: [1.0] * 4})
+    (tmp_path / "mean" / "seed1" / "config.json").write_text("{x")
+    report = write_report(tmp_path, reps=REPS, poi_reps=POI_REPS, plots=False)
+    assert report.groups[0].methods["mean"].seeds == [0]
+    assert [(r.path.name, why) for r, why in report.skipped] == [
+        ("seed1", "config.json cannot be read (not a JSON object)")]
+    assert (tmp_path / "summary.md").read_text().splitlines()[2].startswith("2 run(s)")
+    (tmp_path / "other").mkdir()  # a config.json of something else: not a run, ignored
+    (tmp_path / "other" / "config.json").write_text("{x")
+    assert len(write_report(tmp_path, reps=REPS, poi_reps=POI_REPS, plots=False).skipped) == 1

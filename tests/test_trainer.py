@@ -528,6 +528,14 @@ def test_unknown_config_key_names_key_and_valid_choices(tmp_path):
         load_preset(p)
     with pytest.raises(ConfigError, match="not found; presets: .*mt10_cagrad"):
         load_preset(tmp_path / "missing.json")
+    # a directory was "not found"; a binary file gave a bare codec error naming no file
+    with pytest.raises(ConfigError, match=r"config file '.*' is a directory"):
+        load_preset(tmp_path)
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match=r"config file '.*bin.json' is not text \(UTF-8 JSON\)"):
+        load_preset(tmp_path / "bin.json")
+    with pytest.raises(ConfigError, match=r"config section 'sac' must be an object, got 5"):
+        from_dict(TrainConfig, {"sac": 5})
 
 
 @pytest.mark.parametrize(("data", "message"), [
@@ -575,6 +583,13 @@ def test_invalid_values_are_rejected_before_training(tmp_path):
         train(toy_config(tmp_path, batch_size=30))
     with pytest.raises(ConfigError, match="total_steps must be an integer >= 1"):
         train(toy_config(tmp_path, total_steps=0))
+    # 100,000 threads crashed the process without a word; 1e9 updates per step ignored
+    # every stop signal
+    with pytest.raises(ConfigError, match=r"threads 100000 is more than 4 per usable core "
+                       r"\(\d+ here\): at most \d+"):
+        train(toy_config(tmp_path, threads=100000))
+    with pytest.raises(ConfigError, match=r"updates_per_step 1001 is above 1000"):
+        train(toy_config(tmp_path, updates_per_step=1001))
     with pytest.raises(ValueError, match="balance has unknown loss.*valid: critic, actor"):
         SACConfig(balance=("critic", "policy"))
     with pytest.raises(ConfigError, match="section 'sac'.*unknown loss.*policy"):
@@ -982,3 +997,73 @@ def test_logging_out_sends_sighup_and_sigterm_together_and_still_checkpoints(tmp
                                                               before_signal=hangup))
     assert result.interrupted and result.steps == 40
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 40
+
+
+def test_an_evaluation_out_of_memory_keeps_the_run(tmp_path, monkeypatch):
+    """--eval-episodes 1e9: NumPy could not allocate the evaluation's 29.8 GiB at the final
+    evaluation, a raw traceback, and the run was lost (the final checkpoint came after the
+    evaluation, so only logs were left and a rerun was refused). Now the training state is
+    checkpointed at that step and the error says what to do."""
+    import mtrl.trainer as trainer_mod
+
+    real = trainer_mod.evaluate
+
+    def huge(*args, **kwargs):
+        raise MemoryError("Unable to allocate 29.8 GiB for an array")
+
+    cfg = toy_config(tmp_path, total_steps=50, checkpoint_every=1000)
+    monkeypatch.setattr(trainer_mod, "evaluate", huge)
+    with pytest.raises(TrainingError, match=r"the evaluation at step 50 ran out of memory "
+                       r"\(Unable to allocate 29.8 GiB for an array\); the run is "
+                       r"checkpointed at step 50 in .*checkpoint.pt: resume it with a smaller "
+                       r"--eval-episodes \(now 1\)"):
+        train(cfg)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 50
+    monkeypatch.setattr(trainer_mod, "evaluate", real)
+    done = train(cfg, resume=True)
+    assert done.steps == 50 and done.final_eval["step"] == 50
+
+
+def test_out_of_memory_is_one_line_from_the_cli(tmp_path, monkeypatch, capsys):
+    import mtrl.trainer as trainer_mod
+    from mtrl.cli import main
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 400000000000 bytes.")
+
+    monkeypatch.setattr(trainer_mod, "MultiTaskSAC", oom)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--env.benchmark", "toy", "--total-steps", "5", "--no-progress",
+              "--run-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: out of memory: [enforce fail at alloc_cpu.cpp:117] data. "
+                              "DefaultCPUAllocator: can't allocate memory")
+
+
+def test_a_checkpoint_is_never_written_with_nan_weights(tmp_path, monkeypatch):
+    """--sac.actor-lr 1e308 (now refused) made the weights NaN in one step from finite
+    losses and gradients: every later update was skipped, and the "last good checkpoint"
+    of the stop message held NaN weights. Weights that went non-finite now stop the run at
+    the next checkpoint, which keeps the previous one."""
+    from mtrl.agents.sac import MultiTaskSAC
+
+    real = MultiTaskSAC.update
+    calls = []
+
+    def update(self, batch):
+        out = real(self, batch)
+        calls.append(1)
+        if len(calls) == 50:  # after the step-60 checkpoint
+            with torch.no_grad():
+                next(self.actor.parameters()).fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(MultiTaskSAC, "update", update)
+    with pytest.raises(TrainingError, match=r"stopped at step 120: the weights actor\.\S+ are "
+                       r"NaN/Inf .*; the last good checkpoint is kept at .*checkpoint.pt"):
+        train(toy_config(tmp_path))
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["step"] == 60
+    assert all(torch.isfinite(v).all() for v in state["agent"].values() if v.is_floating_point())

@@ -88,6 +88,14 @@ __all__ = ["LOSS_NAMES", "MultiTaskSAC", "SACConfig"]
 
 #: The losses a balancer can be put on, in update order.
 LOSS_NAMES = ("critic", "actor", "alpha")
+#: Largest learning rate accepted: Adam moves each weight by up to ~lr per step, so more
+#: than 1 destroys a network (and 1e308 overflows float32 at the first step).
+MAX_LR = 1.0
+#: Largest initial temperature accepted (``α·log π`` must stay far inside float32's range).
+MAX_TEMPERATURE = 1e6
+#: Accepted range of the actor's ``log_std_bounds`` (float32: ``exp(88)`` overflows, and
+#: ``exp(-87)`` is below the normal numbers).
+LOG_STD_RANGE = (-50.0, 20.0)
 #: Values of ``SACConfig.nan_guard``.
 NAN_GUARDS = ("auto", "sync", "masked")
 #: Losses that are >= 0 by construction (squared TD errors); the others can be negative.
@@ -142,18 +150,25 @@ class SACConfig:
             raise ValueError(f"balance lists a loss twice: {bal!r}")
         object.__setattr__(self, "balance", bal)
         lo, hi = self.log_std_bounds
-        if not (math.isfinite(float(lo)) and math.isfinite(float(hi)) and float(lo) < float(hi)):
+        # (exp(high) beyond float32's range made every update NaN; exp(low) below its
+        # normal numbers, a zero standard deviation)
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))
+                and LOG_STD_RANGE[0] <= float(lo) < float(hi) <= LOG_STD_RANGE[1]):
             raise ValueError(
-                f"log_std_bounds must be finite with low < high, got {self.log_std_bounds!r}"
+                f"log_std_bounds must be finite with {LOG_STD_RANGE[0]:g} <= low < high <= "
+                f"{LOG_STD_RANGE[1]:g}, got {self.log_std_bounds!r}"
             )
         object.__setattr__(self, "log_std_bounds", (float(lo), float(hi)))
         # (an infinite learning rate or temperature passed the guard's checks: the first
         # step's finite loss and gradient made the weights NaN, and the run stopped later
         # with a misleading "consecutive NaN updates")
-        for name in ("actor_lr", "critic_lr", "alpha_lr", "init_temperature"):
+        # (a learning rate of 1e308 passed: Adam's first step made the weights inf/NaN; an
+        # initial temperature beyond float32's range is inf at once)
+        for name, top in (("actor_lr", MAX_LR), ("critic_lr", MAX_LR), ("alpha_lr", MAX_LR),
+                          ("init_temperature", MAX_TEMPERATURE)):
             value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            if not (value > 0 and math.isfinite(value) and value <= top):
+                raise ValueError(f"{name} must be a number in (0, {top:g}], got {value!r}")
         if self.target_entropy is not None and not math.isfinite(self.target_entropy):
             raise ValueError(
                 f"target_entropy must be a finite number or None, got {self.target_entropy!r}"
