@@ -216,7 +216,8 @@ def _eval(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.episodes_per_task is not None and args.episodes_per_task < 1:
         _fail("--episodes-per-task must be >= 1")
-    _check_out_dir("--out", args.out)
+    # (made now only for a path that exists: a mistyped run path leaves no directory)
+    _check_out_dir("--out", args.out, create=Path(args.path).exists())
 
     from mtrl.evaluate_run import evaluate_run
 
@@ -301,7 +302,7 @@ def _bench(argv: list[str]) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="validate and show what would run (skip/resume/start); launch nothing")
     args = parser.parse_args(argv)
-    _check_out_dir("--out", args.out, create=not args.dry_run)
+    _check_out_dir("--out", args.out, create=False)  # (made by the bench once planned)
     out = args.out or f"benchmarks/{args.benchmark.lower()}-{args.protocol}"
     spec = BenchSpec(
         benchmark=args.benchmark, balancers=tuple(args.balancers.split(",")), seeds=args.seeds,

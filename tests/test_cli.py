@@ -458,7 +458,7 @@ def test_an_output_directory_that_cannot_be_one_is_refused_before_the_work(tmp_p
     afile.write_text("")
     cases = [
         (["eval", "/no/such/run", "--out", str(afile)], f"--out '{afile}' is a file"),
-        (["eval", "/no/such/run", "--out", str(afile / "x")],
+        (["eval", str(tmp_path), "--out", str(afile / "x")],
          f"--out '{afile / 'x'}' cannot be created: Not a directory"),
         (["report", str(tmp_path), "--out", str(afile)], f"--out '{afile}' is a file"),
         (["bench", "--benchmark", "toy", "--balancers", "mean", "--steps", "5", "--out",
