@@ -416,14 +416,13 @@ def _run(command: str, rest: list[str]) -> None:
     except ArithmeticError as exc:  # e.g. a plug-in balancer returning NaN weights
         _fail(f"{type(exc).__name__}: {exc}", code=1)
     except (MemoryError, RuntimeError) as exc:
-        from mtrl.runtime import out_of_memory
+        from mtrl.runtime import first_line, out_of_memory
 
         if not out_of_memory(exc):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "MemoryError"
-        _fail(f"out of memory: {first} (a run directory keeps its last checkpoint; smaller "
-              "--batch-size, --buffer-capacity, --sac.hidden-sizes or --eval-episodes "
-              "need less)", code=1)
+        _fail(f"out of memory: {first_line(exc)} (a run directory keeps its last "
+              "checkpoint; smaller --batch-size, --buffer-capacity, --sac.hidden-sizes or "
+              "--eval-episodes need less)", code=1)
     except ValueError as exc:  # bad values surfacing from dataclass/env validation
         _fail(str(exc))
 

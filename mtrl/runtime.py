@@ -145,6 +145,12 @@ def stream_to_devnull(stream: Any, keep_files: bool = False) -> None:
         pass
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` says memory ran out: NumPy's (``MemoryError``), torch's on an
     accelerator (``torch.OutOfMemoryError``) or on the CPU (a ``RuntimeError`` from its

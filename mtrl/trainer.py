@@ -48,6 +48,7 @@ from mtrl.progress import Progress, evaluation_progress, status
 from mtrl.runtime import (
     RunDirBusy,
     configure_cpu,
+    first_line,
     install_stop_handlers,
     on_hangup,
     out_of_memory,
@@ -62,10 +63,6 @@ RESUME_KEYS = ("step", "agent", "optim", "rng", "obs", "skipped_total", "best_su
 
 class TrainingError(RuntimeError):
     """The run had to stop (e.g. repeated NaN updates); the message says why and what is kept."""
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 @dataclass
@@ -502,7 +499,9 @@ def _train(
         skipped_total = skips.check(step, ckpt_path)  # never overwrite it after a failure
         # Nor with weights that are no longer numbers: finite losses and gradients can
         # still overflow in a step (the guard checks those, not the weights after it)
-        bad = [name for name, p in agent.named_parameters() if not bool(torch.isfinite(p).all())]
+        named = list(agent.named_parameters())  # (one host read for all of them)
+        finite = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist()
+        bad = [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
         if bad:
             kept = (f"the last good checkpoint is kept at {ckpt_path}" if ckpt_path.is_file()
                     else "no checkpoint had been written yet")
@@ -552,7 +551,7 @@ def _train(
             # the training state is intact (the evaluation runs beside it): keep it
             checkpoint(step)
             raise TrainingError(
-                f"the evaluation at step {step} ran out of memory ({_first_line(exc)}); "
+                f"the evaluation at step {step} ran out of memory ({first_line(exc)}); "
                 f"the run is checkpointed at step {step} in {ckpt_path}: resume it with a "
                 f"smaller --eval-episodes (now {eval_episodes})"
             ) from None

@@ -318,6 +318,7 @@ def gramian_and_dtype(blocks: Sequence[Tensor]) -> tuple[Tensor, torch.dtype]:
         and not (dtype == torch.float32 and onednn.enabled())
     )
     total = _gramian_sum(blocks, dtype, use_numpy)
+    gram = (total + total.T) * 0.5  # (symmetrised in float64)
     if dtype == torch.float32:
         # float32 overflows beyond |g| ~ 1e19 and loses digits in subnormals below
         # |g|² ~ 1e-20, down to an all-zero Gramian (|g| ~ 1e-23, not zero gradients):
@@ -325,10 +326,10 @@ def gramian_and_dtype(blocks: Sequence[Tensor]) -> tuple[Tensor, torch.dtype]:
         # goes to the CPU anyway.
         dmax = float(total.diagonal().max()) if total.numel() else 1.0
         if (not (math.isfinite(dmax) and bool(torch.isfinite(total).all())) or dmax < 1e-20
-                or _unresolved((total + total.T) * 0.5)):
+                or _unresolved(gram)):
             total = _gramian_sum(blocks, torch.float64, use_numpy)
-            dtype = torch.float64
-    return (total + total.T) * 0.5, dtype
+            gram, dtype = (total + total.T) * 0.5, torch.float64
+    return gram, dtype
 
 
 #: Columns per float32 product when the Gramian is formed by BLAS / cuBLAS (torch's
