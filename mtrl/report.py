@@ -827,6 +827,15 @@ def _points(n: int) -> dict[str, Any]:
     return {"marker": "o" if n < 15 else None, "ms": 3}
 
 
+def _steps_axis(ax: Any) -> None:
+    """Env-step x axis in short engineering units (600k, 1.5M) with at most 6 ticks: the
+    full numbers ran into each other on the narrow panels of a long run."""
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+
+
 def plot_learning_curves(g: GroupSummary, path: Path) -> None:
     fig, axes = _figure(1, 1, 7, 4.5)
     ax = axes[0, 0]
@@ -839,6 +848,7 @@ def plot_learning_curves(g: GroupSummary, path: Path) -> None:
                 **_points(c.steps.size))
         ax.fill_between(c.env_steps, c.mean - se, c.mean + se, color=color, alpha=0.2, lw=0)
     ax.set_xlabel("environment steps (all tasks)")
+    _steps_axis(ax)
     ax.set_ylabel("success rate (mean over tasks)")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
@@ -924,6 +934,7 @@ def plot_weights(g: GroupSummary, path: Path) -> bool:
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=7)
+            _steps_axis(ax)
             if i == 0:
                 ax.set_title(name, fontsize=9)
             if j == 0:
@@ -975,6 +986,7 @@ def plot_conflict(g: GroupSummary, path: Path) -> bool:
                             **_points(len(series[0])))
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=7)
+            _steps_axis(ax)
             if i == 0:
                 ax.set_title(f"{loss} gradients", fontsize=9)
             else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import re
@@ -448,3 +449,32 @@ def test_runs_without_a_task_list_are_left_out_and_the_csv_has_no_duplicates(tmp
     with open(root / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and {r["success"] for r in rows} == {"1.0"}  # a's rows only
+
+
+@pytest.mark.parametrize("last_step", [150_000, 5_000_000])
+def test_step_axes_stay_readable_on_long_runs(tmp_path, monkeypatch, last_step):
+    """Env-step ticks of a long run (here up to 0.6M and 20M env steps) in short units that
+    do not run into each other on the narrow diagnostics panels (full numbers did)."""
+    import mtrl.report as report
+
+    root = tmp_path / "bench"
+    steps = np.linspace(last_step / 10, last_step, 10).astype(int)
+    for name in ("mean", "cagrad", "fairgrad", "sdmgrad-os"):
+        write_run(root / name / "seed0", name, 0, {int(s): [1, 0, 0, 0] for s in steps})
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    write_report(root, reps=REPS, poi_reps=POI_REPS)
+    step_axes = [ax for fig in figures for ax in fig.axes if ax.get_lines()
+                 and any("steps" in a.get_xlabel() for a in fig.axes)]
+    assert len(step_axes) == 1 + 2 * 4 + 2  # learning curves, 2 x 4 weights, 2 critic conflict
+    for fig in figures:
+        fig.canvas.draw()
+    for ax in step_axes:
+        lo, hi = ax.get_xlim()
+        labels = [t for t in ax.get_xticklabels()
+                  if t.get_visible() and t.get_text() and lo <= t.get_position()[0] <= hi]
+        texts = [t.get_text() for t in labels]
+        assert 3 <= len(labels) <= 7, texts
+        assert all(len(x) <= 5 and x[-1] in "0kM" for x in texts), texts
+        boxes = sorted((t.get_window_extent() for t in labels), key=lambda b: b.x0)
+        assert all(a.x1 < b.x0 for a, b in itertools.pairwise(boxes)), texts
