@@ -828,8 +828,8 @@ def _points(n: int) -> dict[str, Any]:
 
 
 def _steps_axis(ax: Any) -> None:
-    """Env-step x axis in short engineering units (600k, 1.5M) with at most 6 ticks: the
-    full numbers ran into each other on the narrow panels of a long run."""
+    """Env-step x axis in short engineering units (600k, 1.5M) and about 6 integer ticks:
+    the full numbers ran into each other on the narrow panels of a long run."""
     from matplotlib.ticker import EngFormatter, MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
