@@ -98,9 +98,10 @@ from torch.func import grad_and_value, vmap
 from mtrl import onednn
 from mtrl.balancers.base import (
     Balancer,
+    apply_weights,
     gramian_and_dtype,
+    placed_weights,
     to_device,
-    weights_fit,
     weights_from_gramian,
 )
 
@@ -264,11 +265,8 @@ def _write_grad_pieces(params: Sequence[Tensor], w: Tensor, pieces: Sequence[Ten
     for p, piece in zip(params, pieces, strict=True):
         key = (piece.device, piece.dtype)
         if key not in on:  # (float64 where the piece's dtype would lose the weights)
-            fits = weights_fit(w, piece.dtype, piece.device)
-            on[key] = to_device(w, piece.device, piece.dtype if fits else None)
-        wk = on[key]
-        flat = wk @ piece if wk.dtype == piece.dtype else (wk @ piece.double()).to(piece.dtype)
-        _accumulate_grad(p, flat)
+            on[key] = placed_weights(w, piece.dtype, piece.device)
+        _accumulate_grad(p, apply_weights(on[key], piece))
 
 
 def _accumulate_grad(p: Tensor, flat: Tensor) -> None:

@@ -22,8 +22,8 @@ import torch
 from threadpoolctl import ThreadpoolController
 
 __all__ = [
-    "configure_cpu", "install_stop_handlers", "on_hangup", "restore_handlers",
-    "stream_to_devnull", "to_devnull",
+    "configure_cpu", "first_line", "install_stop_handlers", "on_hangup", "out_of_memory",
+    "restore_handlers", "stream_to_devnull", "to_devnull",
 ]
 
 # glibc's mallopt parameters (malloc.h)

@@ -553,6 +553,7 @@ def test_weights_and_statistics_reach_the_device_in_few_copies(monkeypatch):
         return out
 
     monkeypatch.setattr(mtrl.grad, "to_device", counting)
+    monkeypatch.setattr(mtrl.balancers.base, "to_device", counting)  # (placed_weights)
     net, loss_fn, batch = make_problem(k=3)
     assert len(list(net.parameters())) > 2
     for diagnostics in (True, False):

@@ -226,13 +226,26 @@ def weights_fit(w: Tensor, dtype: torch.dtype, device: torch.device | str = "cpu
     return top == 0.0 or info.tiny / info.eps <= top <= info.max / 16
 
 
+def placed_weights(w: Tensor, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """Float64 CPU weights ``w`` on ``device`` for rows of ``dtype``: cast to that dtype,
+    or kept in float64 where the cast would lose them (:func:`weights_fit`). Plumbing
+    that applies one ``w`` to many row blocks places it once per (device, dtype)."""
+    return to_device(w, device, dtype if weights_fit(w, dtype, device) else None)
+
+
+def apply_weights(placed: Tensor, rows: Tensor) -> Tensor:
+    """``placedᵀ rows`` in the rows' dtype, for weights from :func:`placed_weights` (in
+    float64 when they were kept there)."""
+    if placed.dtype == rows.dtype:
+        return placed @ rows
+    return (placed @ rows.double()).to(rows.dtype)
+
+
 def weighted_sum(w: Tensor, rows: Tensor) -> Tensor:
     """``wᵀ rows`` in the rows' dtype and device for float64 CPU weights ``w``: with the
     weights cast to that dtype, or in float64 where the cast would lose them
     (:func:`weights_fit`)."""
-    if weights_fit(w, rows.dtype, rows.device):
-        return to_device(w, rows.device, rows.dtype) @ rows
-    return (to_device(w, rows.device) @ rows.double()).to(rows.dtype)
+    return apply_weights(placed_weights(w, rows.dtype, rows.device), rows)
 
 
 def weights_from_gramian(balancer: Balancer) -> bool:
