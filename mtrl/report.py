@@ -390,20 +390,25 @@ def load_runs(root: str | Path) -> list[Run]:
     return runs
 
 
-def _same_numbers(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Whole-number floats as ints: ``c 1`` and ``c 1.0`` on the command line (or a run
-    saved before integers were kept as such) are one setting, not two methods."""
-    return {k: int(v) if isinstance(v, float) and v.is_integer() else v
-            for k, v in kwargs.items()}
+def _same_numbers(value: Any) -> Any:
+    """Whole-number floats as ints, in sections and lists too: ``c 1`` and ``c 1.0`` on
+    the command line (or a run saved before integers were kept as such) are one setting,
+    not two methods."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _same_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_same_numbers(v) for v in value]
+    return value
 
 
 def _assign_labels(runs: list[Run]) -> None:
     """Label = balancer name; with its hyper-parameters when one name ran with several."""
     kwargs_seen: dict[str, set[str]] = {}
     for r in runs:
-        kw = json.dumps(_same_numbers(_mapping(r.config.get("balancer_kwargs"))),
-                        sort_keys=True)
-        kwargs_seen.setdefault(r.balancer, set()).add(kw)
+        kwargs_seen.setdefault(r.balancer, set()).add(
+            _canonical(_mapping(r.config.get("balancer_kwargs"))))
     for r in runs:
         kw = _same_numbers(_mapping(r.config.get("balancer_kwargs")))
         if len(kwargs_seen[r.balancer]) > 1 and kw:
@@ -551,15 +556,7 @@ _SHOWN_KEYS = 4
 
 def _canonical(value: Any) -> str:
     """A setting as JSON text, whole-number floats as integers (``1.0`` and ``1`` agree)."""
-    def norm(v: Any) -> Any:
-        if isinstance(v, float) and v.is_integer():
-            return int(v)
-        if isinstance(v, dict):
-            return {k: norm(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [norm(x) for x in v]
-        return v
-    return json.dumps(norm(value), sort_keys=True)
+    return json.dumps(_same_numbers(value), sort_keys=True)
 
 
 def _settings(run: Run) -> dict[str, str]:
