@@ -540,6 +540,7 @@ def _train(
         if eval_envs is None:
             eval_envs = env_factory(eval_cfg)
         progress = evaluation_progress(eval_episodes, eval_cfg.max_episode_steps, cfg.progress)
+        t_eval = time.perf_counter()
         try:  # (fork_rng: evaluation must not shift the training RNG)
             with progress as on_step, torch.random.fork_rng(devices=[]):
                 result = evaluate(lambda o: agent.act(o, deterministic=True), eval_envs,
@@ -562,6 +563,7 @@ def _train(
             "env_steps": step * num_tasks,
             "protocol": cfg.protocol,
             "episodes_per_task": eval_episodes,
+            "eval_s": time.perf_counter() - t_eval,
             "mean_success": mean,
             "best_success": best_success,
             "success": {k: float(v) for k, v in result.success_rate.items()},
@@ -682,6 +684,9 @@ def _train(
                 bar_sps = f"{sps:.0f}"
                 bar.set_postfix(env_sps=bar_sps, success=_success_text(last_eval))
 
+            # Evaluations and checkpoints do not count in the next window's env-steps/s
+            # (result.json's whole-run figure includes them).
+            t_pause = time.perf_counter()
             if cfg.eval_every and step % cfg.eval_every == 0:
                 try:
                     last_eval = run_eval(step)
@@ -695,6 +700,7 @@ def _train(
                     bar.set_postfix(env_sps=bar_sps, success=_success_text(last_eval))
             if step % cfg.checkpoint_every == 0:
                 checkpoint(step)
+            t_last += time.perf_counter() - t_pause
             bar.update(1)
             if interrupted:
                 break

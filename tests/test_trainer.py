@@ -273,6 +273,49 @@ def test_the_progress_bar_shows_an_evaluation_when_it_is_made(tmp_path, monkeypa
     assert shown[-1][1] == f"{result.final_eval['mean_success']:.2f}"
 
 
+def test_window_throughput_leaves_out_evaluations_and_checkpoints(tmp_path, monkeypatch):
+    """metrics.jsonl's env_steps_per_s is the training throughput of its window: an
+    evaluation or checkpoint made in the window does not lower it (it did until
+    2026-11-29). Each evaluation and checkpoint here takes 1000 s on a fake clock."""
+    import time
+
+    import mtrl.trainer
+
+    jump = [0.0]
+    real_clock = time.perf_counter
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + jump[0])
+    real_evaluate, real_save = mtrl.trainer.evaluate, mtrl.trainer.save_checkpoint
+
+    def slow_evaluate(*args, **kwargs):
+        jump[0] += 1000.0
+        return real_evaluate(*args, **kwargs)
+
+    def slow_save(*args, **kwargs):
+        jump[0] += 1000.0
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(mtrl.trainer, "evaluate", slow_evaluate)
+    monkeypatch.setattr(mtrl.trainer, "save_checkpoint", slow_save)
+    cfg = toy_config(tmp_path, total_steps=100, eval_every=20, checkpoint_every=40,
+                     log_every=20)
+    result = train(cfg)
+    run = result.run_dir
+    windows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [w["step"] for w in windows] == [20, 40, 60, 80, 100]
+    # 20 vector steps of the toy env in well under 1000 s: counting one pause would put
+    # a window below 20 * K / 1000 env-steps/s
+    num_tasks = windows[0]["env_steps"] // 20
+    assert all(w["env_steps_per_s"] > 20 * num_tasks / 1000 for w in windows), windows
+    evals = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [20, 40, 60, 80, 100]
+    assert all(1000 <= e["eval_s"] < 1100 for e in evals), [e["eval_s"] for e in evals]
+    # the whole-run figure counts everything: 5 evaluations and 3 checkpoints
+    summary = json.loads((run / "result.json").read_text())
+    assert summary["wall_clock_s"] >= 8000
+    assert summary["env_steps_per_s"] == pytest.approx(100 * num_tasks
+                                                        / summary["wall_clock_s"])
+
+
 class NaNRewardAfter:
     """Wraps the toy env; rewards become NaN from a given step on."""
 
