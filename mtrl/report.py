@@ -105,8 +105,9 @@ def seed_mean_curve(
 def best_over_time(curve: Curve) -> tuple[float, int, float]:
     """(value, step, s.e.) at the maximum of the seed-mean curve.
 
-    Only steps that every seed reached are considered (a step that one lucky seed reached
-    alone would otherwise decide the number); if there are none, all steps are used.
+    Only the steps reached by the most seeds are considered: every seed's steps when
+    there are any (a step that one lucky seed reached alone would otherwise decide the
+    number), else those reached by as many seeds as any step is.
     """
     if curve.steps.size == 0:
         return float("nan"), -1, float("nan")
