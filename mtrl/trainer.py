@@ -158,11 +158,12 @@ class _SkipCounter:
     ended between two checks is not missed).
     """
 
-    def __init__(self, device: torch.device, limit: int, total: int) -> None:
+    def __init__(self, device: torch.device, limit: int, total: int, run: int = 0) -> None:
         self.limit = limit
         self.total = torch.tensor(total, dtype=torch.int64, device=device)
-        self.run = torch.zeros((), dtype=torch.int64, device=device)
-        self.longest = torch.zeros((), dtype=torch.int64, device=device)
+        # ``run``: the consecutive skips a resumed run's checkpoint ended with
+        self.run = torch.tensor(run, dtype=torch.int64, device=device)
+        self.longest = self.run.clone()
 
     def add(self, skipped: Tensor) -> None:
         s = skipped.to(torch.int64)
@@ -424,7 +425,7 @@ def _train(
     done_count = torch.zeros(num_tasks, device=device)
     episode_stats = (ep_return, ep_success, done_return, done_success, done_count)
 
-    start_step, skipped_total = 0, 0
+    start_step, skipped_total, skip_run = 0, 0, 0
     updates_from = cfg.warmup_steps  # updates start after this step (the buffer has data)
     best_success, last_eval = -1.0, None
     wall_before = 0.0  # wall-clock seconds spent in earlier sessions of a resumed run
@@ -478,6 +479,7 @@ def _train(
                 stacklevel=2,
             )
         skipped_total = int(state["skipped_total"])
+        skip_run = int(state.get("skip_run", 0))  # (not in checkpoints before 2026-11-29)
         best_success = float(state["best_success"])
         wall_before = float(state.get("wall_clock_s", 0.0))
         del state  # the buffer copy can be large
@@ -492,7 +494,7 @@ def _train(
             _truncate_jsonl(run_dir / name, start_step)
     atomic_write_json(run_dir / "config.json", to_dict(cfg) | {"task_names": envs.task_names})
     log = _MetricsLog(run_dir, purge_after=start_step if resume else None)
-    skips = _SkipCounter(device, cfg.max_consecutive_skips, skipped_total)
+    skips = _SkipCounter(device, cfg.max_consecutive_skips, skipped_total, skip_run)
 
     def checkpoint(step: int) -> None:
         nonlocal skipped_total
@@ -524,6 +526,7 @@ def _train(
             "obs": obs.cpu(),
             "episode_stats": [t.cpu() for t in episode_stats],
             "skipped_total": skipped_total,
+            "skip_run": int(skips.run),  # a resumed run goes on counting consecutive skips
             "best_success": best_success,
             "wall_clock_s": wall_before + time.perf_counter() - t_start,
             "updates_from": updates_from,

@@ -378,6 +378,27 @@ def test_nan_updates_are_skipped_and_the_run_stops_with_good_checkpoint(tmp_path
             assert torch.isfinite(value).all(), key
 
 
+def test_consecutive_skips_go_on_counting_across_a_resume(tmp_path):
+    """A run stopped in the middle of a run of skipped updates and resumed stops where
+    the uninterrupted run does (the count restarted at 0 on resume until 2026-11-29, so
+    a resumed run allowed up to 2 * max_consecutive_skips - 1 skips in a row)."""
+    def config(name):
+        return toy_config(tmp_path, run_dir=str(tmp_path / name), total_steps=200,
+                          checkpoint_every=1000, max_consecutive_skips=5)
+
+    with pytest.raises(TrainingError, match="consecutive updates") as whole:
+        train(config("whole"), env_factory=lambda c: NaNRewardAfter(c, start=51))
+    result = train(config("split"),
+                   env_factory=lambda c: NaNRewardAfter(c, start=51, signal_at=54))
+    assert result.interrupted and result.steps == 54
+    state = load_checkpoint(tmp_path / "split" / "checkpoint.pt")
+    assert state["skip_run"] >= 1  # the checkpoint falls inside the run of skips
+    # (the resumed session's env counts its steps from 1: NaN from step 55 on, as before)
+    with pytest.raises(TrainingError, match="consecutive updates") as split:
+        train(config("split"), resume=True, env_factory=lambda c: NaNRewardAfter(c, start=1))
+    assert str(split.value).split(";")[0] == str(whole.value).split(";")[0]
+
+
 def test_skip_counter_reads_back_only_on_check_and_catches_ended_runs(tmp_path):
     counter = _SkipCounter(torch.device("cpu"), limit=3, total=4)
     for s in (0, 1, 1, 0, 1):
