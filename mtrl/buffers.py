@@ -16,7 +16,12 @@ from torch import Tensor
 
 
 class Batch(NamedTuple):
-    """A sampled batch. Stratified batches are task-major: ``x.view(K, B // K, ...)``."""
+    """A sampled batch. Stratified batches are task-major: ``x.view(K, B // K, ...)``.
+
+    ``task_major`` says so: True for the buffer's stratified batches, False for its
+    uniform ones. ``None`` (a batch made by hand) leaves it to the agent, which then
+    checks the layout of each batch (one host read per update).
+    """
 
     obs: Tensor  # (B, obs_dim) float32
     action: Tensor  # (B, act_dim) float32
@@ -24,6 +29,7 @@ class Batch(NamedTuple):
     next_obs: Tensor  # (B, obs_dim) float32
     done: Tensor  # (B,) float32; 1.0 only for true terminations, never for time limits
     task_id: Tensor  # (B,) int64
+    task_major: bool | None = None
 
 
 class MultiTaskReplayBuffer:
@@ -141,6 +147,7 @@ class MultiTaskReplayBuffer:
             next_obs=self.next_obs[task, offset].reshape(batch_size, self.obs_dim),
             done=self.done[task, offset].reshape(batch_size),
             task_id=task.reshape(batch_size),
+            task_major=stratified,
         )
 
     # ------------------------------------------------------------------ persistence

@@ -375,6 +375,20 @@ def test_balancing_needs_task_major_batches():
         agent.update(make_batch(task_id=torch.tensor([0, 1, 2, 0])))  # B % K != 0
 
 
+def test_the_layout_of_every_batch_is_checked_or_declared():
+    """A first batch that is task-major does not vouch for the next ones (the first
+    batch's layout was kept for the whole run until 2026-11-29, so a uniform batch that
+    came out task-major by chance made later uneven ones split as task blocks)."""
+    agent = make_agent()
+    agent.update(make_batch())  # task-major, made by hand (task_major=None): checked
+    uneven = torch.tensor([0, 1, 1, 1, 2, 2, 0, 1, 2, 2, 2, 2])  # B = 12 = 4 K, not blocks
+    with pytest.raises(ValueError, match="stratified"):
+        agent.update(make_batch(task_id=uneven))
+    # a batch declared not task-major (the buffer's uniform ones) is taken at its word
+    with pytest.raises(ValueError, match="stratified"):
+        agent.update(make_batch()._replace(task_major=False))
+
+
 @pytest.mark.parametrize("guard", ["sync", "masked"])
 @pytest.mark.parametrize("field", ["reward", "obs", "next_obs"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -23,11 +23,17 @@ def fill(buf: MultiTaskReplayBuffer, steps: int, start: int = 0) -> None:
         )
 
 
+def assert_same_batch(a: Batch, b: Batch) -> None:
+    assert a.task_major == b.task_major
+    for name in ("obs", "action", "reward", "next_obs", "done", "task_id"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
 def test_stratified_counts_layout_and_content():
     buf = MultiTaskReplayBuffer(10, K, OBS, ACT, seed=0)
     fill(buf, 7)
     b = buf.sample(40, stratified=True)
-    assert isinstance(b, Batch)
+    assert isinstance(b, Batch) and b.task_major is True
     assert b.obs.shape == (40, OBS) and b.action.shape == (40, ACT)
     assert b.reward.shape == (40,) and b.done.shape == (40,) and b.task_id.shape == (40,)
     # Exactly B/K per task, task-major, reshapes to [K, B/K] without copying.
@@ -61,6 +67,7 @@ def test_uniform_sampling_covers_all_stored_and_groups_by_task():
     buf = MultiTaskReplayBuffer(50, K, OBS, ACT, seed=1)
     fill(buf, 20)
     b = buf.sample(4000, stratified=False)
+    assert b.task_major is False  # even if its rows happened to be in task-major blocks
     assert torch.all(b.task_id[1:] >= b.task_id[:-1])  # sorted by task
     assert torch.equal(b.obs[:, 0] // 1000, b.task_id.float())
     counts = torch.bincount(b.task_id, minlength=K).float()
@@ -100,9 +107,7 @@ def test_state_dict_round_trip_restores_contents_and_sampler():
     b = MultiTaskReplayBuffer(6, K, OBS, ACT, seed=123)
     b.load_state_dict(state)
     assert torch.equal(a.pos, b.pos) and torch.equal(a.size, b.size)
-    nxt_a, nxt_b = a.sample(8), b.sample(8)
-    for x, y in zip(nxt_a, nxt_b, strict=True):
-        assert torch.equal(x, y)
+    assert_same_batch(a.sample(8), b.sample(8))
     # Adding after restore continues the same rings.
     fill(a, 1, start=9)
     fill(b, 1, start=9)
@@ -127,8 +132,7 @@ def test_state_dict_saves_only_the_filled_part():
     b.obs.fill_(7.0)  # stale contents beyond the filled part are cleared on load
     b.load_state_dict(state)
     assert torch.equal(a.obs, b.obs) and torch.equal(a.next_obs, b.next_obs)
-    for x, y in zip(a.sample(8), b.sample(8), strict=True):
-        assert torch.equal(x, y)
+    assert_same_batch(a.sample(8), b.sample(8))
 
 
 def test_state_dict_loads_with_weights_only(tmp_path):

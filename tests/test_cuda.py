@@ -58,7 +58,8 @@ def _batch(seed: int, device: str):
               reward=torch.randn(task.numel(), generator=g),
               next_obs=torch.cat([torch.randn(task.numel(), OBS, generator=g), onehot], 1),
               done=torch.zeros(task.numel()), task_id=task)
-    return Batch(*(t.to(device) for t in b))
+    return b._replace(**{k: v.to(device) for k, v in b._asdict().items()
+                         if isinstance(v, torch.Tensor)})
 
 
 def _agent(name: str) -> MultiTaskSAC:

@@ -34,10 +34,11 @@ state), held in ``self.balancers`` so checkpoints save it. If a balancer has
 and passed to ``balancer.after_step`` (not when the step was skipped).
 
 **Uniform (non-stratified) batches.** If the batch is not task-major (block k not all
-task k, or B not divisible by K) -- decided once, on the first update -- the losses are
-plain batch means of the same per-sample terms and the logged per-task losses are per-task
-means over the samples of that task (NaN for a task absent from the batch). Balancing needs
-per-task blocks, so a balanced loss with a non-task-major batch is a ``ValueError``.
+task k, or B not divisible by K; as the batch's ``task_major`` says, else checked on
+each batch, one host read) the losses are plain batch means of the same per-sample terms
+and the logged per-task losses are per-task means over the samples of that task (NaN for a
+task absent from the batch). Balancing needs per-task blocks, so a balanced loss with a
+non-task-major batch is a ``ValueError``.
 
 **NaN / Inf guard.** Before each optimiser step the losses and the gradient norm are
 checked, and ``metrics["skipped"]`` is 1 if anything was non-finite. A non-finite critic
@@ -256,7 +257,6 @@ class MultiTaskSAC(nn.Module):
         self.actor_optimizer = adam(self.actor.parameters(), lr=cfg.actor_lr)
         self.critic_optimizer = adam(self.critic.parameters(), lr=cfg.critic_lr)
         self.alpha_optimizer = adam([self.log_alpha], lr=cfg.alpha_lr)
-        self._task_major: bool | None = None  # batch layout, decided on the first update
         self._balancer_snapshots: dict[str, dict[str, Tensor]] = {}  # see update()
         #: Compute the gradient statistics (mean cosine, conflicts, norms) of balanced
         #: losses. They cost a K×K Gramian (K² D FLOPs, about one backward at K = 50);
@@ -323,7 +323,7 @@ class MultiTaskSAC(nn.Module):
         B = obs.shape[0]
         reward = batch.reward.to(dev).reshape(B).to(obs.dtype)
         done = batch.done.to(dev).reshape(B).to(obs.dtype)
-        task_major = self._check_layout(task_id)
+        task_major = self._check_layout(task_id, getattr(batch, "task_major", None))
 
         metrics: dict[str, Tensor] = {}
         # Balancer state before each balanced backward: a skipped step puts it back (a
@@ -411,18 +411,19 @@ class MultiTaskSAC(nn.Module):
         metrics["skipped"] = (~ok).float() if mask is not None else torch.zeros((), device=dev)
         return metrics
 
-    def _check_layout(self, task_id: Tensor) -> bool:
-        """Whether batches are task-major (block k = task k); checked on the first call."""
+    def _check_layout(self, task_id: Tensor, declared: bool | None) -> bool:
+        """Whether the batch is task-major (block k = task k): as ``declared`` by the
+        buffer (its ``Batch.task_major``), else checked on this batch (a host read)."""
         B, K = task_id.shape[0], self.num_tasks
         if B == 0:
             raise ValueError("update() got an empty batch")
         if B % K:
             task_major = False
-        elif self._task_major is not None:
-            return self._task_major
+        elif declared is not None:
+            task_major = bool(declared)
         else:
             expected = torch.arange(K, device=task_id.device).unsqueeze(1)
-            task_major = bool((task_id.view(K, B // K) == expected).all())  # once per run
+            task_major = bool((task_id.view(K, B // K) == expected).all())
         if not task_major and self.balancers:
             raise ValueError(
                 f"balancing the {', '.join(self.balancers)} loss(es) needs stratified, task-major "
@@ -430,7 +431,6 @@ class MultiTaskSAC(nn.Module):
                 f"got a batch of {B} that is not. Sample stratified batches, or set "
                 f"sac.balance=[] to train on the plain batch mean."
             )
-        self._task_major = task_major
         return task_major
 
     def _per_task(self, values: Tensor, task_id: Tensor, task_major: bool) -> Tensor:
