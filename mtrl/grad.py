@@ -63,7 +63,10 @@ Balancer kinds (see :class:`mtrl.balancers.Balancer`)
   gradients of those task rows only are computed (the other blocks are not
   differentiated), and ``balancer.combine_rows(grads_sub, losses_sub)`` gives the
   direction. The losses of the other tasks are still reported, from a cheap no-grad
-  forward of their blocks.
+  forward of their blocks. ``select`` runs before the gradients exist, so when they turn
+  out non-finite (``FloatingPointError``) the sampler's generator has already moved: a
+  caller that skips such a step and wants the exact balancer state back restores it from
+  a ``state_dict()`` snapshot (:class:`mtrl.agents.MultiTaskSAC` does).
 * Otherwise all K gradient rows are computed and ``balancer.combine_rows(grads, losses)``
   gives the direction.
 

@@ -152,8 +152,10 @@ class Balancer(nn.Module):
         else:  # only the length is used: no device-to-host copy
             loss64 = torch.zeros(losses.shape[0], dtype=torch.float64)
         # NaN/Inf task gradients or losses (the plumbing does not check them; combine does):
-        # refuse before weights() runs, so no state (carried weights, caches, counters,
-        # generators) moves on a step that the agent's NaN guard will skip
+        # refuse before weights() runs, so no solver state (carried weights, caches,
+        # counters) moves on a step that the agent's NaN guard will skip. A sampler's
+        # select() has run by now in the plumbing (its generator has moved): callers that
+        # skip the step restore a snapshot of the state, as MultiTaskSAC does
         for what, t in (("Gramian", gram), ("losses", loss64)):
             if t is not None and not bool(torch.isfinite(t).all()):
                 raise FloatingPointError(
