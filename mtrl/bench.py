@@ -44,6 +44,7 @@ from mtrl.config import (
     RUN_LOGS,
     ConfigError,
     TrainConfig,
+    default_balance,
     from_dict,
     presets_dir,
     to_dict,
@@ -224,9 +225,10 @@ def run_config(
         data = _merge(data, preset_data)
         if "balancer_kwargs" in preset_data:
             data["balancer_kwargs"] = dict(preset_data["balancer_kwargs"])
-    else:
+    else:  # (FAMO without a preset: the critic only, as its presets)
         data["balancer"] = balancer
         data["balancer_kwargs"] = {}
+        data["sac"]["balance"] = list(default_balance(balancer))
     if data.get("balancer") != balancer:
         raise ConfigError(f"preset {str(preset)!r} is for balancer {data.get('balancer')!r}, "
                           f"not {balancer!r}")

@@ -42,7 +42,13 @@ def _train(argv: list[str]) -> None:
     import tyro
 
     from mtrl.agents.sac import SACConfig
-    from mtrl.config import RESUME_MAY_CHANGE, TrainConfig, load_preset, read_run_config
+    from mtrl.config import (
+        RESUME_MAY_CHANGE,
+        TrainConfig,
+        default_balance,
+        load_preset,
+        read_run_config,
+    )
 
     pre = argparse.ArgumentParser(
         prog="mtrl train", add_help=False,
@@ -94,21 +100,22 @@ def _train(argv: list[str]) -> None:
                 "--balancer-kwargs KEY VALUE", stacklevel=2,
             )
         kept = {}
-        # a preset's own choice of balanced losses (FAMO's presets: the critic only) goes
-        # with its method too, unless --sac.balance was given
-        default_balance = SACConfig().balance
+        # the balanced losses go with the method too (FAMO's: the critic only), unless
+        # --sac.balance was given
+        target = default_balance(cfg.balancer, cfg.balancer_kwargs)
         given = any(a.split("=")[0] == "--sac.balance" for a in rest)
         if known.resume and not given:  # a run made before this reset existed keeps its own
             saved, _ = read_run_config(Path(known.resume) / "config.json")
             given = saved.sac.balance == base.sac.balance
-        if not given and base.sac.balance != default_balance:
-            warnings.warn(
-                f"--balancer {cfg.balancer} replaces {base.balancer}: its sac.balance "
-                f"{list(base.sac.balance)} is reset to the default {list(default_balance)}; "
-                "set another with --sac.balance", stacklevel=2,
-            )
-            cfg = dataclasses.replace(
-                cfg, sac=dataclasses.replace(cfg.sac, balance=default_balance))
+        if not given and base.sac.balance != target:
+            why = ("" if target == SACConfig().balance else
+                   f" for {cfg.balancer} (it needs non-negative task losses)")
+            said = (f"--balancer {cfg.balancer} replaces {base.balancer}: its sac.balance "
+                    f"{list(base.sac.balance)} is reset to" if known.config or known.resume
+                    else "sac.balance is")
+            warnings.warn(f"{said} the default {list(target)}{why}; set another with "
+                          "--sac.balance", stacklevel=2)
+            cfg = dataclasses.replace(cfg, sac=dataclasses.replace(cfg.sac, balance=target))
     cfg = dataclasses.replace(cfg, balancer_kwargs={**kept, **cfg.balancer_kwargs})
     if known.resume and Path(cfg.run_dir or "").resolve() != Path(known.resume).resolve():
         _fail("--resume and --run-dir must name the same directory")

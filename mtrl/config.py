@@ -337,6 +337,24 @@ def _usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def default_balance(balancer: str, balancer_kwargs: Mapping[str, Any] | None = None
+                    ) -> tuple[str, ...]:
+    """The losses a run with ``balancer`` balances unless told otherwise: the critic,
+    actor and temperature losses (the published multi-task setups), or only those that
+    cannot be negative (the critic) for a balancer that needs non-negative losses (FAMO,
+    whose presets balance the critic only). An unknown balancer or bad kwargs get the
+    general default (:func:`validate` reports them)."""
+    from mtrl.agents.sac import NONNEGATIVE_LOSSES
+    from mtrl.balancers import build
+
+    general = SACConfig().balance
+    try:
+        nonnegative = build(balancer, **dict(balancer_kwargs or {})).needs_nonnegative_losses
+    except Exception:  # noqa: BLE001 - validate() names the problem
+        return general
+    return tuple(x for x in general if x in NONNEGATIVE_LOSSES) if nonnegative else general
+
+
 def validate(cfg: TrainConfig, num_tasks: int | None = None) -> None:
     """Check values that the dataclasses cannot check by type; raise ConfigError."""
     from mtrl.balancers import build

@@ -88,6 +88,13 @@ def test_run_config_uses_preset_then_protocol_then_overrides(tmp_path):
     no_preset = run_config("MT10", "mgda", 0, 1000, "mtrl", tmp_path / "r")
     assert no_preset.balancer == "mgda" and no_preset.balancer_kwargs == {}
     assert no_preset.batch_size == 1280  # TrainConfig default
+    assert no_preset.sac.balance == ("critic", "actor", "alpha")
+    # FAMO without a preset balances the critic only, as its presets (it was refused: its
+    # losses must be non-negative); --set still decides
+    famo = run_config("toy", "famo", 0, 1000, "mtrl", tmp_path / "r")
+    assert famo.sac.balance == ("critic",)
+    assert run_config("toy", "famo", 0, 1000, "mtrl", tmp_path / "r", overrides=parse_overrides(
+        ["sac.balance=[]"])).sac.balance == ()
 
 
 @pytest.mark.parametrize("args, message", [

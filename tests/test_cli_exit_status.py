@@ -16,6 +16,7 @@ from test_cli import run_cli
 
 import mtrl.cli
 import mtrl.trainer
+from mtrl.config import ConfigError, validate
 from mtrl.trainer import TrainingError
 
 
@@ -70,6 +71,31 @@ def test_the_warning_hook_is_put_back_after_a_command(capsys):
     assert warnings.showwarning is before
     assert run_cli(["balancers", "extra"], capsys)[0] == 2
     assert warnings.showwarning is before
+
+
+def test_famo_balances_the_critic_only_unless_told_otherwise(tmp_path, capsys, fake_train):
+    """``--balancer famo`` without a preset was refused (the default balances the actor and
+    temperature losses too, which can be negative); it now takes FAMO's default, as the
+    famo presets do, and says so."""
+    common = ["--env.benchmark", "toy", "--no-progress"]
+    code, _, err = run_cli(["train", "--balancer", "famo", *common,
+                            "--run-dir", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    assert fake_train[-1].sac.balance == ("critic",)
+    assert ("warning: sac.balance is the default ['critic'] for famo (it needs non-negative "
+            "task losses); set another with --sac.balance") in err
+    code, _, err = run_cli(["train", "--config", "mt10_mean", "--balancer", "famo", *common,
+                            "--run-dir", str(tmp_path / "b")], capsys)
+    assert code == 0, err
+    assert fake_train[-1].sac.balance == ("critic",)
+    assert ("warning: --balancer famo replaces mean: its sac.balance ['critic', 'actor', "
+            "'alpha'] is reset to the default ['critic'] for famo") in err
+    # given, it stays (and a signed loss is then the config error it was)
+    code, _, err = run_cli(["train", "--balancer", "famo", "--sac.balance", "critic", "actor",
+                            *common, "--run-dir", str(tmp_path / "c")], capsys)
+    assert fake_train[-1].sac.balance == ("critic", "actor") and "sac.balance" not in err
+    with pytest.raises(ConfigError, match="famo' needs non-negative task losses"):
+        validate(fake_train[-1])
 
 
 def test_sac_balance_given_with_equals_sign_is_kept(tmp_path, capsys, fake_train):
