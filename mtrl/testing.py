@@ -129,7 +129,7 @@ def check_balancer(
         return x.to(device, dtype)
 
     def run(b: Balancer, grads: Tensor, losses: Tensor, what: str) -> Tensor:
-        before = grads.clone()
+        before, losses_before = grads.clone(), losses.clone()
         try:
             out = b.combine(grads, losses)
         except Exception as exc:  # report which property crashed
@@ -147,6 +147,8 @@ def check_balancer(
             raise _fail(label, f"{what}: output is not finite: {out}")
         if not torch.equal(before, grads):
             raise _fail(label, f"{what}: combine modified its input gradients in place")
+        if not torch.equal(losses_before, losses):
+            raise _fail(label, f"{what}: combine modified its input losses in place")
         return out
 
     # 1. shape / dtype / device / finiteness, float32 and float64
@@ -214,18 +216,25 @@ def check_balancer(
                 )
 
     # 7b. a balancer that declares it never reads the loss values must not depend on them
-    # (``weights`` itself is called: ``combine`` hands such a balancer zeros anyway)
+    # (``weights`` itself is called: ``combine`` hands such a balancer zeros anyway; one
+    # with its own ``combine_rows`` / ``weights_for`` gets the losses from the plumbing)
     if not getattr(proto, "reads_losses", True):
-        g64 = base.detach().to("cpu", torch.float64)
-        gram = g64 @ g64.T
-        l64 = losses.detach().to("cpu", torch.float64)
         b1 = fresh()  # copies of one instance: the same random state (PCGrad's order)
-        w = copy.deepcopy(b1).weights(gram, l64)
-        w_other = copy.deepcopy(b1).weights(gram, l64 * 3.0 + 1.0)
+        if weights_from_gramian(proto) or not proto.needs_grads:
+            g64 = base.detach().to("cpu", torch.float64)
+            gram = g64 @ g64.T
+            l64 = losses.detach().to("cpu", torch.float64)
+            w = copy.deepcopy(b1).weights(gram, l64)
+            w_other = copy.deepcopy(b1).weights(gram, l64 * 3.0 + 1.0)
+            what = "weights"
+        else:
+            w = copy.deepcopy(b1).combine_rows(base, losses)
+            w_other = copy.deepcopy(b1).combine_rows(base, losses * 3.0 + 1.0)
+            what = "direction (combine_rows)"
         if not torch.equal(w, w_other):
             raise _fail(
                 label,
-                f"reads_losses = False, but other loss values changed the weights ({w} vs "
+                f"reads_losses = False, but other loss values changed the {what} ({w} vs "
                 f"{w_other})",
             )
 
@@ -307,8 +316,14 @@ def check_balancer(
     if not _close(out, ref, 1e-9, float(ref.norm())):
         raise _fail(label, f"the training plumbing gives {out}, combine gives {ref}")
 
-    # 10. hyper-parameters are visible in repr
+    # 10. hyper-parameters are visible in repr: every argument ``build`` accepts is kept
+    # as an attribute of the same name (repr, ``mtrl balancers`` and run labels read it)
     text = repr(proto)
-    for key in proto.hparams():
+    from mtrl.balancers.registry import hparam_defaults
+
+    for key in hparam_defaults(type(proto)):
+        if not hasattr(proto, key):
+            raise _fail(label, f"hyper-parameter {key!r} is not kept as the attribute "
+                        f"self.{key}, so repr and the run labels cannot show it")
         if f"{key}=" not in text:
             raise _fail(label, f"repr {text!r} does not show hyper-parameter {key!r}")

@@ -184,3 +184,135 @@ def test_weights_of_the_wrong_shape_are_a_clear_error():
     with pytest.raises(AssertionError, match=r"combine raised ValueError: balancer "
                                              r"'one-too-many': weights\(\) returned"):
         check_balancer(OneTooMany)
+
+
+SHADOW_SOURCE = '''
+from mtrl.balancers.mean import Mean
+
+
+class MyMean(Mean):
+    name = "my-mean"
+'''
+
+
+def test_a_plugin_named_like_a_builtin_or_offered_twice_is_ignored_with_a_warning(
+        tmp_path, monkeypatch):
+    """An entry point named like a built-in (``mean = mypkg:MyMean``) was never loaded
+    and said nothing; two packages offering one name were settled silently (the last
+    won). Both are now warnings that name the entry points."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first = install_plugin(tmp_path / "a", monkeypatch, source=SHADOW_SOURCE,
+                           entry_points={"mean": "{module}:MyMean", "twice": "{module}:MyMean"})
+    second = install_plugin(tmp_path / "b", monkeypatch, source=SHADOW_SOURCE,
+                            entry_points={"twice": "{module}:MyMean"})
+    with pytest.warns(UserWarning) as caught:
+        listed = names()
+    text = " | ".join(str(w.message) for w in caught)
+    assert (f"balancer plug-in 'mean' ('{first}:MyMean' from {first}) is ignored: 'mean' is "
+            "a built-in balancer") in text
+    assert "balancer plug-in name 'twice' is offered by 2 entry points" in text
+    assert f"'{first}:MyMean' from {first}" in text and f"'{second}:MyMean' from {second}" in text
+    assert listed.count("mean") == 1 and "twice" not in listed
+    assert get_class("mean").__module__ == "mtrl.balancers.mean"  # (the built-in first)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="unknown balancer 'twice'"):
+        build("twice")
+    with pytest.warns(UserWarning) as again:  # (each lookup of a plug-in says it)
+        assert type(build(f"{second}:MyMean")).__module__ == second  # a path names either
+    assert len(again) == 2
+    sys.modules.pop(first, None), sys.modules.pop(second, None)
+
+
+def test_a_subclass_passing_kwargs_on_takes_its_parents_hyper_parameters(tmp_path,
+                                                                        monkeypatch):
+    module = install_plugin(tmp_path, monkeypatch, source='''
+from mtrl.balancers.cagrad import CAGrad
+
+
+class MyCAGrad(CAGrad):
+    name = "my-cagrad"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+''', entry_points={})
+    b = build(f"{module}:MyCAGrad", c=0.3)  # "unknown hyper-parameter(s) c" before
+    assert repr(b) == "MyCAGrad(c=0.3)" and b.hparams() == {"c": 0.3}
+    with pytest.raises(ValueError, match="valid hyper-parameters: c"):
+        build(f"{module}:MyCAGrad", alpha=1.0)
+    sys.modules.pop(module, None)
+
+
+def test_check_balancer_on_plugins_that_edit_inputs_or_hide_settings():
+    """Found by an audit (2026-11-29): a weights() that edits the Gramian or the losses in
+    place changed the caller's losses and the logged gradient statistics; check_balancer
+    called weights() on a loss-blind balancer that implements only combine_rows, and
+    passed a hyper-parameter that repr could not show."""
+    from mtrl.balancers import Balancer
+    from mtrl.grad import balanced_backward
+
+    class Ridge(Balancer):  # mean weights after editing both inputs in place
+        name = "ridge"
+
+        def weights(self, gram, losses):
+            gram.diagonal().add_(100.0)
+            if losses is not None:
+                losses -= losses.max()
+            return torch.full((gram.shape[0],), 1.0 / gram.shape[0], dtype=torch.float64)
+
+    check_balancer(Ridge)  # its inputs are copies now
+    losses = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    Ridge().combine(torch.randn(3, 5, dtype=torch.float64), losses)
+    assert losses.tolist() == [1.0, 2.0, 3.0]
+    w = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+
+    def loss(params, x):
+        return (params["w"] * x).sum(-1).pow(2).mean()
+
+    class Plain(Ridge):  # the same weights, inputs untouched
+        name = "plain"
+
+        def weights(self, gram, losses):
+            return torch.full((gram.shape[0],), 1.0 / gram.shape[0], dtype=torch.float64)
+
+    stats = {}
+    for b in (Plain(), Ridge()):
+        w.grad = None
+        stats[b.name] = balanced_backward(loss, {"w": w}, [x], b, diagnostics=True)
+    for key in ("grad_norms", "mean_cosine"):
+        got, want = getattr(stats["ridge"], key), getattr(stats["plain"], key)
+        assert torch.isfinite(want).all()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    class ShiftsLosses(Balancer):  # its own combine_rows, editing the losses
+        name = "shifts-losses"
+
+        def combine_rows(self, grads, losses=None):
+            if losses is not None:
+                losses -= 1.0
+            return grads.mean(0)
+
+    with pytest.raises(AssertionError, match="combine modified its input losses in place"):
+        check_balancer(ShiftsLosses)
+
+    class RowMean(Balancer):  # loss-blind, only combine_rows: a correct balancer
+        name = "row-mean"
+        reads_losses = False
+
+        def combine_rows(self, grads, losses=None):
+            return grads.mean(0)
+
+    check_balancer(RowMean)  # NotImplementedError from weights() before
+
+    class HiddenSetting(Balancer):
+        name = "hidden-setting"
+
+        def __init__(self, temperature: float = 1.0):
+            super().__init__()
+            self._t = temperature
+
+        def weights(self, gram, losses):
+            return torch.full((gram.shape[0],), 1.0 / gram.shape[0], dtype=torch.float64)
+
+    with pytest.raises(AssertionError, match="'temperature' is not kept as the attribute "
+                                             "self.temperature"):
+        check_balancer(HiddenSetting)

@@ -162,7 +162,11 @@ class Balancer(nn.Module):
                     f"balancer {self.name!r} got a non-finite {what} (NaN/Inf task gradients "
                     "or losses); nothing was solved"
                 )
-        w = self.weights(gram, loss64)
+        # copies (K×K and K numbers): a weights() that edits its inputs in place (a ridge
+        # on the diagonal, losses shifted before a softmax) must not change the caller's
+        # losses or the Gramian the plumbing reuses for the logged statistics
+        w = self.weights(None if gram is None else gram.clone(),
+                         None if loss64 is None else loss64.clone())
         rows = next(t.shape[0] for t in (gram, loss64, grads) if t is not None)
         if not isinstance(w, Tensor) or w.shape != (rows,):
             got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
@@ -191,10 +195,9 @@ class Balancer(nn.Module):
 
     def hparams(self) -> dict[str, Any]:
         """The hyper-parameters given to ``__init__`` (subclasses store them as attributes)."""
-        import inspect
+        from mtrl.balancers.registry import hparam_defaults
 
-        sig = inspect.signature(type(self).__init__)
-        return {p: getattr(self, p) for p in list(sig.parameters)[1:] if hasattr(self, p)}
+        return {p: getattr(self, p) for p in hparam_defaults(type(self)) if hasattr(self, p)}
 
 
 def to_device(t: Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -28,8 +29,33 @@ def register(cls: type[Balancer]) -> type[Balancer]:
     return cls
 
 
+def _origin(ep: Any) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{ep.value!r}" + (f" from {dist.name}" if dist is not None else "")
+
+
 def _plugin_entry_points() -> dict[str, Any]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    """Plug-in entry points by name. A name taken by a built-in balancer, or offered by
+    two installed packages, is left out with a warning naming them (a plug-in never
+    replaces a built-in; two different classes under one name would be a guess)."""
+    found: dict[str, list[Any]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, []).append(ep)
+    usable = {}
+    for name, eps in found.items():
+        if name in _BUILTIN:
+            warnings.warn(
+                f"balancer plug-in {name!r} ({', '.join(map(_origin, eps))}) is ignored: "
+                f"{name!r} is a built-in balancer; register the plug-in under another "
+                "name", stacklevel=3)
+        elif len({ep.value for ep in eps}) > 1:
+            warnings.warn(
+                f"balancer plug-in name {name!r} is offered by {len(eps)} entry points "
+                f"({', '.join(map(_origin, eps))}); it is ignored until one is uninstalled "
+                "or renamed (a 'package.module:Class' path still names either)", stacklevel=3)
+        else:
+            usable[name] = eps[0]
+    return usable
 
 
 def names() -> list[str]:
@@ -81,13 +107,18 @@ def get_class(name: str) -> type[Balancer]:
 
 
 def hparam_defaults(cls: type[Balancer]) -> dict[str, Any]:
-    """Hyper-parameter names of ``cls`` mapped to their defaults (``inspect._empty`` if none)."""
-    sig = inspect.signature(cls.__init__)
-    return {
-        p.name: p.default
-        for p in list(sig.parameters.values())[1:]
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
+    """Hyper-parameter names of ``cls`` mapped to their defaults (``inspect._empty`` if none).
+
+    An ``__init__`` that takes ``**kwargs`` (a subclass passing them on to its parent,
+    ``class Mine(CAGrad): def __init__(self, **kw)``) also accepts the parent's."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    own = {p.name: p.default for p in params
+           if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        parent = next((c for c in cls.__mro__[1:] if issubclass(c, Balancer)), None)
+        if parent is not None and parent is not Balancer:
+            return {**hparam_defaults(parent), **own}
+    return own
 
 
 def build(name: str, **hparams: Any) -> Balancer:
