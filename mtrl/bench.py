@@ -527,9 +527,12 @@ def execute_run(
         # (130 / -SIGINT with a result: the run had finished when the bench's Ctrl-C
         # reached it, during its last clean-up)
         outcome.status = "done"
-    elif proc.returncode in (130, -signal.SIGINT) or interrupted:
+    elif proc.returncode in (130, -signal.SIGINT) or (
+            interrupted and proc.returncode == -signal.SIGKILL):
         # (-SIGINT: Ctrl-C reached the run before its handler was installed, while it was
-        # still starting up; it had nothing to checkpoint yet)
+        # still starting up; it had nothing to checkpoint yet. -SIGKILL: the second
+        # interrupt's kill. Any other status after a stop request is the run's own
+        # failure, e.g. its stop checkpoint could not be written: reported below)
         outcome.status = "interrupted"
         outcome.error = "interrupted; rerun the bench to resume (or start) it"
     else:

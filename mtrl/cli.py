@@ -369,6 +369,9 @@ COMMANDS = {"train": _train, "eval": _eval, "balancers": _balancers, "bench": _b
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if sys.stderr is None:  # started with stderr closed (`2>&-`): the messages meant for
+        # it go nowhere, not to stdout (where print(file=None) would put them)
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process's lifetime
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return

@@ -122,10 +122,10 @@ class Progress:
 def status(text: str) -> None:
     """A line on stderr about slow work that has no count to show (building MT50's
     environments takes ~25 s); never raises."""
+    if sys.stderr is None:  # started with stderr closed (print(file=None) means stdout)
+        return
     try:
         print(text, file=sys.stderr, flush=True)
-    except AttributeError:  # stderr is None
-        pass
     except _STREAM_ERRORS:  # its reader is gone: the unwritten line must not fail the exit
         _silence_stderr()
 

@@ -302,8 +302,9 @@ def exclusive_run_dir(run_dir: Path) -> Iterator[None]:
 
     Two processes on one directory (a command run twice, ``--resume`` of a run that is
     still going) both "finished", with every log line twice and a ``config.json`` that
-    need not match the checkpoint. Checkpoint temp files left by a killed process are
-    deleted once the lock is held (none can be live then).
+    need not match the checkpoint. Temp files of the run's atomic writes (checkpoint,
+    config, result, the rewritten logs) left by a killed process are deleted once the
+    lock is held (none can be live then).
     """
     with contextlib.ExitStack() as stack:
         try:
@@ -315,8 +316,10 @@ def exclusive_run_dir(run_dir: Path) -> Iterator[None]:
             ) from None
         except OSError as exc:  # (a file of that name, no permission to create it)
             raise ConfigError(f"cannot use run directory {str(run_dir)!r}: {exc}") from exc
-        for stale in run_dir.glob(f".{CHECKPOINT_NAME}.*.tmp"):  # see save_checkpoint
-            stale.unlink(missing_ok=True)
+        for name in (CHECKPOINT_NAME, "config.json", "result.json", "metrics.jsonl",
+                     "eval.jsonl"):  # (named as atomic_write_bytes names them)
+            for stale in run_dir.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
         yield
 
 

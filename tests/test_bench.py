@@ -433,6 +433,42 @@ def test_a_run_that_finished_before_the_ctrl_c_reached_it_is_done(tmp_path, monk
     assert mtrl.bench.execute_run(job)["status"] == "interrupted"
 
 
+def test_a_run_that_fails_after_a_stop_request_is_failed_with_its_error(tmp_path,
+                                                                        monkeypatch):
+    """The Ray launcher's stop (the stop file) reached a run whose stop checkpoint then
+    failed (a full disk): the run exited 1 with its error, and the bench called it
+    interrupted, without the error (found by an audit, 2026-11-29)."""
+    from mtrl.bench import STOP_NAME, execute_run
+
+    run = tmp_path / "run"
+    signals = []
+
+    class Run:
+        def __init__(self, cmd, stdout=None, **kwargs):
+            self.log, self.returncode, self.polls = stdout, None, 0
+
+        def wait(self, timeout=None):
+            self.polls += 1
+            if self.polls == 1:  # running: the launcher asks it to stop
+                (run / STOP_NAME).touch()
+                raise subprocess.TimeoutExpired("mtrl train", timeout)
+            self.log.write(b"error: could not write checkpoint 'x' (no space left)\n")
+            self.log.flush()
+            self.returncode = 1
+            return 1
+
+        def send_signal(self, signum):
+            signals.append(signum)
+
+    monkeypatch.setattr(mtrl.bench.subprocess, "Popen", Run)
+    job = mtrl.bench.Job("mean", 0, str(run), json.dumps({"total_steps": 40}), resume=False,
+                         env={}, pythonpath="")
+    outcome = execute_run(job)
+    assert signals == [signal.SIGINT]
+    assert (outcome["status"], outcome["returncode"]) == ("failed", 1), outcome
+    assert "could not write checkpoint 'x' (no space left)" in outcome["error"]
+
+
 def test_a_fresh_start_clears_the_logs_of_a_run_that_died_before_its_checkpoint(
         tmp_path, monkeypatch):
     """``mtrl train`` refuses a run directory that holds logs but no checkpoint; the bench

@@ -1,5 +1,7 @@
 """Progress output: a tqdm bar on a terminal, plain lines elsewhere."""
 
+import pytest
+
 import mtrl.progress
 from mtrl.progress import Progress
 
@@ -175,6 +177,24 @@ def test_progress_never_raises_when_stderr_is_gone(monkeypatch, capsys):
             monkeypatch.setattr(sys, "stderr", sys.__stderr__)
             assert capsys.readouterr().out == "still shown\n"
             assert silenced == ([] if stream is None else [True])
+
+
+def test_without_stderr_status_lines_and_cli_messages_stay_off_stdout(monkeypatch, capsys,
+                                                                       tmp_path):
+    """Started with stderr closed (``2>&-``), Python's sys.stderr is None and
+    ``print(file=None)`` writes to stdout: "building the ... environments" and the CLI's
+    error and warning lines went into stdout (a results file, say). Found by an audit."""
+    import sys
+
+    from mtrl.cli import main
+    from mtrl.progress import status
+
+    monkeypatch.setattr(sys, "stderr", None)
+    status("building the toy environments ...")
+    assert capsys.readouterr().out == ""
+    with pytest.raises(SystemExit):
+        main(["eval", str(tmp_path / "no-such-run")])
+    assert capsys.readouterr().out == ""
 
 
 def test_an_ipython_kernel_keeps_the_bar(monkeypatch, capsys):

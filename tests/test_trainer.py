@@ -741,12 +741,14 @@ def test_checkpoint_temp_files_of_a_killed_run_are_removed(tmp_path):
     cfg = toy_config(tmp_path, total_steps=45)
     train(cfg)
     run = tmp_path / "run"
-    stale = run / ".checkpoint.pt.k1ll3d.tmp"
-    stale.write_bytes(b"x" * 100)
+    stale = [run / f".{name}.k1ll3d.tmp" for name in (  # (the JSON ones too, 2026-11-29)
+        "checkpoint.pt", "config.json", "result.json", "metrics.jsonl", "eval.jsonl")]
+    for path in stale:
+        path.write_bytes(b"x" * 100)
     other = run / ".eval_45.json.abc.tmp"  # `mtrl eval` may be writing this one right now
     other.write_text("{}")
     assert train(replace(cfg, total_steps=50), resume=True).steps == 50
-    assert not stale.exists() and other.exists()
+    assert not any(path.exists() for path in stale) and other.exists()
 
 
 def test_a_failed_checkpoint_write_says_where_and_keeps_the_previous_one(tmp_path, monkeypatch):
