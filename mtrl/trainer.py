@@ -316,9 +316,8 @@ def exclusive_run_dir(run_dir: Path) -> Iterator[None]:
             ) from None
         except OSError as exc:  # (a file of that name, no permission to create it)
             raise ConfigError(f"cannot use run directory {str(run_dir)!r}: {exc}") from exc
-        for name in (CHECKPOINT_NAME, "config.json", "result.json", "metrics.jsonl",
-                     "eval.jsonl"):  # (named as atomic_write_bytes names them)
-            for stale in run_dir.glob(f".{name}.*.tmp"):
+        for name in (CHECKPOINT_NAME, "config.json", *RUN_LOGS):
+            for stale in run_dir.glob(f".{name}.*.tmp"):  # (as atomic_write_bytes names them)
                 stale.unlink(missing_ok=True)
         yield
 
