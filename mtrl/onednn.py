@@ -177,11 +177,18 @@ def _plain_mm_nt(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     return _OP(_dense(a), _dense(b), bias, "none", [], "")
 
 
+def _tracked(*tensors: Tensor) -> bool:
+    """Whether autograd would record a product of ``tensors``: the oneDNN op has no
+    autograd formula (its output would claim a gradient that never reaches them)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def mm_nt(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ bᵀ`` for 2-D tensors: oneDNN for float32 CPU tensors, torch otherwise."""
+    """``a @ bᵀ`` for 2-D tensors: oneDNN for float32 CPU tensors, torch otherwise (and
+    where autograd records the product)."""
     if a.ndim != 2 or b.ndim != 2:
         raise ValueError(f"mm_nt takes 2-D tensors, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if _fits(a, b):
+    if _fits(a, b) and not _tracked(a, b):
         return _plain_mm_nt(a, b)
     return a @ b.T
 
@@ -193,7 +200,8 @@ GRAM_PANEL_MIN_COLS = 1 << 14
 
 
 def gram(a: Tensor) -> Tensor:
-    """``a @ aᵀ`` for a 2-D tensor (oneDNN for float32 CPU tensors, torch otherwise).
+    """``a @ aᵀ`` for a 2-D tensor (oneDNN for float32 CPU tensors, torch otherwise and
+    where autograd records the product).
 
     A product of a (K, d) matrix with itself does K² d multiply-adds where K (K+1) d / 2
     suffice. For K > :data:`GRAM_PANEL` and long rows the lower triangle is formed in
@@ -206,7 +214,8 @@ def gram(a: Tensor) -> Tensor:
     float32 product over all d columns, as accurate as in one product of the whole matrix
     (tested).
     """
-    if a.ndim != 2 or not _fits(a) or a.shape[0] <= GRAM_PANEL or a.shape[1] < GRAM_PANEL_MIN_COLS:
+    if (a.ndim != 2 or not _fits(a) or _tracked(a) or a.shape[0] <= GRAM_PANEL
+            or a.shape[1] < GRAM_PANEL_MIN_COLS):
         return mm_nt(a, a)  # (mm_nt also says what is wrong with a tensor that is not 2-D)
     k = a.shape[0]
     a = a.contiguous()  # row slices of it are then dense operands

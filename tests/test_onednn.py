@@ -168,6 +168,39 @@ def test_mm_nt(gen):
         mm_nt(a[0], b)
 
 
+@pytest.mark.parametrize("fn", ["mm_nt", "gram-panels", "gram-short"])
+def test_products_that_autograd_records_get_their_gradients(gen, fn):
+    """oneDNN's op has no autograd formula: mm_nt / gram of a tensor that requires grad
+    returned an output that claimed a gradient, and backward gave the inputs none (found
+    by an audit, 2026-11-29). Such products now go to torch; untracked ones stay oneDNN."""
+    rows, cols = {"mm_nt": (5, 40), "gram-panels": (20, 1 << 14), "gram-short": (5, 40)}[fn]
+    a = torch.randn(rows, cols, generator=gen, requires_grad=True)
+    b = torch.randn(3, cols, generator=gen, requires_grad=True)
+    if fn == "mm_nt":
+        out, ref_inputs = mm_nt(a, b), (a, b)
+        ref = lambda x, y: x @ y.T  # noqa: E731
+    else:
+        out, ref_inputs = onednn.gram(a), (a,)
+        ref = lambda x: x @ x.T  # noqa: E731
+    out.square().sum().backward()
+    got = [t.grad.clone() for t in ref_inputs]
+    for t in ref_inputs:
+        t.grad = None
+    ref(*ref_inputs).square().sum().backward()
+    for g, t in zip(got, ref_inputs, strict=True):
+        torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-3)
+    calls = []
+    real = onednn._OP
+    try:
+        onednn._OP = lambda *args: calls.append(1) or real(*args)
+        with torch.no_grad():
+            mm_nt(a, b)
+        mm_nt(a.detach(), b.detach())
+    finally:
+        onednn._OP = real
+    assert len(calls) == 2  # (no autograd to serve: oneDNN)
+
+
 @pytest.mark.parametrize(
     ("k", "d", "layout"),
     [(50, 20_000, "rows"), (17, 1 << 14, "rows"), (33, 20_000, "columns"), (40, 1000, "rows"),
