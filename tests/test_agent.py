@@ -346,6 +346,23 @@ def test_uniform_batch_loss_is_plain_batch_mean():
     m = agent.update(make_batch(task_id=tid))
     assert m["skipped"] == 0
     assert m["critic/losses"].shape == (K,) and torch.isfinite(m["critic/losses"]).all()
+    # on that uneven batch: the gradient of the mean over all 7 samples (not the mean of
+    # the 3 per-task means), and per-task means logged
+    u = make_batch(5, task_id=tid)
+    target = torch.randn(tid.shape[0])
+    data = (u.obs, u.action, u.task_id, target)
+    params = dict(agent.critic.named_parameters())
+    for p in params.values():
+        p.grad = None
+    terms = agent._critic_terms(params, *data)
+    terms.mean().backward()
+    want = [p.grad.clone() for p in params.values()]
+    metrics: dict[str, Tensor] = {}
+    agent._backward("critic", agent._critic_terms, params, data, tid, False, metrics)
+    for g, r in zip([p.grad for p in params.values()], want, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    per_task = torch.stack([terms[tid == t].mean() for t in range(K)]).detach()
+    torch.testing.assert_close(metrics["critic/losses"], per_task, rtol=1e-6, atol=1e-6)
     # Unbalanced losses use one plain batched forward; on a task-major batch its per-task
     # losses and gradient equal the vmapped `task_losses(...).mean()`, and the uniform path
     # (batch mean) gives the same gradient.

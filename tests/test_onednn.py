@@ -221,9 +221,11 @@ def test_gram_is_the_exact_symmetric_self_product(gen, k, d, layout):
     norms = exact.diagonal().sqrt()
     scale = torch.outer(norms, norms)
     err = ((got.double() - exact).abs() / scale).max().item()
-    one_product = ((mm_nt(a, a).double() - exact).abs() / scale).max().item()
+    # a fixed float32 bound (it was 2x mm_nt's error, and for short rows mm_nt is the same
+    # call as gram: a 0.1 % error passed). Measured over 3 seeds of these cases: 1.0-5.0
+    # eps, torch's own float32 product 1.3-4.2 eps
     eps = torch.finfo(torch.float32).eps
-    assert err <= max(2 * one_product, 2 * eps)
+    assert err <= 8 * eps, err / eps
     a64 = a.double()
     assert torch.equal(onednn.gram(a64), a64 @ a64.T)  # float64: torch's product
 

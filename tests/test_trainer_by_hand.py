@@ -101,8 +101,8 @@ def test_training_success_is_reset_when_an_episode_ends(tmp_path):
 
 def test_evaluations_honour_eval_episodes_and_keep_the_best_success(tmp_path):
     """Evaluations at steps 5, 10, 15 on an env whose tasks succeed as scripted per
-    evaluation: all four (1.0), none (0.0), two of four (0.5). best_success is the running
-    maximum 1.0, 1.0, 1.0. eval_episodes=3 (the mtrl protocol's default is 1): 3 episodes
+    evaluation: two of four (0.5), none (0.0), all four (1.0). best_success is the running
+    maximum 0.5, 0.5, 1.0 (a maximum that is not the first or last value). eval_episodes=3 (the mtrl protocol's default is 1): 3 episodes
     of 4 steps per task, so each evaluation takes 12 steps. Each evaluation resets with
     eval_seed(seed, step)."""
     cfg = toy_config(tmp_path, total_steps=15, warmup_steps=15, eval_every=5, eval_episodes=3,
@@ -114,14 +114,14 @@ def test_evaluations_honour_eval_episodes_and_keep_the_best_success(tmp_path):
             made.append(make_envs(c))
         else:  # the evaluation env: 4-step episodes
             made.append(ScriptedSuccess(replace(c, max_episode_steps=4), per_reset=[
-                [True] * 4, [False] * 4, [True, False, True, False]]))
+                [True, False, True, False], [False] * 4, [True] * 4]))
         return made[-1]
 
     result = train(cfg, env_factory=factory)
     evals = _jsonl(tmp_path / "run" / "eval.jsonl")
     assert [e["step"] for e in evals] == [5, 10, 15]
-    assert [e["mean_success"] for e in evals] == [1.0, 0.0, 0.5]
-    assert [e["best_success"] for e in evals] == [1.0, 1.0, 1.0]
+    assert [e["mean_success"] for e in evals] == [0.5, 0.0, 1.0]
+    assert [e["best_success"] for e in evals] == [0.5, 0.5, 1.0]
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["best_success"] == 1.0
     assert result.final_eval["best_success"] == 1.0
     assert [e["episodes_per_task"] for e in evals] == [3, 3, 3]
