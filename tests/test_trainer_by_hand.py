@@ -102,9 +102,9 @@ def test_training_success_is_reset_when_an_episode_ends(tmp_path):
 def test_evaluations_honour_eval_episodes_and_keep_the_best_success(tmp_path):
     """Evaluations at steps 5, 10, 15 on an env whose tasks succeed as scripted per
     evaluation: two of four (0.5), none (0.0), all four (1.0). best_success is the running
-    maximum 0.5, 0.5, 1.0 (a maximum that is not the first or last value). eval_episodes=3 (the mtrl protocol's default is 1): 3 episodes
-    of 4 steps per task, so each evaluation takes 12 steps. Each evaluation resets with
-    eval_seed(seed, step)."""
+    maximum 0.5, 0.5, 1.0 (neither a constant nor the first value). eval_episodes=3 (the
+    mtrl protocol's default is 1): 3 episodes of 4 steps per task, so each evaluation
+    takes 12 steps. Each evaluation resets with eval_seed(seed, step)."""
     cfg = toy_config(tmp_path, total_steps=15, warmup_steps=15, eval_every=5, eval_episodes=3,
                      checkpoint_every=1000)
     made = []
