@@ -61,6 +61,37 @@ def test_evaluate_counts_success_at_any_step_and_resets_it_between_episodes():
     assert r.env_steps == 2 * 6 and env.reset_seeds == [7]
 
 
+class UnevenEnv(ScriptedEnv):
+    """ScriptedEnv whose task k's episodes last ``lengths[k]`` steps."""
+
+    def __init__(self, success, reward, lengths: list[int]) -> None:
+        super().__init__(success, reward)
+        self.lengths = lengths
+
+    def step(self, actions: torch.Tensor) -> Step:
+        out = super().step(actions)
+        ended = torch.tensor([self.t % n == 0 for n in self.lengths])
+        return out._replace(truncated=ended)
+
+
+def test_evaluate_ignores_the_extra_episodes_of_tasks_that_finish_early():
+    """Task a has 2-step episodes, task b 4-step ones; 2 episodes per task take 8 steps,
+    in which a finishes 4. a's episodes 3 and 4 (both successes, large returns) must not
+    count: a's rate stays 1/2 and its returns are those of episodes 1 and 2 (found by an
+    audit: every earlier case ended all tasks together, or had only successes)."""
+    F, T = False, True
+    env = UnevenEnv(
+        success=[[T, F, F, F, T, F, F, T], [F, F, F, F, F, F, F, T]],
+        reward=[[1.0, 1.0, 2.0, 2.0, 50.0, 50.0, 70.0, 70.0], [0.25] * 8],
+        lengths=[2, 4],
+    )
+    r = evaluate(lambda o: torch.zeros(o.shape[0], 1), env, episodes_per_task=2)
+    np.testing.assert_array_equal(r.episode_success, [[T, F], [F, T]])
+    np.testing.assert_allclose(r.episode_return, [[2.0, 4.0], [1.0, 1.0]])
+    assert r.success_rate == {"a": 0.5, "b": 0.5} and r.mean_return["a"] == 3.0
+    assert r.env_steps == 2 * 8
+
+
 def test_evaluate_reports_each_vector_step():
     """``on_step`` (a progress bar's update) is called once per vector-env step: for
     episodes ended by the time limit, episodes × L calls, the bar's total."""

@@ -146,13 +146,31 @@ def test_eval_shows_its_progress_unless_told_not_to(toy_run, tmp_path, monkeypat
     assert capsys.readouterr().err == ""
 
 
-def test_eval_csv_columns(toy_run, tmp_path):
-    """eval_<step>.csv: task, success_rate, mean_return, matching the JSON."""
+def test_eval_csv_columns(toy_run, tmp_path, monkeypatch):
+    """eval_<step>.csv: task, success_rate, mean_return, matching the JSON on disk. The
+    success rates are made to differ per task (the toy run's are all 0, so a constant
+    column passed; found by an audit)."""
+    import dataclasses
+
+    import mtrl.envs
     from mtrl.evaluate_run import evaluate_run
 
+    real = mtrl.envs.evaluate
+
+    def distinct(*args, **kwargs):
+        result = real(*args, **kwargs)
+        rates = {t: i / 4 for i, t in enumerate(result.task_names)}
+        return dataclasses.replace(result, success_rate=rates,
+                                   mean_success=sum(rates.values()) / len(rates))
+
+    monkeypatch.setattr(mtrl.envs, "evaluate", distinct)
     record, (json_path, csv_path) = evaluate_run(toy_run, device="cpu", out_dir=tmp_path)
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["task", "success_rate", "mean_return"]
-    assert {r["task"]: float(r["success_rate"]) for r in rows} == record["success"]
-    assert {r["task"]: float(r["mean_return"]) for r in rows} == record["return"]
+    saved = json.loads(json_path.read_text())
+    assert saved == record
+    assert {r["task"]: float(r["success_rate"]) for r in rows} == saved["success"] == {
+        "toy-0": 0.0, "toy-1": 0.25, "toy-2": 0.5, "toy-3": 0.75}
+    assert {r["task"]: float(r["mean_return"]) for r in rows} == saved["return"]
+    assert len(set(saved["return"].values())) > 1  # (so the return column is checked too)

@@ -254,6 +254,8 @@ def test_mtrl_protocol_report(mtrl_bench):
             point, low, high = numbers(r[col])
             assert low <= point <= high
     assert "optimistic" in md and "Probability of improvement" not in md  # mtrl protocol
+    assert ("Headline numbers for this protocol: **final success ± s.e.** and **best over "
+            "time**.") in md and "**mean and IQM with 95% CIs**" not in md
 
     per_task = {r["task"]: r for r in parse_table(md, "task")}
     assert numbers(per_task["task-c"]["mean"]) == [0.333]
@@ -282,6 +284,8 @@ def test_metaworld_plus_report_has_iqm_cis_and_probability_of_improvement(tmp_pa
     write_report(root, reps=REPS, poi_reps=POI_REPS, plots=False)
     md = (root / "summary.md").read_text()
     assert "`metaworld-plus` protocol" in md
+    assert ("Headline numbers for this protocol: **mean and IQM with 95% CIs** and the "
+            "probability of improvement below.") in md and "**best over time**." not in md
     table = {r["balancer"]: r for r in parse_table(md, "balancer")}
     mean_point, low, high = numbers(table["mean"]["mean [95% CI]"])
     assert mean_point == 0.4 and low <= 0.4 <= high

@@ -26,6 +26,10 @@ def test_custom_env_i_is_seeded_with_seed_plus_i():
     custom = first_obs(benchmark="custom", tasks=("reach-v3", "push-v3"), seed=0)
     assert torch.equal(custom, first_obs(benchmark="MT1", task="push-v3", seed=1))
     assert not torch.equal(custom, first_obs(benchmark="MT1", task="push-v3", seed=0))
+    # seed 0 itself is a seed (Meta-World's own builder leaves env 0 unseeded for it): two
+    # builds give the same episodes (the checks above passed with env 0 unseeded)
+    again = [first_obs(benchmark="MT1", task="push-v3", seed=0) for _ in range(2)]
+    assert torch.equal(again[0], again[1])
 
 
 def test_worker_start_puts_back_the_callers_own_signal_mask():
