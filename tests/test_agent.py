@@ -210,6 +210,20 @@ def test_multihead_agent_uses_one_hot_for_acting():
     obs = make_obs(tid, torch.Generator().manual_seed(0))
     _, _, mean = agent.actor(obs, tid)
     torch.testing.assert_close(agent.act(obs, deterministic=True), mean)
+    # one head per task, in the actor and in both critics: moving head 1's outputs moves
+    # task 1's action and Q-values only (a one-head agent passed the check above)
+    assert agent.actor.num_heads == K and agent.critic.num_heads == K
+    a_dim = ACT
+    before_act = agent.act(obs, deterministic=True)
+    before_q = agent.critic(obs, before_act, tid)
+    with torch.no_grad():
+        agent.actor.head.bias[2 * a_dim: 3 * a_dim] += 1.0  # head 1: its mean block first
+        for member in agent.critic.members:
+            list(member.parameters())[-1][1] += 1.0  # the last layer's bias, head 1
+    moved_act = (agent.act(obs, deterministic=True) != before_act).any(1)
+    moved_q = (agent.critic(obs, before_act, tid) != before_q).any(0)
+    assert moved_act.tolist() == [False, True, False]
+    assert moved_q.tolist() == [False, True, False]
     metrics = agent.update(make_batch())
     assert metrics["skipped"] == 0
 
@@ -310,9 +324,13 @@ def test_loss_values_are_finite_over_several_updates():
 def test_grad_clip_bounds_the_gradient_norm():
     agent = make_agent(SACConfig(hidden_sizes=(32, 32), grad_clip=1e-3))
     m = agent.update(make_batch())
-    assert m["critic/grad_norm"] > 1e-3  # the reported norm is the one before clipping
-    norm = torch.nn.utils.get_total_norm([p.grad for p in agent.critic.parameters()])
-    assert norm <= 1e-3 * 1.001
+    # every loss's gradient (only the critic's was checked until 2026-11-29); the reported
+    # norm is the one before clipping
+    for name, params in (("critic", agent.critic.parameters()),
+                         ("actor", agent.actor.parameters()), ("alpha", [agent.log_alpha])):
+        assert m[f"{name}/grad_norm"] > 1e-3, name
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        assert norm <= 1e-3 * 1.001, name
 
 
 def test_temperature_moves_only_for_tasks_present():
@@ -604,6 +622,10 @@ def test_balanced_mean_jacobian_mean_and_unbalanced_agree():
     for m, agent in zip(out[1:], agents[1:], strict=True):
         for k in ("critic/losses", "actor/losses", "alpha/losses"):
             torch.testing.assert_close(m[k], out[0][k])
+        # the gradients themselves (Adam's first step hides their scale: a tripled
+        # gradient moved the parameters the same way)
+        for k in ("critic/grad_norm", "actor/grad_norm", "alpha/grad_norm"):
+            torch.testing.assert_close(m[k], out[0][k], rtol=1e-5, atol=1e-7)
         ref, got = params_of(agents[0]), params_of(agent)
         for k in ref:
             torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-6)

@@ -733,11 +733,16 @@ def test_state_dict_roundtrip(name, hp):
 
 
 def test_buffers_resize_when_k_changes():
+    kwargs = {"sdmgrad": {"restart": False}, "nash-mtl": {"update_every": 2}}
     for name in ("famo", "nash-mtl", "sdmgrad"):
-        b = build(name, **({"restart": False} if name == "sdmgrad" else {}))
+        # (nash-mtl: update_every=2 reaches its cached weights, which must not be reused
+        # for another K; found by an audit)
+        b = build(name, **kwargs.get(name, {}))
         for k in (3, 5, 2):
             d = b.combine(torch.randn(k, 4) + 0.5, torch.rand(k) + 0.1)
             assert torch.isfinite(d).all()
+            if "weights" in b.info:
+                assert b.info["weights"].shape == (k,)
             if name == "famo":
                 b.after_step(torch.rand(k) + 0.1)
                 assert b.logits.shape == (k,)

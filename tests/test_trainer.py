@@ -109,6 +109,14 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
     for step in (30, 60, 90, 120):
         assert evals_a[step]["return"] == evals_b[step]["return"], step
     assert full.final_eval["return"] == resumed.final_eval["return"]
+    # best_success carries over the resume: the running maximum of every evaluation the
+    # run made (the step-50 one succeeds where later ones do not, so a restarted maximum
+    # shows; it was unchecked until 2026-11-29)
+    records = _jsonl(resumed.run_dir / "eval.jsonl")
+    assert max(e["mean_success"] for e in records if e["step"] <= 50) > max(
+        e["mean_success"] for e in records if e["step"] > 50)
+    running = [max(e["mean_success"] for e in records[: i + 1]) for i in range(len(records))]
+    assert [e["best_success"] for e in records] == running
     logs_b = {m["step"]: m for m in _jsonl(resumed.run_dir / "metrics.jsonl")}
     for m in _jsonl(full.run_dir / "metrics.jsonl"):
         for key in ("train_return", "train_success", "train_episodes", "critic/losses"):
@@ -429,8 +437,11 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path):
 def test_sigterm_and_sighup_write_a_checkpoint_like_ctrl_c(tmp_path, signum, monkeypatch):
     import mtrl.runtime
 
-    redirected = []  # a hangup sends stdout/stderr (not files) to /dev/null: recorded only
-    monkeypatch.setattr(mtrl.runtime.os, "dup2", lambda fd, to: redirected.append(to))
+    # a hangup sends stdout/stderr (unless they are files) to /dev/null: recorded here,
+    # not done (pytest's capture files would be kept anyway; to_devnull has its own test)
+    redirected = []
+    monkeypatch.setattr(mtrl.runtime, "to_devnull",
+                        lambda fds, keep_files=False: redirected.append((tuple(fds), keep_files)))
     # closing a terminal delivers SIGHUP twice (bash forwards one, the kernel sends one):
     # that is not "a second signal, stop at once"
     twice = (lambda: os.kill(os.getpid(), signum)) if signum == signal.SIGHUP else None
@@ -440,6 +451,8 @@ def test_sigterm_and_sighup_write_a_checkpoint_like_ctrl_c(tmp_path, signum, mon
     assert result.interrupted and result.steps == 50
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 50
     assert signal.getsignal(signum) is signal.SIG_DFL  # the previous handler is back
+    # once per hangup session (the second SIGHUP is ignored), never for SIGTERM
+    assert redirected == ([((1, 2), True)] if signum == signal.SIGHUP else [])
 
 
 class WorkersKilledBySigterm(NaNRewardAfter):
