@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from mtrl.balancers.base import Balancer, weights_from_gramian
+from mtrl.balancers.registry import hparam_defaults
 
 __all__ = ["check_balancer"]
 
@@ -319,8 +320,6 @@ def check_balancer(
     # 10. hyper-parameters are visible in repr: every argument ``build`` accepts is kept
     # as an attribute of the same name (repr, ``mtrl balancers`` and run labels read it)
     text = repr(proto)
-    from mtrl.balancers.registry import hparam_defaults
-
     for key in hparam_defaults(type(proto)):
         if not hasattr(proto, key):
             raise _fail(label, f"hyper-parameter {key!r} is not kept as the attribute "
