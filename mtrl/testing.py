@@ -26,7 +26,8 @@ Properties whose truth depends on the method are declared by class attributes of
 * ``reads_losses`` (default True): when False, other loss values must give the same
   output (the plumbing then does not copy the losses to the host).
 
-Besides those: NaN/Inf inputs raise ``ValueError``; the state survives ``state_dict()``
+Besides those: two copies of one instance agree on the same input (random state lives in
+the balancer); NaN/Inf inputs raise ``ValueError``; the state survives ``state_dict()``
 over several calls; ``combine(grads)`` without losses works (or raises ``ValueError``);
 and the training plumbing (``select()``, then ``weights_for(gram=...)`` or
 ``combine_rows`` on the selected rows, as :mod:`mtrl.grad` calls them) gives the same
@@ -94,7 +95,16 @@ def _plumbing_direction(b: Balancer, grads: Tensor, losses: Tensor) -> Tensor:
         g64 = grads.detach().to("cpu", torch.float64)
         w = b.weights_for(None, losses, gram=g64 @ g64.T, grads_dtype=grads.dtype)
     else:
-        return b.combine_rows(grads, losses)
+        # the plumbing hands combine_rows the rows it logs statistics from (not a copy, as
+        # combine's index_select makes for a sampler): they must come back unchanged
+        before, losses_before = grads.clone(), losses.clone()
+        out = b.combine_rows(grads, losses)
+        if not (torch.equal(before, grads) and torch.equal(losses_before, losses)):
+            raise AssertionError(
+                "combine_rows modified its input gradients or losses in place (the training "
+                "plumbing computes the logged gradient statistics from those rows)"
+            )
+        return out
     return w.to(device=grads.device, dtype=grads.dtype) @ grads
 
 
@@ -158,6 +168,20 @@ def check_balancer(
     losses = losses_for(k)
     for dtype in (torch.float32, torch.float64):
         run(fresh(), base.to(dtype), losses.to(dtype), f"random {k}x{d} {dtype}")
+
+    # 1b. determinism: two copies of one instance give the same output on the same input
+    # (random state kept in the global generator would make every later check fail with
+    # a message about another property)
+    b0 = fresh()
+    out_a = run(copy.deepcopy(b0), base, losses, "first copy")
+    out_b = run(copy.deepcopy(b0), base, losses, "second copy")
+    if not torch.equal(out_a, out_b):
+        raise _fail(
+            label,
+            f"two copies of one instance gave different outputs on the same input ({out_a} vs "
+            f"{out_b}): keep random state in the balancer (a torch.Generator whose state is "
+            "a buffer), not in torch's global generator",
+        )
 
     def consensus(grads: Tensor, row: Tensor, what: str) -> None:
         out = run(fresh(), grads, losses_for(grads.shape[0]), what)
@@ -281,22 +305,21 @@ def check_balancer(
             raise _fail(label, f"state_dict did not capture the state (call {i + 1}): "
                         f"{out1} vs {out2}")
 
-    # 9b. losses are optional for gradient methods: combine(grads) works, or raises a
-    # ValueError (a method that needs the losses says so)
-    if proto.needs_grads:
-        try:
-            out = fresh().combine(base)
-        except ValueError:
-            pass
-        except Exception as exc:
-            raise _fail(
-                label,
-                f"combine(grads) without losses raised {type(exc).__name__}: {exc}; return a "
-                "direction, or raise ValueError saying that the losses are needed",
-            ) from exc
-        else:
-            if out.shape != (d,) or not bool(torch.isfinite(out).all()):
-                raise _fail(label, f"combine(grads) without losses returned {out}")
+    # 9b. losses are optional: combine(grads) works, or raises a ValueError (a method that
+    # needs the losses says so; the base class does for loss-only methods that read them)
+    try:
+        out = fresh().combine(base)
+    except ValueError:
+        pass
+    except Exception as exc:
+        raise _fail(
+            label,
+            f"combine(grads) without losses raised {type(exc).__name__}: {exc}; return a "
+            "direction, or raise ValueError saying that the losses are needed",
+        ) from exc
+    else:
+        if out.shape != (d,) or not bool(torch.isfinite(out).all()):
+            raise _fail(label, f"combine(grads) without losses returned {out}")
 
     # 9c. the training plumbing (mtrl.grad) calls select(), then weights_for(gram=...)
     # (or, for methods with their own combine_rows / weights_for, combine_rows) on the

@@ -995,7 +995,43 @@ class _ChecksNaNOnly(_Uniform):
         return self.combine_rows(grads, losses)
 
 
+class _EditsItsRows(_Uniform):
+    """A sampler whose combine_rows scales the rows in place: combine hands it a copy, but
+    the training plumbing hands it the rows it logs gradient statistics from."""
+
+    permutation_equivariant = False
+
+    def select(self, num_tasks):
+        return torch.arange(min(2, num_tasks))
+
+    def combine_rows(self, grads, losses=None):
+        return grads.mul_(1.0 / grads.shape[0]).sum(0)
+
+
+class _GlobalRandomSampler(_Uniform):
+    """Samples two tasks with torch's global generator: no state to save or copy."""
+
+    permutation_equivariant = False
+
+    def select(self, num_tasks):
+        return torch.randperm(num_tasks)[:2].sort().values
+
+
+class _LossBlindCrashesWithoutLosses(_Uniform):
+    """Loss-only and loss-blind (like mean) but takes K from the losses: None crashes."""
+
+    needs_grads = False
+    reads_losses = False
+
+    def weights(self, gram, losses):
+        k = losses.shape[0]
+        return torch.full((k,), 1.0 / k, dtype=torch.float64)
+
+
 @pytest.mark.parametrize(("cls", "message"), [
+    (_EditsItsRows, "combine_rows modified its input gradients or losses in place"),
+    (_GlobalRandomSampler, "two copies of one instance gave different outputs"),
+    (_LossBlindCrashesWithoutLosses, "without losses raised AttributeError"),
     (_ScaleDependent, "scaling the gradients by"),
     (_FavoursTaskZero, "permuting the tasks changed the output"),
     (_Negated, "K=1: expected a positive multiple"),
@@ -1057,3 +1093,25 @@ def test_aligned_mtl_rank_cutoff_is_k_times_float32_eps():
     assert b.info["rank"] == 3
     b.combine(q * torch.tensor([1.0, 1.0, 1.0, 6e-7**0.5], dtype=torch.float64))
     assert b.info["rank"] == 4
+
+
+class _SoftmaxOfLosses(Balancer):
+    """The README's plug-in example: loss-only, reads the losses."""
+
+    name = "test-softmax-losses"
+    needs_grads = False
+
+    def weights(self, gram, losses):
+        return torch.softmax(losses.double(), 0)
+
+
+@pytest.mark.parametrize("cls", [_SoftmaxOfLosses, lambda: build("famo")])
+def test_loss_reading_balancer_without_losses_says_what_it_needs(cls):
+    """combine(grads) without losses: a loss-only method that reads the losses gets a
+    ValueError from the base class (before: AttributeError from inside weights())."""
+    b = cls()
+    label = b.name
+    with pytest.raises(ValueError, match=rf"^{label} weights the task losses: call "
+                       r"combine\(grads, losses\)$"):
+        b.combine(torch.randn(3, 5))
+    check_balancer(cls)

@@ -141,7 +141,13 @@ class Balancer(nn.Module):
         """
         if gram is None and self.needs_grads and grads is None:
             raise ValueError(f"balancer {self.name!r} needs the task gradients")
-        # Loss-only methods get the Gramian too when no losses were given (it tells them K).
+        if losses is None and not self.needs_grads and self.reads_losses:
+            raise ValueError(
+                f"{self.name or type(self).__name__} weights the task losses: call "
+                "combine(grads, losses)"
+            )
+        # A loss-only method that never reads the values (mean) gets the Gramian when no
+        # losses were given: it tells it K.
         self.grads_dtype = grads.dtype if grads is not None else grads_dtype
         if gram is None and grads is not None and (self.needs_grads or losses is None):
             gram, self.grads_dtype = gramian_and_dtype([grads])

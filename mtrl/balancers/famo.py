@@ -77,8 +77,6 @@ class FAMO(Balancer):
         return losses + LOSS_EPS
 
     def weights(self, gram: Tensor | None, losses: Tensor | None) -> Tensor:
-        if losses is None:
-            raise ValueError("famo weights the task losses: call combine(grads, losses)")
         k = losses.shape[0]
         self._ensure_size(k)
         shifted = self._shifted(losses)
