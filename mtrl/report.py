@@ -34,7 +34,7 @@ import io
 import json
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,6 +157,10 @@ def _stream_seed(seed: int, *names: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def _key(stream_keys: Mapping[str, str] | None, name: str) -> str:
+    return name if stream_keys is None else stream_keys[name]
+
+
 def _bootstrap(library: Any, name: str, data: Any, fn: Any, reps: int, seed: int):
     """rliable's ``get_interval_estimates`` of one entry, on its own random stream."""
     with warnings.catch_warnings(), _numpy_global_seed(seed):
@@ -168,13 +172,15 @@ def _bootstrap(library: Any, name: str, data: Any, fn: Any, reps: int, seed: int
 
 
 def interval_estimates(
-    scores: dict[str, np.ndarray], reps: int = DEFAULT_REPS, seed: int = 0
+    scores: dict[str, np.ndarray], reps: int = DEFAULT_REPS, seed: int = 0,
+    stream_keys: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, tuple[float, float, float]]]:
     """Mean and IQM of each (seeds × tasks) score matrix with 95% stratified-bootstrap CIs.
 
     Returns {name: {"mean": (point, low, high), "iqm": (point, low, high)}} (rliable
     ``get_interval_estimates``; the bootstrap resamples seeds independently per task).
-    Each method's bootstrap draws from its own stream (:func:`_stream_seed`).
+    Each method's bootstrap draws from its own stream (:func:`_stream_seed`), seeded by
+    ``stream_keys[name]`` (default: the name itself).
     """
     library, metrics = _rliable()
 
@@ -184,7 +190,8 @@ def interval_estimates(
     point, ci = {}, {}
     for name, x in scores.items():
         point[name], ci[name] = _bootstrap(library, name, np.asarray(x, dtype=float),
-                                           aggregate, reps, _stream_seed(seed, name))
+                                           aggregate, reps,
+                                           _stream_seed(seed, _key(stream_keys, name)))
     out = {}
     for name in scores:
         p, c = np.asarray(point[name], dtype=float), np.asarray(ci[name], dtype=float)
@@ -196,13 +203,15 @@ def interval_estimates(
 
 
 def probability_of_improvement(
-    scores: dict[str, np.ndarray], reps: int = DEFAULT_POI_REPS, seed: int = 0
+    scores: dict[str, np.ndarray], reps: int = DEFAULT_POI_REPS, seed: int = 0,
+    stream_keys: Mapping[str, str] | None = None,
 ) -> dict[tuple[str, str], tuple[float, float, float]]:
     """P(X > Y) for every ordered pair of score matrices, with 95% bootstrap CIs (rliable).
 
     rliable computes the pairs X < Y (in ``scores`` order); the reverse pairs follow from
     P(Y > X) = 1 - P(X > Y) (ties count one half). Each pair's bootstrap draws from its
-    own stream (:func:`_stream_seed`).
+    own stream (:func:`_stream_seed`), seeded by the pair's ``stream_keys`` (default: the
+    names).
     """
     library, metrics = _rliable()
     names = list(scores)
@@ -211,7 +220,8 @@ def probability_of_improvement(
         for y in names[i + 1:]:
             pair = (np.asarray(scores[x], dtype=float), np.asarray(scores[y], dtype=float))
             point, ci = _bootstrap(library, f"{x},{y}", pair, metrics.probability_of_improvement,
-                                   reps, _stream_seed(seed, x, y))
+                                   reps, _stream_seed(seed, _key(stream_keys, x),
+                                                      _key(stream_keys, y)))
             p = float(np.asarray(point))
             c = np.asarray(ci, dtype=float).reshape(-1)
             lo, hi = float(c[0]), float(c[-1])
@@ -404,6 +414,11 @@ def _same_numbers(value: Any) -> Any:
     return value
 
 
+def _method_identity(run: Run) -> str:
+    """The balancer and its settings, whatever label the folder's other runs give it."""
+    return f"{run.balancer} {_canonical(_mapping(run.config.get('balancer_kwargs')))}"
+
+
 def _assign_labels(runs: list[Run]) -> None:
     """Label = balancer name; with its hyper-parameters when one name ran with several."""
     kwargs_seen: dict[str, set[str]] = {}
@@ -509,14 +524,18 @@ def summarize_group(
     # write_report leaves out runs with missing final scores; NaNs here would come from a
     # direct caller and cannot go into rliable
     scores = {k: np.nan_to_num(m.final_scores, nan=0.0) for k, m in methods.items()}
+    # streams seeded by what a method is (balancer and its settings), not by its label,
+    # which gains the settings when another setting of the same balancer joins the folder
+    keys = {r.label: _method_identity(r) for r in runs}
     nan3 = (math.nan, math.nan, math.nan)
-    for k, est in interval_estimates(scores, reps=reps, seed=seed).items():
+    for k, est in interval_estimates(scores, reps=reps, seed=seed, stream_keys=keys).items():
         methods[k].mean_ci, methods[k].iqm_ci = est["mean"], est["iqm"]
         if len(methods[k].seeds) < 2:  # a bootstrap over one run has no width: no interval
             methods[k].mean_ci = (est["mean"][0], math.nan, math.nan)
             methods[k].iqm_ci = (est["iqm"][0], math.nan, math.nan)
     if group.protocol == "metaworld-plus" and len(methods) > 1:
-        group.poi = probability_of_improvement(scores, reps=poi_reps, seed=seed)
+        group.poi = probability_of_improvement(scores, reps=poi_reps, seed=seed,
+                                               stream_keys=keys)
         for (x, y), (p, _, _) in list(group.poi.items()):
             if min(len(methods[x].seeds), len(methods[y].seeds)) < 2:
                 group.poi[(x, y)] = (p, nan3[1], nan3[2])

@@ -135,6 +135,35 @@ def test_a_methods_intervals_do_not_move_when_another_method_is_added():
     assert interval_estimates(scores, reps=500, seed=1)["cagrad"] != alone["cagrad"]
 
 
+def test_a_methods_intervals_do_not_move_when_another_setting_of_it_joins(tmp_path):
+    """The label of cagrad (c=0.9) becomes "cagrad(c=0.9)" once runs with c=0.5 are in the
+    folder; its stream was seeded by that label, so its intervals moved with the same runs
+    (the audit's example: IQM high 0.692025 -> 0.692)."""
+    rng = np.random.default_rng(3)
+    root = tmp_path / "mwp"
+
+    def add(balancer: str, folder: str, seed: int, kwargs: dict) -> None:
+        d = root / folder / f"seed{seed}"
+        write_run(d, balancer, seed, {10: [0.0] * 4, 20: list(rng.random(4))},
+                  protocol="metaworld-plus")
+        _with_kwargs(d, kwargs)
+
+    for seed in range(4):
+        add("cagrad", "cagrad09", seed, {"c": 0.9})
+        add("mean", "mean", seed, {})
+    first = write_report(root, reps=REPS, poi_reps=POI_REPS, plots=False).groups[0]
+    before = first.methods
+    for seed in range(3):
+        add("cagrad", "cagrad05", seed, {"c": 0.5})
+    after = write_report(root, reps=REPS, poi_reps=POI_REPS, plots=False).groups[0]
+    assert sorted(after.methods) == ["cagrad(c=0.5)", "cagrad(c=0.9)", "mean"]
+    moved = after.methods["cagrad(c=0.9)"]
+    assert (moved.mean_ci, moved.iqm_ci) == (before["cagrad"].mean_ci, before["cagrad"].iqm_ci)
+    assert (after.methods["mean"].mean_ci, after.methods["mean"].iqm_ci) == (
+        before["mean"].mean_ci, before["mean"].iqm_ci)
+    assert after.poi[("cagrad(c=0.9)", "mean")] == first.poi[("cagrad", "mean")]
+
+
 def _set(run_dir: Path, **changes) -> None:
     """Change (dotted) keys of a run's config.json."""
     config = json.loads((run_dir / "config.json").read_text())
