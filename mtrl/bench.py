@@ -254,20 +254,39 @@ def run_config(
     return cfg
 
 
+def _read_result(run_dir: Path) -> dict[str, Any] | None:
+    """A run's result.json as a dict; ``None`` when absent or unreadable (damaged)."""
+    try:
+        result = json.loads((run_dir / "result.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return result if isinstance(result, dict) else None
+
+
 def run_state(run_dir: Path, total_steps: int | None = None) -> str:
-    """``done`` (a result.json, for at least ``total_steps`` when given), ``resume``
-    (checkpoint.pt, not done) or ``new``."""
-    result = run_dir / "result.json"
-    if result.is_file():
-        try:
-            step = json.loads(result.read_text()).get("step")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            step = None
+    """``done`` (a readable result.json, for at least ``total_steps`` when given),
+    ``resume`` (checkpoint.pt, not done: a damaged result.json is written again by the
+    resumed run) or ``new``."""
+    result = _read_result(run_dir)
+    if result is not None:
+        step = result.get("step")
         if total_steps is None or not isinstance(step, int) or step >= total_steps:
             return "done"  # (a result without a step: trust it)
     if (run_dir / "checkpoint.pt").is_file():
         return "resume"
     return "new"
+
+
+def _stranded(run_dir: Path, total_steps: int) -> str | None:
+    """Why a run with a result.json but no checkpoint cannot be continued (``None`` if it
+    has no result.json). Starting it afresh would delete its results."""
+    if not (run_dir / "result.json").is_file():
+        return None
+    result = _read_result(run_dir)
+    if result is None:
+        return f"{run_dir}: its result.json cannot be read and it has no checkpoint.pt to resume"
+    return (f"{run_dir}: finished at step {result.get('step')}, short of --steps "
+            f"({total_steps}), and it has no checkpoint.pt to extend it from")
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -309,7 +328,7 @@ def plan_runs(spec: BenchSpec) -> list[RunPlan]:
     balancers = parse_balancers(spec.balancers)
     overrides = parse_overrides(spec.overrides)
     out = Path(spec.out).resolve()
-    plans, mismatched = [], []
+    plans, mismatched, stranded = [], [], []
     for balancer in balancers:
         for seed in range(spec.seeds):
             run_dir = out / "runs" / balancer / f"seed{seed}"
@@ -317,6 +336,9 @@ def plan_runs(spec: BenchSpec) -> list[RunPlan]:
                              spec.threads_per_run, overrides)
             config = to_dict(cfg)
             state = run_state(run_dir, cfg.total_steps)
+            why = _stranded(run_dir, cfg.total_steps) if state == "new" else None
+            if why:
+                stranded.append(why)
             existing = run_dir / "config.json"
             if state != "new" and existing.is_file():
                 try:
@@ -333,6 +355,12 @@ def plan_runs(spec: BenchSpec) -> list[RunPlan]:
                     if diff:
                         mismatched.append(f"{run_dir}: {'; '.join(diff[:4])}")
             plans.append(RunPlan(balancer, seed, run_dir, config, state))
+    if stranded:
+        raise ConfigError(
+            "existing run(s) in the output directory cannot be continued, and starting them "
+            "again would delete their results; use another --out, or delete those run "
+            "directories to train them from the start:\n  " + "\n  ".join(stranded)
+        )
     if mismatched:
         raise ConfigError(
             "existing run(s) in the output directory were made with a different "

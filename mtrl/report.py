@@ -282,7 +282,10 @@ class Run:
 
     @property
     def seed(self) -> int | None:
-        """The run's seed; ``None`` in a config.json without an integer one."""
+        """The run's seed (the config's default, 0, when the key is absent); ``None`` in a
+        config.json without an integer one, or one that cannot be read."""
+        if self.config_error is not None:
+            return None
         seed = _mapping(self.config.get("env")).get("seed", 0)
         return seed if _is_int(seed) else None
 
@@ -1044,6 +1047,9 @@ def _unfinished_reason(run: Run) -> str:
         return (f"result.json at step {run.result.get('step')} < total_steps "
                 f"{run.config.get('total_steps')}: extended, not finished"
                 + (" (resume it)" if has_checkpoint else "; no checkpoint"))
+    if (run.path / "result.json").exists():
+        return "result.json cannot be read" + (" (resume it: the run writes it again)"
+                                               if has_checkpoint else "; no checkpoint")
     if has_checkpoint:
         return "checkpoint, no result.json (resume it)"
     return "no checkpoint, no result.json"

@@ -356,11 +356,16 @@ def _train(
         result_file = run_dir / "result.json"
         if start == cfg.total_steps and result_file.is_file():
             try:
-                final = json.loads(result_file.read_text()).get("final_eval")
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                final = None
-            return TrainResult(run_dir, start, final, int(state["skipped_total"]),
-                               already_finished=True)
+                result = json.loads(result_file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                result = None
+            if isinstance(result, dict):
+                return TrainResult(run_dir, start, result.get("final_eval"),
+                                   int(state["skipped_total"]), already_finished=True)
+            # a damaged result.json: resumed like a run stopped before writing it (no
+            # training left: one final evaluation, then result.json is written again)
+            warnings.warn(f"{str(result_file)!r} cannot be read: evaluating the finished "
+                          "run again to write it", stacklevel=2)
     elif ckpt_path.exists():
         raise ConfigError(
             f"run directory {str(run_dir)!r} already holds a checkpoint; "

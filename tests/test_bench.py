@@ -154,9 +154,64 @@ def test_a_result_shorter_than_the_run_is_not_done(tmp_path):
     run.mkdir()
     (run / "result.json").write_text(json.dumps({"step": 40}))
     assert run_state(run) == "done" and run_state(run, 40) == "done"
-    assert run_state(run, 100) == "new"
+    assert run_state(run, 100) == "new"  # (plan_runs refuses it: see below)
     (run / "checkpoint.pt").write_bytes(b"")
     assert run_state(run, 100) == "resume" and run_state(run, 30) == "done"
+    # a damaged result.json is no result: resumed (the run writes it again), else new
+    (run / "result.json").write_text('{"step": 4')
+    assert run_state(run) == "resume" and run_state(run, 30) == "resume"
+    (run / "checkpoint.pt").unlink()
+    assert run_state(run) == "new"
+
+
+def test_a_finished_run_without_its_checkpoint_is_not_started_again(tmp_path, capsys):
+    """Checkpoints deleted to free disk, then --steps raised: the runs were planned as new,
+    their results deleted and retrained from step 0 (and a changed setting was not even
+    noticed). Likewise a damaged result.json without a checkpoint. Now refused, untouched."""
+    out = tmp_path / "bench"
+    one = ["--balancers", "mean", "--seeds", "1"]
+    assert bench(out, *one) == 0
+    run = run_dir(out, "mean", 0)
+    (run / "checkpoint.pt").unlink()
+    before = mtimes(run)
+    capsys.readouterr()
+    assert bench(out, *one, "--steps", "60") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: existing run(s) in the output directory cannot be "
+                          "continued, and starting them again would delete their results")
+    assert f"{run}: finished at step 40, short of --steps (60), and it has no checkpoint.pt" \
+        in err
+    assert mtimes(run) == before
+    assert bench(out, *one) == 0  # at its own length it is simply done
+    (run / "result.json").write_text('{"step": 40, "env_')
+    before = mtimes(run)
+    assert bench(out, *one) == 2
+    assert f"{run}: its result.json cannot be read and it has no checkpoint.pt" in \
+        capsys.readouterr().err
+    assert mtimes(run) == before
+
+
+def test_a_damaged_result_is_written_again_by_resuming_the_run(tmp_path, capsys):
+    """A finished run with a cut result.json: the bench skipped it as finished, the report
+    left it out ("checkpoint, no result.json (resume it)") and `mtrl train --resume` said
+    "already finished", so the benchmark could never be completed."""
+    out = tmp_path / "bench"
+    one = ["--balancers", "mean", "--seeds", "1"]
+    assert bench(out, *one) == 0
+    run = run_dir(out, "mean", 0)
+    good = json.loads((run / "result.json").read_text())
+    (run / "result.json").write_text((run / "result.json").read_text()[:50])
+    from mtrl.report import write_report
+    skipped = write_report(out, reps=50, poi_reps=10, plots=False).skipped
+    assert [why for _, why in skipped] == [
+        "result.json cannot be read (resume it: the run writes it again)"]
+    capsys.readouterr()
+    assert bench(out, *one) == 0
+    assert "1 done" in capsys.readouterr().out
+    again = json.loads((run / "result.json").read_text())
+    assert (again["step"], again["resumed_from_step"]) == (40, 40)
+    assert again["final_eval"]["success"] == good["final_eval"]["success"]
+    assert "cannot be read: evaluating the finished run again" in (run / "train.log").read_text()
 
 
 # ---------------------------------------------------------------------- launchers

@@ -258,6 +258,9 @@ def test_a_run_whose_config_json_does_not_parse_is_listed(tmp_path):
     assert [(r.path.name, why) for r, why in report.skipped] == [
         ("seed1", "config.json cannot be read (not a JSON object)")]
     assert (tmp_path / "summary.md").read_text().splitlines()[2].startswith("2 run(s)")
+    # its seed is unknown, not 0 (the default seed made it look like a second seed 0)
+    assert report.skipped[0][0].seed is None
+    assert "| mean/seed1 | ? | ? |" in (tmp_path / "summary.md").read_text()
     (tmp_path / "other").mkdir()  # a config.json of something else: not a run, ignored
     (tmp_path / "other" / "config.json").write_text("{x")
     assert len(write_report(tmp_path, reps=REPS, poi_reps=POI_REPS, plots=False).skipped) == 1
