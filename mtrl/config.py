@@ -417,9 +417,11 @@ def validate(cfg: TrainConfig, num_tasks: int | None = None) -> None:
         )
     if num_tasks is not None:
         if cfg.stratified and cfg.batch_size % num_tasks:
+            below = cfg.batch_size // num_tasks * num_tasks
+            near = " or ".join(str(b) for b in (below, below + num_tasks) if b > 0)
             raise ConfigError(
                 f"batch_size {cfg.batch_size} must be divisible by the {num_tasks} tasks "
-                "for stratified sampling"
+                f"for stratified sampling (the nearest that are: {near})"
             )
         if cfg.buffer_capacity < num_tasks:
             raise ConfigError(f"buffer_capacity must be at least the {num_tasks} tasks")

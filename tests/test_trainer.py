@@ -205,7 +205,8 @@ def test_a_batch_that_does_not_split_into_the_tasks_fails_before_the_envs_are_bu
 
     monkeypatch.setattr(mtrl.envs.vec, "_build_vector_env", no_envs)
     cfg = replace(toy_config(tmp_path), env=EnvConfig(benchmark="MT10"), batch_size=1285)
-    with pytest.raises(ConfigError, match="batch_size 1285 must be divisible by the 10 tasks"):
+    with pytest.raises(ConfigError, match=r"batch_size 1285 must be divisible by the 10 tasks "
+                       r"for stratified sampling \(the nearest that are: 1280 or 1290\)$"):
         train(cfg)
 
 
@@ -656,7 +657,8 @@ def test_invalid_values_are_rejected_before_training(tmp_path):
         train(toy_config(tmp_path, balancer="nope"))
     with pytest.raises(ConfigError, match="unknown hyper-parameter.*cc.*valid hyper-parameters: c"):
         train(toy_config(tmp_path, balancer="cagrad", balancer_kwargs={"cc": 1.0}))
-    with pytest.raises(ConfigError, match="batch_size 30 must be divisible by the 4 tasks"):
+    with pytest.raises(ConfigError, match=r"batch_size 30 must be divisible by the 4 tasks "
+                       r"for stratified sampling \(the nearest that are: 28 or 32\)$"):
         train(toy_config(tmp_path, batch_size=30))
     with pytest.raises(ConfigError, match="total_steps must be an integer >= 1"):
         train(toy_config(tmp_path, total_steps=0))
