@@ -540,11 +540,18 @@ def test_upgrad_singular_gramians_match_nnls(k, d, duplicate):
     assert float(b.info["weights"].abs().max()) < 1e3
 
 
-@pytest.mark.parametrize("seed, mismatch", [(1, 1e-6), (1, 1e-5), (2, 1e-5)])
-def test_upgrad_near_opposite_pair_with_a_duplicated_task(seed, mismatch):
+@pytest.mark.parametrize("seed, mismatch, tol", [(1, 1e-6, 3e-4), (1, 1e-5, 1e-5),
+                                                 (2, 1e-5, 1e-5)])
+def test_upgrad_near_opposite_pair_with_a_duplicated_task(seed, mismatch, tol):
     """A singular Gramian (task 4 = task 3) with two nearly opposite gradients: the
     ridge's bias is removed on the solution's support (1.8e-2 off when only a positive
-    definite Gramian was re-solved)."""
+    definite Gramian was re-solved).
+
+    The bound is what the Gramian's own rounding allows: with a 1e-6 mismatch, moving
+    each entry G_ij by 3 ulps of |g_i||g_j| (200 random draws) moves the exact solution
+    by up to 7e-5 (median 1.8e-5) of max |g|, and the float64 product itself rounds
+    differently with 1 or 2 threads (1.3e-5 vs 3.8e-7 here; the 1e-5 bound failed with
+    OMP_NUM_THREADS=1). With a 1e-5 mismatch the same draws move it by at most 8e-7."""
     from scipy.optimize import nnls
 
     rng = np.random.default_rng(seed)
@@ -553,4 +560,4 @@ def test_upgrad_near_opposite_pair_with_a_duplicated_task(seed, mismatch):
     g[4] = g[3]
     ref = np.mean([gi + g.T @ nnls(g.T, -gi)[0] for gi in g], axis=0)
     out = build("upgrad").combine(torch.from_numpy(g)).numpy()
-    assert np.abs(out - ref).max() <= 1e-5 * np.abs(g).max()
+    assert np.abs(out - ref).max() <= tol * np.abs(g).max()
