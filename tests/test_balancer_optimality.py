@@ -241,6 +241,31 @@ def test_imtl_g_equal_projections_with_very_different_norms(k, d, factor, dtype,
     assert "fallback" not in b.info
 
 
+@pytest.mark.parametrize("noise", [0.0, 1e-7])
+def test_imtl_g_nearly_opposite_pair_gives_the_zero_direction(noise):
+    """g1 = -0.7 g0 (+ 1e-7 noise: full rank): the sum-1 weights (0.7, 1)/1.7 give d = 0,
+    equal (zero) projections, as the closed form does. Solving C β = 1 (projections fixed
+    at 1) had no solution: weights (-2.33, 3.33), d = -4.67 g0 against task 0, and a note
+    that K exceeds the rank."""
+    g0 = torch.tensor([1.0, 2.0, -0.5, 0.3, 1.2], dtype=torch.float64)
+    extra = torch.tensor([0.3, -1.0, 0.2, 0.5, -0.4], dtype=torch.float64)
+    g = torch.stack([g0, -0.7 * g0 + noise * extra])
+    b = build("imtl-g")
+    d = b.combine(g)
+    assert "fallback" not in b.info, b.info["fallback"]
+    assert torch.allclose(b.info["weights"], torch.tensor([0.7, 1.0], dtype=torch.float64) / 1.7,
+                          atol=1e-6)
+    assert float(d.norm()) <= 1e-6 * float(g0.norm())
+    # and with a third task the projections are still equal
+    g3 = torch.cat([g, torch.randn(1, 5, generator=torch.Generator().manual_seed(0),
+                                   dtype=torch.float64)])
+    b = build("imtl-g")
+    d = b.combine(g3)
+    proj = (g3 / g3.norm(dim=1, keepdim=True)) @ d
+    assert float(proj.max() - proj.min()) <= 1e-8 * float(g3.norm(dim=1).max())
+    assert abs(float(b.info["weights"].sum()) - 1.0) < 1e-12
+
+
 @pytest.mark.parametrize("k, d, seed", [(2, 5, 0), (3, 10, 1), (10, 40, 2), (50, 120, 4)])
 def test_aligned_mtl_balanced_components(k, d, seed):
     g = problem(k, d, seed)

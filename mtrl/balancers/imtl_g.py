@@ -29,14 +29,18 @@ class IMTLG(Balancer):
     (no loss scaling).
 
     Deviations from the reference implementation: it inverts ``D Uᵀ`` in D-space (adding
-    ``1e-8·I`` when that fails); we solve the equivalent K×K Gramian system in float64
-    with ``numpy.linalg.lstsq``, in the variables ``β_i = α_i |g_i|`` where it reads
-    ``C β = 1`` with ``C`` the matrix of gradient cosines (minimum-norm solution when
-    singular; singular values under ``10·K·eps`` of the Gramian's dtype count as zero, so
-    a float32 Gramian's rounding is not solved for, and gradient norms 1e6 apart are not).
+    ``1e-8·I`` when that fails); we solve the equivalent Gramian system in float64 with
+    ``numpy.linalg.lstsq``, in the variables ``β_i = α_i |g_i|`` and the common
+    projection ``t``: ``C β = t·1`` with ``C`` the matrix of gradient cosines, and
+    ``Σ β_i/|g_i| = 1`` (a (K+1)×(K+1) system; ``t`` may be 0, as when 0 lies between
+    two nearly opposite gradients, where the closed form gives the zero direction too).
+    Minimum-norm solution when singular; singular values under ``10·(K+1)·eps`` of the
+    Gramian's dtype count as zero, so a float32 Gramian's rounding is not solved for, and
+    gradient norms 1e6 apart are not.
     Degenerate inputs: zero gradient rows get weight 0 (they impose no condition); when
-    the system ``Aα ∝ n`` has no exact solution (possible with K > rank, e.g. K > D) the
-    least-squares weights are kept and ``info["fallback"]`` says so; if ``Σ A⁺n``
+    the system is singular and only the zero direction has equal projections (K > rank,
+    e.g. K > D), the least-squares weights of ``C β = 1`` are kept and
+    ``info["fallback"]`` says so; if ``Σ A⁺n``
     vanishes (relative 1e-12; no direction with equal projections of sum-1 weights) or
     all rows are zero, the mean weights are returned with ``info["fallback"]`` set.
     """
@@ -64,9 +68,29 @@ class IMTLG(Balancer):
         # Gramian is numerically full rank at float64's cutoff, and its exact solve would
         # fit the rounding noise.
         cos = a[np.ix_(keep, keep)] / np.outer(norms, norms)
-        ones = np.ones(cos.shape[0])
+        m = cos.shape[0]
+        # Unknowns (β, t): C β = t·1 (equal projections t, which may be 0: 0 in the hull
+        # of nearly opposite gradients) and Σ β_i/n_i = 1, the last row scaled by n_min so
+        # its entries lie in (0, 1] like C's. Fixing t = 1 instead (C β = 1, then
+        # normalising) has no solution when t = 0, and the least-squares fit returned a
+        # direction against one of the tasks.
+        n_min = float(norms.min())
+        system = np.zeros((m + 1, m + 1))
+        system[:m, :m] = cos
+        system[:m, m] = -1.0
+        system[m, :m] = n_min / norms
+        rhs = np.zeros(m + 1)
+        rhs[m] = n_min
         eps = self.gram_eps()
-        beta, _, rank, _ = np.linalg.lstsq(cos, ones, rcond=10 * cos.shape[0] * eps)
+        rcond = 10 * (m + 1) * eps
+        sol, _, rank, _ = np.linalg.lstsq(system, rhs, rcond=rcond)
+        beta, t = sol[:m], float(sol[m])
+        singular = rank < m + 1
+        if singular and abs(t) <= 1e-8 * float(np.abs(beta).max()):
+            # Singular (K > rank): only the zero direction has equal projections. The
+            # documented choice is the least-squares fit of projections equal to 1.
+            beta, _, _, _ = np.linalg.lstsq(cos, np.ones(m), rcond=10 * m * eps)
+            t = 1.0
         v = beta / norms
         total = float(v.sum())
         if not np.isfinite(total) or abs(total) <= 1e-12 * float(np.abs(v).sum()):
@@ -77,11 +101,12 @@ class IMTLG(Balancer):
         if not keep.all():
             self.info["fallback"] = f"{int((~keep).sum())} zero gradient row(s) get weight 0"
         # With K > rank(G) the equal-projection system may have no exact solution with a
-        # non-zero direction: then the least-squares weights are returned, and said so.
-        # A (numerically) full-rank Gramian always has one; its residual is rounding,
-        # ~eps·cond(A), which exceeds 1e-8 from cond(A) ~ 1e8 (G's condition 1e4) on.
-        miss = float(np.linalg.norm(cos @ beta - ones)) / float(np.linalg.norm(ones))
-        if rank < cos.shape[0] and miss > max(1e-8, 1e3 * eps):
+        # non-zero direction: then the least-squares weights are returned, and said so. A
+        # nonsingular system always has one; its residual is rounding, ~eps·cond, which
+        # exceeds 1e-8 from a condition number of ~1e8 on.
+        scale = float(np.abs(beta).max()) + abs(t)
+        miss = float(np.abs(cos @ beta - t).max()) / max(scale, 1e-300)
+        if singular and miss > max(1e-8, 1e3 * eps):
             note = (
                 f"no direction has equal projections on all unit gradients (relative "
                 f"residual {miss:.2g}; K exceeds the rank of the gradients); used the "
