@@ -487,6 +487,9 @@ def _train(
             )
         skipped_total = int(state["skipped_total"])
         skip_run = int(state.get("skip_run", 0))  # (not in checkpoints before 2026-11-29)
+        for name, count in state.get("fallback_updates", {}).items():  # (nor this)
+            if name in agent.fallback_updates:
+                agent.fallback_updates[name] = int(count)
         best_success = float(state["best_success"])
         wall_before = float(state.get("wall_clock_s", 0.0))
         del state  # the buffer copy can be large
@@ -534,6 +537,7 @@ def _train(
             "episode_stats": [t.cpu() for t in episode_stats],
             "skipped_total": skipped_total,
             "skip_run": int(skips.run),  # a resumed run goes on counting consecutive skips
+            "fallback_updates": dict(agent.fallback_updates),
             "best_success": best_success,
             "wall_clock_s": wall_before + time.perf_counter() - t_start,
             "updates_from": updates_from,

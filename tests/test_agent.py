@@ -773,3 +773,55 @@ def test_non_finite_losses_after_a_step_are_not_fed_to_the_balancer():
     agent.update(make_batch(0))
     assert agent.balancers["critic"].after == []  # the losses after the step were inf/nan
     assert agent.update(make_batch(1))["skipped"] == 1
+
+
+class AlwaysFallsBack(Balancer):
+    """Mean weights, reported as a fallback on every call (and never cleared by itself)."""
+
+    name = "test-always-falls-back"
+
+    def weights(self, gram, losses):
+        self.info["fallback"] = "test fallback"
+        k = gram.shape[0]
+        return torch.full((k,), 1.0 / k, dtype=torch.float64)
+
+
+class FallsBackOnce(AlwaysFallsBack):
+    """Reports a fallback on its first call only, and leaves the note in ``info``."""
+
+    name = "test-falls-back-once"
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def weights(self, gram, losses):
+        self.calls += 1
+        if int(self.calls) > 1:
+            k = gram.shape[0]
+            return torch.full((k,), 1.0 / k, dtype=torch.float64)
+        return super().weights(gram, losses)
+
+
+def test_balancer_fallbacks_are_counted_and_warned_about_once():
+    """A balancer's fallback (info["fallback"]) reached no log: issue 3 asks for it in the
+    returned stats. Each balanced loss counts the updates whose solve fell back, warns on
+    the first, and a note left over from an earlier call is not counted again."""
+    cfg = SACConfig(hidden_sizes=(16, 16), balance=("critic", "actor"))
+    agent = MultiTaskSAC(OBS_DIM, ACT, K, cfg, AlwaysFallsBack)
+    with pytest.warns(UserWarning, match="fell back") as record:
+        for i in range(3):
+            metrics = agent.update(make_batch(i))
+    assert sorted(str(w.message) for w in record if "fell back" in str(w.message)) == [
+        f"the {name} loss's balancer (test-always-falls-back) fell back: test fallback. "
+        f"Later fallbacks are counted in the metric {name}/fallback_updates"
+        for name in ("actor", "critic")]  # once each
+    assert float(metrics["critic/fallback_updates"]) == 3.0
+    assert float(metrics["actor/fallback_updates"]) == 3.0
+    assert "alpha/fallback_updates" not in metrics  # not balanced
+    assert agent.fallback_updates == {"critic": 3, "actor": 3}
+    once = MultiTaskSAC(OBS_DIM, ACT, K, cfg, FallsBackOnce)
+    with pytest.warns(UserWarning, match="fell back"):
+        for i in range(3):
+            metrics = once.update(make_batch(i))
+    assert float(metrics["critic/fallback_updates"]) == 1.0

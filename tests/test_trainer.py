@@ -7,6 +7,7 @@ import os
 import re
 import signal
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -1148,3 +1149,21 @@ def test_a_checkpoint_is_never_written_with_nan_weights(tmp_path, monkeypatch):
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert state["step"] == 60
     assert all(torch.isfinite(v).all() for v in state["agent"].values() if v.is_floating_point())
+
+
+def test_fallback_counts_are_logged_and_survive_a_resume(tmp_path):
+    """The count of balanced updates whose balancer fell back goes into metrics.jsonl and
+    the checkpoint; a resumed run goes on counting (80 updates after warm-up at step 120,
+    then 40 more)."""
+    cfg = toy_config(tmp_path, balancer="test_agent:AlwaysFallsBack", total_steps=120,
+                     sac=SACConfig(hidden_sizes=(16, 16), balance=("critic",)))
+    with pytest.warns(UserWarning, match="fell back: test fallback"):
+        train(cfg)
+    run = Path(cfg.run_dir)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    counts = {r["step"]: r.get("critic/fallback_updates") for r in records}
+    assert counts[60] == 20 and counts[120] == 80, counts
+    assert load_checkpoint(run / "checkpoint.pt")["fallback_updates"] == {"critic": 80}
+    train(replace(cfg, total_steps=160), resume=True)
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (last["step"], last["critic/fallback_updates"]) == (160, 120)

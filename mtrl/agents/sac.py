@@ -71,6 +71,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -246,6 +247,10 @@ class MultiTaskSAC(nn.Module):
                 )
             balancers[name] = b
         self.balancers = nn.ModuleDict(balancers)
+        #: Balanced updates, per loss, whose balancer solve fell back to a documented choice
+        #: (``balancer.info["fallback"]``: a degenerate Gramian, 0 in the gradients' hull,
+        #: ...); logged as ``<loss>/fallback_updates``, saved by the trainer's checkpoints.
+        self.fallback_updates: dict[str, int] = dict.fromkeys(self.balancers, 0)
 
         #: Whether the NaN/Inf guard masks steps on the device instead of reading a flag.
         self.masked_guard = _masked_guard(cfg.nan_guard, self.device)
@@ -306,6 +311,10 @@ class MultiTaskSAC(nn.Module):
         log_alpha = params["log_alpha"].expand(self.num_tasks)[task_id]
         return -log_alpha * log_prob_plus_target
 
+    def _fallback_metric(self, name: str) -> Tensor:
+        """The count as a CPU tensor (host numbers: no device copy in the update)."""
+        return torch.tensor(float(self.fallback_updates[name]))
+
     # ------------------------------------------------------------------ update
     def update(self, batch: Any) -> dict[str, Tensor]:
         """One SAC update on ``batch`` (a :class:`mtrl.buffers.Batch`).
@@ -315,7 +324,9 @@ class MultiTaskSAC(nn.Module):
         ``{critic,actor,alpha}/losses`` (K,), ``{critic,actor,alpha}/grad_norm`` (),
         ``alpha/temperature`` (K,), ``actor/entropy`` (K,) (``-log π`` per task), for
         each balanced loss ``<loss>/weights`` (K,), ``<loss>/grad_norms`` (K,),
-        ``<loss>/mean_cosine`` (), ``<loss>/conflict_fraction`` (), and ``skipped`` ().
+        ``<loss>/mean_cosine`` (), ``<loss>/conflict_fraction`` (),
+        ``<loss>/fallback_updates`` () (a CPU count, see :attr:`fallback_updates`), and
+        ``skipped`` ().
         """
         K, dev = self.num_tasks, self.device
         obs, action = batch.obs.to(dev), batch.action.to(dev)
@@ -336,6 +347,7 @@ class MultiTaskSAC(nn.Module):
         metrics["actor/entropy"] = nan_k
         for name in self.balancers:
             metrics.update(_stats_metrics(name, None, nan_k, nan_0))
+            metrics[f"{name}/fallback_updates"] = self._fallback_metric(name)
 
         eps_next = torch.randn(B, self.act_dim, device=dev, dtype=obs.dtype)
         eps = torch.randn(B, self.act_dim, device=dev, dtype=obs.dtype)
@@ -480,6 +492,7 @@ class MultiTaskSAC(nn.Module):
             state = balancer.state_dict()
             if state:  # stateless balancers (cagrad, mgda, ...) need no snapshot
                 self._balancer_snapshots[name] = {k: v.clone() for k, v in state.items()}
+            balancer.info.pop("fallback", None)  # (a balancer may not clear its own)
             try:
                 stats = balanced_backward_terms(
                     terms_fn, params, data, self.num_tasks, balancer,
@@ -495,6 +508,16 @@ class MultiTaskSAC(nn.Module):
             else:
                 losses = stats.losses.detach()
                 metrics.update(_stats_metrics(name, stats, None, None))
+                note = balancer.info.get("fallback")
+                if note:
+                    if not self.fallback_updates[name]:
+                        warnings.warn(
+                            f"the {name} loss's balancer ({balancer.name}) fell back: {note}. "
+                            f"Later fallbacks are counted in the metric {name}/fallback_updates",
+                            stacklevel=3,
+                        )
+                    self.fallback_updates[name] += 1
+                    metrics[f"{name}/fallback_updates"] = self._fallback_metric(name)
             metrics[f"{name}/losses"] = checked = losses
         if failed:
             norm = torch.full((), float("nan"), device=self.device)
