@@ -748,7 +748,7 @@ def _loss_only_backward(
             if p.grad is None:
                 p.grad = g
             elif p.grad.is_sparse and not g.is_sparse:
-                p.grad = p.grad + g
+                p.grad = g + p.grad  # (dense + sparse: torch has no sparse + dense)
             else:
                 p.grad.add_(g)
     return BalanceStats(

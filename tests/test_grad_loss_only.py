@@ -92,3 +92,23 @@ def test_loss_only_balancer_gives_unused_parameters_a_zero_gradient():
     balanced_backward(loss_fn, {"a": a, "unused": unused}, (x,), build("mean"))
     assert a.grad.item() == 4.0
     assert unused.grad is not None and unused.grad.tolist() == [0.0, 0.0]
+
+
+def test_loss_only_path_adds_a_dense_gradient_to_a_sparse_one():
+    """An Embedding(sparse=True) whose .grad holds a sparse gradient from an earlier
+    backward: `sparse + dense` raised "add(sparse, dense) is not supported"; like
+    Tensor.backward(), the sum is now kept (as a dense tensor)."""
+    from mtrl.balancers import build
+    from mtrl.grad import balanced_backward
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(5, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    earlier = emb.weight.grad.to_dense().clone()
+    x = torch.randn(2, 4, 3)
+    balanced_backward(lambda p, x: (x @ p["weight"].T).pow(2).mean(),
+                      dict(emb.named_parameters()), [x], build("mean"))
+    w = emb.weight.detach().requires_grad_()
+    loss = torch.stack([(x[i] @ w.T).pow(2).mean() for i in range(2)]).mean()
+    (g,) = torch.autograd.grad(loss, w)
+    torch.testing.assert_close(emb.weight.grad.to_dense(), earlier + g)

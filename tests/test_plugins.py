@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -316,3 +317,40 @@ def test_check_balancer_on_plugins_that_edit_inputs_or_hide_settings():
     with pytest.raises(AssertionError, match="'temperature' is not kept as the attribute "
                                              "self.temperature"):
         check_balancer(HiddenSetting)
+
+
+def test_one_entry_point_seen_twice_is_not_a_clash(tmp_path, monkeypatch):
+    """The same `name = module:Class` found twice (one distribution on two sys.path
+    entries) is one plug-in, not two packages offering a name."""
+    import mtrl.balancers.registry as registry
+
+    module = install_plugin(tmp_path, monkeypatch, source=SHADOW_SOURCE,
+                            entry_points={"twice": "{module}:MyMean"})
+    (ep,) = [e for e in registry.entry_points(group=registry.ENTRY_POINT_GROUP)
+             if e.name == "twice"]
+    monkeypatch.setattr(registry, "entry_points", lambda group: [ep, ep])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "twice" in names()
+        assert type(build("twice")).__module__ == module
+    sys.modules.pop(module, None)
+
+
+def test_a_subclass_default_overrides_its_parents(tmp_path, monkeypatch):
+    """`mtrl balancers` shows a subclass's own default, not the parent's (c=0.5, not 0.9)."""
+    from mtrl.balancers.registry import hparam_defaults
+
+    module = install_plugin(tmp_path, monkeypatch, source='''
+from mtrl.balancers.cagrad import CAGrad
+
+
+class HalfCAGrad(CAGrad):
+    name = "half-cagrad"
+
+    def __init__(self, c=0.5, **kwargs):
+        super().__init__(c=c, **kwargs)
+''', entry_points={})
+    cls = type(build(f"{module}:HalfCAGrad"))
+    assert hparam_defaults(cls) == {"c": 0.5}
+    assert build(f"{module}:HalfCAGrad").c == 0.5
+    sys.modules.pop(module, None)
