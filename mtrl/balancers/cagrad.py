@@ -17,33 +17,44 @@ def _support_path(a: np.ndarray, b: np.ndarray, support: np.ndarray):
     """On a fixed support S, the simplex-QP solution of ``½wᵀAw + β bᵀw`` is ``u + β v``."""
     idx = np.flatnonzero(support)
     m = idx.size
+    # Jacobi-scaled (w = D z, D = diag(1/|g_i|)): in w the system mixes entries 1e8 apart
+    # when gradient norms are 1e4 apart, and the weights of long gradients, which fix the
+    # direction, came out with too few digits
+    dsc = 1.0 / np.sqrt(np.clip(np.diag(a)[idx], 1e-300, None))
     mat = np.zeros((m + 1, m + 1))
-    mat[:m, :m] = a[np.ix_(idx, idx)]
-    mat[:m, m] = 1.0
-    mat[m, :m] = 1.0
+    mat[:m, :m] = a[np.ix_(idx, idx)] * np.outer(dsc, dsc)
+    mat[:m, m] = dsc
+    mat[m, :m] = dsc
     rhs = np.zeros((m + 1, 2))
     rhs[m, 0] = 1.0
-    rhs[:m, 1] = -b[idx]
+    rhs[:m, 1] = -b[idx] * dsc
     try:
         sol = np.linalg.solve(mat, rhs)
     except np.linalg.LinAlgError:
         sol = np.linalg.lstsq(mat, rhs, rcond=None)[0]
     u = np.zeros(a.shape[0])
     v = np.zeros(a.shape[0])
-    u[idx] = sol[:m, 0]
-    v[idx] = sol[:m, 1]
+    u[idx] = sol[:m, 0] * dsc
+    v[idx] = sol[:m, 1] * dsc
     return u, v
 
 
-def cagrad_kkt_residual(a: np.ndarray, b: np.ndarray, r: float, w: np.ndarray) -> float:
-    """KKT violation of ``w`` for ``min_{w∈Δ} bᵀw + r·sqrt(wᵀAw)`` (inf if |Gᵀw| = 0)."""
+def cagrad_kkt_residual(
+    a: np.ndarray, b: np.ndarray, r: float, w: np.ndarray, unit: np.ndarray | None = None
+) -> float:
+    """KKT violation of ``w`` for ``min_{w∈Δ} bᵀw + r·sqrt(wᵀAw)`` (inf if |Gᵀw| = 0).
+
+    ``unit`` (K,) scales each task's stationarity and complementarity terms (e.g.
+    ``1/|g_i|`` with the largest norm 1): a task with a short gradient contributes terms
+    of its size, and an absolute tolerance would not resolve its weight."""
     nrm = math.sqrt(max(float(w @ a @ w), 0.0))
     if nrm <= 1e-150:
         return math.inf
     grad = b + (r / nrm) * (a @ w)
     mu = float(w @ grad)
-    dual = max(0.0, mu - float(grad.min()))
-    comp = float(np.max(w * np.abs(grad - mu)))
+    scale = 1.0 if unit is None else unit
+    dual = max(0.0, float(np.max((mu - grad) * scale)))
+    comp = float(np.max(w * np.abs(grad - mu) * scale))
     primal = max(0.0, -float(w.min())) + abs(float(w.sum()) - 1.0)
     return max(dual, comp, primal)
 
@@ -65,6 +76,8 @@ def cagrad_dual(
     has ``Gᵀw = 0`` (0 in the convex hull and no better point).
     """
     b = a.mean(axis=1)
+    # each task's KKT terms in units of its own gradient norm (the largest is 1)
+    unit = 1.0 / np.sqrt(np.clip(np.diag(a), 1e-16, None))
     scale_res = tol * (1.0 + r)
     lo, hi = 0.0, math.inf
     beta = math.sqrt(max(float(b.mean()), 1e-300)) / r  # |g0| / r: the uniform-w guess
@@ -73,7 +86,7 @@ def cagrad_dual(
     def consider(cand: np.ndarray, it: int) -> float:
         """KKT residual of ``cand``; keeps the best iterate and when it last halved."""
         nonlocal best_w, best_res, best_it
-        res = cagrad_kkt_residual(a, b, r, cand)
+        res = cagrad_kkt_residual(a, b, r, cand, unit)
         if res < 0.5 * best_res:
             best_it = it
         if res < best_res:
@@ -133,6 +146,38 @@ def cagrad_dual(
     return None, max_iter, best_res
 
 
+def _primal_polish(a: np.ndarray, b: np.ndarray, r: float, w: np.ndarray) -> np.ndarray | None:
+    """The coefficients ``λ`` of ``d = g0 + Gᵀλ`` at the max-min optimum, recomputed in the
+    primal on the support S of the dual solution ``w``: ``g_i·d = t`` on S and
+    ``|Gᵀλ| = r``, in Jacobi-scaled variables ``y_i = λ_i |g_i|``. Where gradient norms lie
+    1e4 and more apart, the dual fixes the tiny weights of long gradients (which set the
+    direction) to fewer digits than the direction needs. ``None`` if the support's
+    gradients are dependent or the polished point is not a valid optimum."""
+    idx = np.flatnonzero(w > 0)
+    norms = np.sqrt(np.clip(np.diag(a)[idx], 0.0, None))
+    if idx.size == 0 or not np.all(norms > 0):
+        return None
+    cos = a[np.ix_(idx, idx)] / np.outer(norms, norms)
+    try:
+        p, q = np.linalg.solve(cos, np.stack([1.0 / norms, b[idx] / norms], axis=1)).T
+    except np.linalg.LinAlgError:
+        return None
+    # (t p - q)ᵀ C (t p - q) = r²: the larger root t is the max-min value
+    pp, pq, qq = float(p @ cos @ p), float(p @ cos @ q), float(q @ cos @ q)
+    disc = pq * pq - pp * (qq - r * r)
+    if not (pp > 0 and disc >= 0):
+        return None
+    t = (pq + math.sqrt(disc)) / pp
+    lam = np.zeros(a.shape[0])
+    lam[idx] = (t * p - q) / norms
+    if lam.min() < 0:
+        return None
+    values = b + a @ lam  # g_i·d for every task (normalised): the support's must be least
+    if values.min() < t - 1e-9 * (abs(t) + 1.0):
+        return None
+    return lam
+
+
 #: Largest accepted ``c``.
 C_MAX = 1e6
 
@@ -158,9 +203,12 @@ class CAGrad(Balancer):
     20 SGD steps (lr 25, or 50 at K=50, momentum 0.5) keeping the best iterate, with
     ``1e-4`` stabilisers inside square roots and denominators; we solve the dual exactly
     (a one-dimensional search over simplex QPs, quadprog, with an exact quadratic step on
-    the active set) to KKT residual ~1e-12 (relative to the largest gradient norm; the
-    inner simplex QPs are Jacobi-scaled, so small gradients are not lost) and use no
-    stabilisers. When the dual optimum
+    the active set) to KKT residual ~1e-12 (each task's terms in units of its own
+    gradient norm; the inner simplex QPs and the active-set step are Jacobi-scaled, so
+    small gradients are not lost), then recompute the coefficients of ``Gᵀw`` on the
+    dual's support in the primal (equal ``g_i·d`` there, ``|d − g0| = c|g0|``), which
+    keeps the max-min value to ~1e-9 with gradient norms 1e8 apart (the dual weights
+    alone left it 3e-5 short), and use no stabilisers. When the dual optimum
     has ``Gᵀw = 0`` (0 lies in the convex hull of the gradients, e.g. a zero gradient row,
     and no other point is better; numerically: ``|Gᵀw| ≤ 10·sqrt(eps)·Σ w_i|g_i|``, the
     rounding noise of a Gramian formed with relative precision eps (the gradients' dtype,
@@ -221,5 +269,10 @@ class CAGrad(Balancer):
                 "used the projection of g0 onto the cone {d: G d >= 0}"
             )
             return torch.from_numpy(dual_cone_weights(a_s, mean) * rescale)
-        self.info["w"] = torch.from_numpy(w)
-        return torch.from_numpy((mean + (r / nrm) * w) * rescale)
+        lam = (r / nrm) * w
+        polished = _primal_polish(a_s, a_s.mean(axis=1), r, w)
+        if polished is not None and (a_s.mean(axis=1) + a_s @ polished).min() >= (
+                a_s.mean(axis=1) + a_s @ lam).min():
+            lam = polished
+        self.info["w"] = torch.from_numpy(lam / lam.sum())
+        return torch.from_numpy((mean + lam) * rescale)
