@@ -37,7 +37,9 @@ class FairGrad(Balancer):
     measured exact to 1e-14 against 50-digit roots for α = 0.1 with norms 1e3 apart.
     Small α with norms 1e4 or more apart (α = 0.1 at 1e4, α = 0.2 at 1e6: 13 and 8 of
     20 draws) can put the floor above 1, where Newton does not converge: those fall back
-    to the mean weights, said in ``info["fallback"]``.
+    to the mean weights, said in ``info["fallback"]``. So do inputs whose exact weights
+    lie outside float64's range, which very large α can need (an audit found α = 1000
+    with exact weights ~1e-705: residual NaN, mean weights, said in ``info["fallback"]``).
 
     Scale: ``d`` scales as ``s^((1−α)/(1+α))`` when all gradients scale by ``s``; K=1 and
     identical rows return a positive multiple of the row, not the row itself.
