@@ -56,3 +56,48 @@ def test_a_checkpoint_without_a_step_count_is_refused_by_name(tmp_path, step):
         load_checkpoint(path)
     save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "step": 7, "agent": {}})
     assert load_checkpoint(path)["step"] == 7
+
+
+def test_a_foreign_file_is_not_an_mtrl_checkpoint(tmp_path):
+    """A torch file without mtrl's "format" key (someone else's checkpoint) or one that is
+    not a dict: a CheckpointError naming the file, not a KeyError."""
+    for name, obj in (("foreign.pt", {"step": 5, "agent": {}}), ("list.pt", [torch.ones(2)])):
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(ckpt_mod.CheckpointError,
+                           match=rf"checkpoint '.*{name}' is not an mtrl checkpoint$"):
+            load_checkpoint(tmp_path / name)
+
+
+def test_a_checkpoint_saved_on_cuda_loads_on_a_cpu_only_machine(tmp_path, monkeypatch):
+    """Tensors tagged "cuda:0" (a GPU run) are mapped to the CPU: a run moves between
+    machines (its resume reseeds the generators saved on another device type)."""
+    import torch.serialization as ser
+
+    path = tmp_path / "checkpoint.pt"
+    real_tag = ser.location_tag
+    monkeypatch.setattr(ser, "location_tag",
+                        lambda storage: "cuda:0" if storage.device.type == "cpu" else
+                        real_tag(storage))
+    torch.save({"format": 1, "step": 3, "agent": {"w": torch.ones(2)}}, path)
+    monkeypatch.setattr(ser, "location_tag", real_tag)
+    if not torch.cuda.is_available():  # what a load without a map does on this machine
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(path, weights_only=True)
+    state = load_checkpoint(path)
+    assert state["step"] == 3 and state["agent"]["w"].device.type == "cpu"
+
+
+def test_a_failed_json_write_leaves_the_old_file_and_no_temp_file(tmp_path, monkeypatch):
+    """Disk full at fsync: the call raises, eval_30.json keeps its old text and no
+    `.eval_30.json.*.tmp` is left behind (resume cleans only a run's own files)."""
+    path = tmp_path / "eval_30.json"
+    ckpt_mod.atomic_write_json(path, {"old": 1})
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        ckpt_mod.atomic_write_json(path, {"new": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["eval_30.json"]
+    assert path.read_text() == '{\n  "old": 1\n}\n'

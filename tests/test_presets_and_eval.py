@@ -174,3 +174,56 @@ def test_eval_csv_columns(toy_run, tmp_path, monkeypatch):
         "toy-0": 0.0, "toy-1": 0.25, "toy-2": 0.5, "toy-3": 0.75}
     assert {r["task"]: float(r["mean_return"]) for r in rows} == saved["return"]
     assert len(set(saved["return"].values())) > 1  # (so the return column is checked too)
+
+
+@pytest.fixture
+def one_episode(monkeypatch):
+    """mtrl.envs.evaluate runs one episode per task whatever is asked (a metaworld-plus
+    evaluation of the toy run would take 50 x 500 steps) and records what was asked."""
+    import mtrl.envs
+
+    real, asked = mtrl.envs.evaluate, []
+
+    def quick(policy, envs, episodes, **kwargs):
+        asked.append(episodes)
+        return real(policy, envs, 1, **kwargs)
+
+    monkeypatch.setattr(mtrl.envs, "evaluate", quick)
+    return asked
+
+
+def test_another_protocol_gets_its_own_files_and_episode_count(toy_run, tmp_path, one_episode):
+    """(Mutation testing:) `--protocol metaworld-plus` must neither overwrite the run's own
+    eval_<step>.json (also with the run's episode count) nor default to the run's count."""
+    from mtrl.evaluate_run import evaluate_run
+
+    own, (own_json, _) = evaluate_run(toy_run, device="cpu", out_dir=tmp_path)
+    other, (other_json, _) = evaluate_run(toy_run, protocol="metaworld-plus", device="cpu",
+                                          out_dir=tmp_path)
+    same_count, (same_count_json, _) = evaluate_run(
+        toy_run, protocol="metaworld-plus", episodes_per_task=2, device="cpu", out_dir=tmp_path)
+    assert one_episode == [2, 50, 2]  # the run's eval_episodes, then the protocol's 50
+    assert own_json.name == "eval_40.json" and other_json.name == "eval_40_metaworld-plus_50ep.json"
+    assert same_count_json.name == "eval_40_metaworld-plus_2ep.json"
+    assert json.loads(own_json.read_text())["protocol"] == "mtrl"
+    assert (other["episodes_per_task"], same_count["protocol"]) == (50, "metaworld-plus")
+
+
+def test_a_checkpoint_file_is_evaluated_not_the_runs_latest(toy_run, tmp_path):
+    """`mtrl eval RUN/step20.pt` evaluates that file, not RUN/checkpoint.pt."""
+    import torch
+
+    from mtrl.checkpoint import load_checkpoint, save_checkpoint
+    from mtrl.evaluate_run import evaluate_run
+
+    state = load_checkpoint(toy_run / "checkpoint.pt", map_location="cpu")
+    state["step"] = 20
+    with torch.no_grad():
+        next(iter(state["agent"].values())).mul_(0.5)  # another policy too
+    copy = toy_run / "step20.pt"
+    save_checkpoint(copy, state)
+    try:
+        record, _ = evaluate_run(copy, device="cpu", out_dir=tmp_path)
+    finally:
+        copy.unlink()
+    assert record["step"] == 20
