@@ -228,3 +228,60 @@ def test_a_dead_stdout_leaves_the_bar_and_stderr_alone(monkeypatch, capsys):
         bar.close()  # (on a terminal, the last frame; off it, a line)
         monkeypatch.setattr(sys, "stdout", sys.__stdout__)
         assert "41/100" in capsys.readouterr().err and silenced == []
+
+
+def test_lines_are_at_least_the_interval_apart(monkeypatch, capsys):
+    """(Mutation testing:) after each line the next is due an interval later, not at every
+    update once the first interval has passed. Fake clock, 10 s interval, an update every
+    4 s: lines at 0 (start), 12 and 24 s."""
+    now = [0.0]
+    monkeypatch.setattr(mtrl.progress.time, "monotonic", lambda: now[0])
+    capsys.readouterr()
+    bar = Progress(100, line_interval_s=10.0)
+    for _ in range(6):
+        now[0] += 4.0
+        bar.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" steps")[0] for line in lines] == ["0/100", "3/100", "6/100"]
+
+
+def test_a_transient_bar_on_a_terminal_waits_and_is_erased(monkeypatch, capsys):
+    """An evaluation bar inside training: closed before TRANSIENT_DELAY_S it never shows;
+    one that showed is erased when closed (no line left in the scrollback)."""
+    import time
+    from weakref import WeakSet
+
+    from tqdm.std import tqdm
+
+    monkeypatch.setattr(tqdm, "_instances", WeakSet())  # (bars left open by other tests
+    # would move this one down a line)
+    monkeypatch.setattr(mtrl.progress, "_isatty", lambda stream: True)
+    capsys.readouterr()
+    bar = Progress(10, desc="eval", transient=True)
+    bar.update(5)
+    bar.close()
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(Progress, "TRANSIENT_DELAY_S", 0.05)
+    bar = Progress(10, desc="eval", transient=True)
+    time.sleep(0.1)
+    bar.update(5)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "eval" in err and "5/10" in err  # it showed
+    assert "\n" not in err and err.endswith("\r")  # and was erased, not left
+
+
+def test_a_log_file_on_stderr_is_kept_when_a_write_fails_elsewhere(tmp_path, monkeypatch):
+    """_silence_stderr points a dead pipe or terminal at /dev/null, but a log file stays
+    (`2> log`): later lines still reach it."""
+    log = open(tmp_path / "log", "w")  # noqa: SIM115 - closed below
+    monkeypatch.setattr(mtrl.progress.sys, "stderr", log)
+    try:
+        log.write("before\n")
+        log.flush()
+        mtrl.progress._silence_stderr()
+        log.write("after\n")
+        log.flush()
+    finally:
+        log.close()
+    assert (tmp_path / "log").read_text() == "before\nafter\n"

@@ -1167,3 +1167,24 @@ def test_fallback_counts_are_logged_and_survive_a_resume(tmp_path):
     train(replace(cfg, total_steps=160), resume=True)
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert (last["step"], last["critic/fallback_updates"]) == (160, 120)
+
+
+def test_train_runs_outside_the_main_thread(tmp_path):
+    """(Mutation testing:) signal handlers can only be installed from the main thread; a
+    run started from a worker thread (a notebook's, a thread pool's) trains without them
+    instead of failing with "signal only works in main thread"."""
+    import threading
+
+    done: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            done["result"] = train(toy_config(tmp_path, total_steps=50, warmup_steps=40))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            done["error"] = exc
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert "error" not in done, done.get("error")
+    assert done["result"].steps == 50
