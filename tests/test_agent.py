@@ -825,3 +825,70 @@ def test_balancer_fallbacks_are_counted_and_warned_about_once():
         for i in range(3):
             metrics = once.update(make_batch(i))
     assert float(metrics["critic/fallback_updates"]) == 1.0
+
+
+def test_the_defaults_are_the_published_ones():
+    """DESIGN.md: 3x400 networks, Adam 3e-4, discount 0.99, tau 0.005, target entropy -|A|,
+    one temperature per task; batch 1280 and a 1M replay buffer (TrainConfig). The presets
+    rely on these defaults (they name only what differs)."""
+    from mtrl.config import TrainConfig
+
+    cfg = SACConfig()
+    assert (cfg.hidden_sizes, cfg.actor_lr, cfg.critic_lr, cfg.alpha_lr) == (
+        (400, 400, 400), 3e-4, 3e-4, 3e-4)
+    assert (cfg.gamma, cfg.tau, cfg.target_entropy, cfg.shared_temperature) == (
+        0.99, 0.005, None, False)
+    assert cfg.balance == ("critic", "actor", "alpha")
+    assert float(make_agent(cfg=SMALL).target_entropy) == -ACT
+    train = TrainConfig()
+    assert (train.batch_size, train.buffer_capacity) == (1280, 1_000_000)
+
+
+@pytest.mark.parametrize("gamma", [1.0001, -0.1, float("nan")])
+def test_a_discount_outside_0_1_is_refused(gamma):
+    with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\]"):
+        SACConfig(gamma=gamma)
+
+
+def test_famo_on_a_loss_that_can_be_negative_is_refused_by_the_agent():
+    """The agent itself refuses it (not only the CLI's config check): FAMO balances
+    log-losses, and the SAC actor loss can be negative."""
+    with pytest.raises(ValueError, match="balancer 'famo' needs non-negative task losses, "
+                       "but the SAC actor loss can be negative"):
+        MultiTaskSAC(OBS_DIM, ACT, K, SACConfig(hidden_sizes=(16,), balance=("actor",)),
+                     lambda: build("famo"))
+
+
+class CountsInPlace(Balancer):
+    """Mean weights; counts its calls in a buffer updated in place (a plug-in may)."""
+
+    name = "test-counts-in-place"
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def weights(self, gram, losses):
+        self.calls += 1
+        k = gram.shape[0]
+        return torch.full((k,), 1.0 / k, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("guard", ["sync", "masked"])
+@pytest.mark.parametrize("factory", [lambda: build("nash-mtl", update_every=3), CountsInPlace])
+def test_a_skipped_temperature_step_rolls_back_only_its_balancers(guard, factory):
+    """(Mutation testing:) a NaN temperature loss skips the actor and temperature steps
+    (the critic step stands): their balancers are put back, the critic's is not; a buffer
+    changed in place is put back too (the snapshot is a copy)."""
+    cfg = SACConfig(hidden_sizes=(16, 16), nan_guard=guard)
+    agent = make_agent(cfg, factory=factory)
+    agent.update(make_batch(0))
+
+    def counts():
+        return {n: int(b.state_dict()["step" if "step" in b.state_dict() else "calls"])
+                for n, b in agent.balancers.items()}
+
+    assert counts() == {"critic": 1, "actor": 1, "alpha": 1}
+    agent._alpha_terms = lambda p, t, lp: torch.full_like(lp, float("nan")) * p["log_alpha"].sum()
+    assert int(agent.update(make_batch(1))["skipped"]) == 1
+    assert counts() == {"critic": 2, "actor": 1, "alpha": 1}

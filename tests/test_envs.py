@@ -108,10 +108,13 @@ def test_mt1_and_custom_task_names(build_envs):
     ]
 
 
-def test_build_restores_metaworld_goal_count(build_envs):
-    before = metaworld._N_GOALS
+def test_build_restores_metaworld_goal_count(build_envs, monkeypatch):
+    """A fixed-goal build sets Meta-World's module-wide goal count to 1 while it builds,
+    then puts back what was there (a sentinel: an earlier test's leftover 1 would make
+    "restored" and "left at 1" look the same)."""
+    monkeypatch.setattr(metaworld, "_N_GOALS", 37)
     build_envs(benchmark="MT1", task="reach-v3", goal_mode="fixed", max_episode_steps=5)
-    assert metaworld._N_GOALS == before
+    assert metaworld._N_GOALS == 37
 
 
 @pytest.mark.slow

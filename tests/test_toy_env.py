@@ -40,3 +40,29 @@ def test_success_ends_the_episode_as_termination_even_at_the_time_limit():
     env.pos, env.t = env.goals.clone(), torch.full((4,), 2)
     out = env.step(torch.zeros(4, 2))
     assert out.success.all() and out.truncated.all() and not out.terminated.any()
+
+
+def test_one_tasks_episode_end_leaves_the_others_clocks_alone():
+    """(Mutation testing:) task 0 terminates at its goal and is reset; tasks 1-3 go on to
+    their own time limit (steps 10 and 20), they do not restart with task 0."""
+    env = ToyMultiTaskEnv(max_episode_steps=10, terminate_on_success=True)
+    env.reset(seed=0)
+    env.pos[0] = env.goals[0]  # task 0 ends on the first step, and again after each reset
+    truncated_at = []
+    for step in range(1, 21):
+        if step > 1:
+            env.pos[0] = env.goals[0]
+        out = env.step(torch.zeros(4, 2))
+        assert bool(out.terminated[0])
+        if out.truncated[1:].any():
+            assert out.truncated[1:].all()
+            truncated_at.append(step)
+    assert truncated_at == [10, 20]
+
+
+def test_positions_stay_in_the_unit_square():
+    env = ToyMultiTaskEnv(max_episode_steps=100)
+    env.reset(seed=0)
+    for _ in range(30):
+        env.step(torch.ones(4, 2))
+    assert torch.equal(env.pos, torch.ones(4, 2))

@@ -1188,3 +1188,12 @@ def test_train_runs_outside_the_main_thread(tmp_path):
     thread.join()
     assert "error" not in done, done.get("error")
     assert done["result"].steps == 50
+
+
+def test_a_buffer_smaller_than_the_task_count_is_refused(tmp_path):
+    """(Mutation testing:) uniform sampling, no balancing, batch 2: 2 buffer slots for 4
+    tasks trained silently with one slot for some tasks and none for others."""
+    cfg = toy_config(tmp_path, stratified=False, batch_size=2, buffer_capacity=2,
+                     sac=SACConfig(hidden_sizes=(16, 16), balance=()))
+    with pytest.raises(ConfigError, match="^buffer_capacity must be at least the 4 tasks$"):
+        train(cfg)
