@@ -786,10 +786,10 @@ class AlwaysFallsBack(Balancer):
         return torch.full((k,), 1.0 / k, dtype=torch.float64)
 
 
-class FallsBackOnce(AlwaysFallsBack):
-    """Reports a fallback on its first call only, and leaves the note in ``info``."""
+class CountsInPlace(Balancer):
+    """Mean weights; counts its calls in a buffer updated in place (a plug-in may)."""
 
-    name = "test-falls-back-once"
+    name = "test-counts-in-place"
 
     def __init__(self):
         super().__init__()
@@ -797,10 +797,20 @@ class FallsBackOnce(AlwaysFallsBack):
 
     def weights(self, gram, losses):
         self.calls += 1
-        if int(self.calls) > 1:
-            k = gram.shape[0]
-            return torch.full((k,), 1.0 / k, dtype=torch.float64)
-        return super().weights(gram, losses)
+        k = gram.shape[0]
+        return torch.full((k,), 1.0 / k, dtype=torch.float64)
+
+
+class FallsBackOnce(CountsInPlace):
+    """Reports a fallback on its first call only, and leaves the note in ``info``."""
+
+    name = "test-falls-back-once"
+
+    def weights(self, gram, losses):
+        w = super().weights(gram, losses)
+        if int(self.calls) == 1:
+            self.info["fallback"] = "test fallback"
+        return w
 
 
 def test_balancer_fallbacks_are_counted_and_warned_about_once():
@@ -857,21 +867,6 @@ def test_famo_on_a_loss_that_can_be_negative_is_refused_by_the_agent():
                        "but the SAC actor loss can be negative"):
         MultiTaskSAC(OBS_DIM, ACT, K, SACConfig(hidden_sizes=(16,), balance=("actor",)),
                      lambda: build("famo"))
-
-
-class CountsInPlace(Balancer):
-    """Mean weights; counts its calls in a buffer updated in place (a plug-in may)."""
-
-    name = "test-counts-in-place"
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
-
-    def weights(self, gram, losses):
-        self.calls += 1
-        k = gram.shape[0]
-        return torch.full((k,), 1.0 / k, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("guard", ["sync", "masked"])
