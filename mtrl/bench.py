@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mtrl.checkpoint import atomic_write_json, atomic_write_text
+from mtrl.checkpoint import atomic_write_json, atomic_write_text, read_json_object
 from mtrl.config import (
     RESUME_MAY_CHANGE,
     RUN_LOGS,
@@ -254,20 +254,11 @@ def run_config(
     return cfg
 
 
-def _read_result(run_dir: Path) -> dict[str, Any] | None:
-    """A run's result.json as a dict; ``None`` when absent or unreadable (damaged)."""
-    try:
-        result = json.loads((run_dir / "result.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return result if isinstance(result, dict) else None
-
-
 def run_state(run_dir: Path, total_steps: int | None = None) -> str:
     """``done`` (a readable result.json, for at least ``total_steps`` when given),
     ``resume`` (checkpoint.pt, not done: a damaged result.json is written again by the
     resumed run) or ``new``."""
-    result = _read_result(run_dir)
+    result = read_json_object(run_dir / "result.json")
     if result is not None:
         step = result.get("step")
         if total_steps is None or not isinstance(step, int) or step >= total_steps:
@@ -282,7 +273,7 @@ def _stranded(run_dir: Path, total_steps: int) -> str | None:
     has no result.json). Starting it afresh would delete its results."""
     if not (run_dir / "result.json").is_file():
         return None
-    result = _read_result(run_dir)
+    result = read_json_object(run_dir / "result.json")
     if result is None:
         return f"{run_dir}: its result.json cannot be read and it has no checkpoint.pt to resume"
     return (f"{run_dir}: finished at step {result.get('step')}, short of --steps "
@@ -341,11 +332,8 @@ def plan_runs(spec: BenchSpec) -> list[RunPlan]:
                 stranded.append(why)
             existing = run_dir / "config.json"
             if state != "new" and existing.is_file():
-                try:
-                    old = json.loads(existing.read_text())
-                except json.JSONDecodeError:
-                    old = None
-                if isinstance(old, dict):
+                old = read_json_object(existing)
+                if old is not None:
                     diff = _differences(_comparable(old), _comparable(config))
                     before = old.get("total_steps")
                     if isinstance(before, int) and before > cfg.total_steps:

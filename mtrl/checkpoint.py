@@ -63,6 +63,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def read_json_object(path: str | Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; ``None`` when the file is missing or unreadable, is not
+    JSON (cut short, binary garbage) or holds something else than an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):  # (ValueError: JSONDecodeError, UnicodeDecodeError)
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

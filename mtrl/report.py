@@ -41,7 +41,12 @@ from typing import Any
 
 import numpy as np
 
-from mtrl.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+from mtrl.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_json_object,
+)
 
 CSV_COLUMNS = ("balancer", "seed", "step", "env_steps", "task", "success", "return", "protocol",
                "benchmark")
@@ -255,14 +260,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 @dataclass
 class Run:
     """One training run directory, parsed."""
@@ -389,7 +386,7 @@ def load_runs(root: str | Path) -> list[Run]:
     runs = []
     for cfg_path in sorted(root.rglob("config.json")):
         d = cfg_path.parent
-        config, error = _read_json(cfg_path), None
+        config, error = read_json_object(cfg_path), None
         if config is None and any((d / name).exists() for name in RUN_FILES):
             # a run directory whose config.json is damaged: listed, not silently dropped
             config, error = {}, "config.json cannot be read (not a JSON object)"
@@ -397,7 +394,7 @@ def load_runs(root: str | Path) -> list[Run]:
             continue  # not a trainer's config.json
         runs.append(Run(
             path=d, config=config, evals=read_jsonl(d / "eval.jsonl"),
-            metrics=read_jsonl(d / "metrics.jsonl"), result=_read_json(d / "result.json"),
+            metrics=read_jsonl(d / "metrics.jsonl"), result=read_json_object(d / "result.json"),
             config_error=error,
         ))
     _assign_labels(runs)

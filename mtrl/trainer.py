@@ -31,6 +31,7 @@ from mtrl.checkpoint import (
     atomic_write_json,
     atomic_write_text,
     load_checkpoint,
+    read_json_object,
     save_checkpoint,
 )
 from mtrl.config import (
@@ -355,11 +356,8 @@ def _train(
             )
         result_file = run_dir / "result.json"
         if start == cfg.total_steps and result_file.is_file():
-            try:
-                result = json.loads(result_file.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                result = None
-            if isinstance(result, dict):
+            result = read_json_object(result_file)
+            if result is not None:
                 return TrainResult(run_dir, start, result.get("final_eval"),
                                    int(state["skipped_total"]), already_finished=True)
             # a damaged result.json: resumed like a run stopped before writing it (no

@@ -264,3 +264,15 @@ def test_a_run_whose_config_json_does_not_parse_is_listed(tmp_path):
     (tmp_path / "other").mkdir()  # a config.json of something else: not a run, ignored
     (tmp_path / "other" / "config.json").write_text("{x")
     assert len(write_report(tmp_path, reps=REPS, poi_reps=POI_REPS, plots=False).skipped) == 1
+
+
+def test_a_result_json_of_binary_garbage_is_listed_not_a_crash(tmp_path):
+    """Bytes that are not UTF-8 in result.json (a damaged disk, a copy gone wrong) made
+    the report raise UnicodeDecodeError; the run is listed as unfinished like a cut file."""
+    for seed in range(2):
+        write_run(tmp_path / "mean" / f"seed{seed}", "mean", seed, {10: [1.0] * 4})
+    (tmp_path / "mean" / "seed1" / "result.json").write_bytes(b"\xff\xfe\x00garbage")
+    report = write_report(tmp_path, reps=REPS, poi_reps=POI_REPS, plots=False)
+    assert report.groups[0].methods["mean"].seeds == [0]
+    assert [why for _, why in report.skipped] == [
+        "result.json cannot be read (resume it: the run writes it again)"]
