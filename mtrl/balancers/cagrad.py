@@ -270,9 +270,9 @@ class CAGrad(Balancer):
             )
             return torch.from_numpy(dual_cone_weights(a_s, mean) * rescale)
         lam = (r / nrm) * w
-        polished = _primal_polish(a_s, a_s.mean(axis=1), r, w)
-        if polished is not None and (a_s.mean(axis=1) + a_s @ polished).min() >= (
-                a_s.mean(axis=1) + a_s @ lam).min():
+        b = a_s.mean(axis=1)  # g_i·g0, normalised: g_i·d = b_i + (A λ)_i
+        polished = _primal_polish(a_s, b, r, w)
+        if polished is not None and (b + a_s @ polished).min() >= (b + a_s @ lam).min():
             lam = polished
         self.info["w"] = torch.from_numpy(lam / lam.sum())
         return torch.from_numpy((mean + lam) * rescale)
