@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,23 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+def _new_temp_file(path: Path) -> tuple[int, str]:
+    """A temp file beside ``path`` for an atomic write, named ``.<name>.<random>.tmp``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+
+
+def remove_stale_temp_files(directory: Path, names: Iterable[str]) -> None:
+    """Delete the temp files that atomic writes of ``names`` in ``directory`` left behind
+    (a process killed mid-write). Only when no writer can be live, e.g. under a lock."""
+    for name in names:
+        for stale in directory.glob(f".{name}.*.tmp"):  # (as _new_temp_file names them)
+            stale.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _new_temp_file(path)
     try:
         os.chmod(tmp, _umask_mode())
         with os.fdopen(fd, "wb") as f:
@@ -84,8 +98,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     ``OSError`` naming the checkpoint and the free space on its disk (torch reports a full
     disk as ``RuntimeError: ... unexpected pos``, which says neither)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _new_temp_file(path)
     os.close(fd)
     try:
         os.chmod(tmp, _umask_mode())

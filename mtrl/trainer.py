@@ -32,6 +32,7 @@ from mtrl.checkpoint import (
     atomic_write_text,
     load_checkpoint,
     read_json_object,
+    remove_stale_temp_files,
     save_checkpoint,
 )
 from mtrl.config import (
@@ -317,9 +318,7 @@ def exclusive_run_dir(run_dir: Path) -> Iterator[None]:
             ) from None
         except OSError as exc:  # (a file of that name, no permission to create it)
             raise ConfigError(f"cannot use run directory {str(run_dir)!r}: {exc}") from exc
-        for name in (CHECKPOINT_NAME, "config.json", *RUN_LOGS):
-            for stale in run_dir.glob(f".{name}.*.tmp"):  # (as atomic_write_bytes names them)
-                stale.unlink(missing_ok=True)
+        remove_stale_temp_files(run_dir, (CHECKPOINT_NAME, "config.json", *RUN_LOGS))
         yield
 
 
