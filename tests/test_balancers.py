@@ -536,6 +536,45 @@ def test_cagrad_says_when_the_mean_gradient_is_zero():
     assert "mean gradient g0 is 0" in b.info["fallback"]
 
 
+def test_cagrad_float32_near_cancellation_is_the_zero_in_hull_case():
+    """g1 = -(1 + 1e-7) g0 in float32: |Gᵀw| of the dual optimum is rounding noise, which
+    CAGrad must treat as 0 in the hull (its documented 10·sqrt(eps) threshold). Built from
+    the noise, the direction had projections ±0.05 on the opposite pair."""
+    gen = torch.Generator().manual_seed(0)
+    u, v = torch.randn(20000, generator=gen), torch.randn(20000, generator=gen)
+    g = torch.stack([u, -(u * (1 + 1e-7)), v]).float()
+    b = build("cagrad", c=0.5)
+    d = b.combine(g).double()
+    assert "convex hull" in b.info["fallback"]
+    g64 = g.double()
+    proj = (g64 @ d) / (g64 * g64).sum(1)
+    assert proj[:2].abs().max() < 1e-4, proj
+    assert proj[2] > 0.2, proj
+
+
+def test_imtl_g_flags_a_zero_row():
+    b = build("imtl-g")
+    w = b.weights_for(t([1.0, 0.0], [0.0, 0.0], [0.0, 1.0]), None)
+    assert b.info["fallback"] == "1 zero gradient row(s) get weight 0"
+    assert close(w, [0.5, 0.0, 0.5])
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_a_fallback_flag_describes_only_the_call_that_set_it(name):
+    """Balancer.info holds the diagnostics of the last call: a fallback of an earlier
+    degenerate call must not stay behind on a regular one."""
+    b = build(name)
+    losses = torch.ones(2, dtype=torch.float64)
+    flagged = False
+    for degenerate in (t([1.0, 0.0], [-1.0, 0.0]), torch.zeros(2, 2, dtype=torch.float64)):
+        b.combine(degenerate, losses)
+        flagged |= "fallback" in b.info
+    b.combine(t([1.0, 0.0], [0.0, 1.0]), losses)
+    assert "fallback" not in b.info, b.info["fallback"]
+    if name in ("cagrad", "fairgrad", "imtl-g", "nash-mtl"):
+        assert flagged  # the degenerate inputs did set one
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_imtl_g_flags_k_above_the_rank(dtype):
     """K = 5 or 6 gradients in 3 or 4 dimensions. In float32 (the training dtype) the

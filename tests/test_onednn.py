@@ -514,3 +514,58 @@ def test_the_cli_reports_a_bad_mtrl_onednn_as_a_warning_line():
     assert proc.stderr.splitlines() == [
         "warning: MTRL_ONEDNN='foo' is not understood; oneDNN stays on (MTRL_ONEDNN=0 turns "
         "it off)"]
+
+
+@pytest.mark.parametrize("setting", ["false", "no", "OFF", " Off "])
+def test_every_documented_word_for_off_turns_onednn_off(monkeypatch, setting):
+    """The README lists 0, false, no and off (any case) as the ways to turn oneDNN off."""
+    import warnings
+
+    monkeypatch.setenv("MTRL_ONEDNN", setting)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not understood" warning either
+        assert onednn._find_op() is None
+
+
+def test_mlp_with_frozen_weights_and_trainable_biases(gen):
+    """Only the biases need gradients: the fused backward must still return theirs."""
+    ours, ref = _mlps()
+    for mlp in (ours, ref):
+        for name, p in mlp.named_parameters():
+            p.requires_grad_(name.endswith("bias"))
+    x = torch.randn(9, 24, generator=gen)
+    y = ours(x)
+    assert "_MLP" in type(y.grad_fn).__name__
+    biases = [p for n, p in ours.named_parameters() if n.endswith("bias")]
+    ref_biases = [p for n, p in ref.named_parameters() if n.endswith("bias")]
+    got = torch.autograd.grad(y.square().sum(), biases)
+    want = torch.autograd.grad(ref(x).square().sum(), ref_biases)
+    for a, c in zip(got, want, strict=True):
+        torch.testing.assert_close(a, c, **TOL)
+
+
+def test_vmap_over_a_batch_dimension_that_is_not_the_first(gen):
+    w, b = _layer(gen)
+    x = torch.randn(7, 5, 24, generator=gen)
+    got = vmap(lambda xi: linear(xi, w, b), in_dims=1)(x)
+    assert got.shape == (5, 7, 32)
+    torch.testing.assert_close(got, F.linear(x, w, b).movedim(1, 0), **TOL)
+    ours, ref = _mlps()
+    got = vmap(ours, in_dims=1)(x)
+    assert got.shape == (5, 7, 3)
+    torch.testing.assert_close(got, ref(x).movedim(1, 0), **TOL)
+
+
+def test_layers_without_bias_under_block_gradients_run_as_usual(gen):
+    """Bias-less layers do not qualify for the per-block path; they run unrecorded."""
+    lin = Linear(24, 200, bias=False)
+    mlp = onednn.MLP(Linear(24, 200, bias=False), nn.ReLU(), Linear(200, 3))
+    x = torch.randn(40, 24, generator=gen)
+    for layer in (lin, mlp):
+        with onednn.block_gradients(4, 40) as probes:
+            y = layer(x)
+        ref = F.linear(x, lin.weight) if layer is lin else mlp[2](torch.relu(mlp[0](x)))
+        torch.testing.assert_close(y, ref, **TOL)
+        # the MLP is not fusable and runs layer by layer: only its biased layer records
+        want = [] if layer is lin else [mlp[2].weight, mlp[2].bias]
+        assert [id(p) for p, _ in probes] == [id(p) for p in want]

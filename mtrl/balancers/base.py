@@ -70,7 +70,8 @@ class Balancer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         #: Diagnostics of the last call (float64 CPU tensors / Python values), e.g. the
-        #: weights, solver iterations, residuals, or a ``fallback`` flag.
+        #: weights, solver iterations, residuals, or a ``fallback`` flag (a reason string;
+        #: :meth:`weights_for` removes it before each solve, so ``weights`` only sets it).
         self.info: dict[str, Any] = {}
         #: dtype the current call's Gramian was formed in: the task gradients', or
         #: float64 where a float32 Gramian was redone (``None`` if unknown).
@@ -168,6 +169,7 @@ class Balancer(nn.Module):
                     f"balancer {self.name!r} got a non-finite {what} (NaN/Inf task gradients "
                     "or losses); nothing was solved"
                 )
+        self.info.pop("fallback", None)  # a fallback flag describes this call only
         # copies (K×K and K numbers): a weights() that edits its inputs in place (a ridge
         # on the diagonal, losses shifted before a softmax) must not change the caller's
         # losses or the Gramian the plumbing reuses for the logged statistics

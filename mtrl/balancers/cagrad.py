@@ -233,7 +233,6 @@ class CAGrad(Balancer):
         self.c = check_number("c", c, low=0.0, high=C_MAX)
 
     def weights(self, gram: Tensor | None, losses: Tensor | None) -> Tensor:
-        self.info.pop("fallback", None)
         a = gram.numpy()
         k = a.shape[0]
         mean = np.full(k, 1.0 / k)

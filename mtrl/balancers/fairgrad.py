@@ -58,7 +58,6 @@ class FairGrad(Balancer):
         return (1.0 - self.alpha) / (1.0 + self.alpha)
 
     def weights(self, gram: Tensor | None, losses: Tensor | None) -> Tensor:
-        self.info.pop("fallback", None)
         w, info = power_weights(gram.numpy(), 1.0 / self.alpha, eps=self.gram_eps())
         self.info.update(info)
         return torch.from_numpy(w)

@@ -49,7 +49,6 @@ class IMTLG(Balancer):
     reads_losses = False  # the weights come from the Gramian alone
 
     def weights(self, gram: Tensor | None, losses: Tensor | None) -> Tensor:
-        self.info.pop("fallback", None)
         a = gram.numpy()
         k = a.shape[0]
         mean = np.full(k, 1.0 / k)

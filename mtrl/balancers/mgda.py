@@ -34,5 +34,4 @@ class MGDA(Balancer):
     reads_losses = False  # the weights come from the Gramian alone
 
     def weights(self, gram: Tensor | None, losses: Tensor | None) -> Tensor:
-        self.info.pop("fallback", None)
         return torch.from_numpy(simplex_qp(gram.numpy()))

@@ -51,7 +51,6 @@ class NashMTL(Balancer):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
     def weights(self, gram: Tensor | None, losses: Tensor | None) -> Tensor:
-        self.info.pop("fallback", None)
         k = gram.shape[0]
         step = int(self.step)
         cached = get_buffer64(self, "alpha")

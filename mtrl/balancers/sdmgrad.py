@@ -68,7 +68,6 @@ class SDMGrad(Balancer):
         self.register_buffer("w", torch.empty(0, dtype=torch.float64))
 
     def weights(self, gram: Tensor | None, losses: Tensor | None) -> Tensor:
-        self.info.pop("fallback", None)
         a = gram.numpy()
         guess = None
         if not self.restart and self.w.numel() == a.shape[0]:
@@ -134,7 +133,6 @@ class SDMGradOS(Balancer):
         return idx
 
     def weights(self, gram: Tensor | None, losses: Tensor | None) -> Tensor:
-        self.info.pop("fallback", None)
         w, out = sdmgrad_weights(gram.numpy(), self.lam)
         self.info["w"] = torch.from_numpy(w)
         return torch.from_numpy(out)
