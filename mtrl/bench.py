@@ -263,8 +263,9 @@ def run_state(run_dir: Path, total_steps: int | None = None) -> str:
         step = result.get("step")
         if total_steps is None or not isinstance(step, int) or step >= total_steps:
             return "done"  # (a result without a step: trust it)
-    if (run_dir / "checkpoint.pt").is_file():
-        return "resume"
+    ckpt = run_dir / "checkpoint.pt"
+    if ckpt.exists() or ckpt.is_symlink():  # (one that is not a readable file is named
+        return "resume"  # by the resume's error; as "new" its logs would be deleted)
     return "new"
 
 

@@ -135,7 +135,11 @@ def load_checkpoint(
     newer-format files, or files without the ``required`` keys raise CheckpointError."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        if path.is_symlink() and not path.exists():
+            why = f"is a link to {os.readlink(path)!r}, which does not exist"
+        else:
+            why = "is not a file" if path.exists() else "does not exist"
+        raise CheckpointError(f"checkpoint {str(path)!r} {why}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import signal
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -40,6 +41,7 @@ from mtrl.config import (
     RUN_LOGS,
     ConfigError,
     TrainConfig,
+    from_dict,
     read_run_config,
     resume_changes,
     to_dict,
@@ -132,11 +134,23 @@ class _MetricsLog:
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
-
+        except ImportError:  # tensorboard not installed: JSONL is enough
+            return
+        tb_dir = run_dir / "tb"
+        try:
+            tb_dir.mkdir(exist_ok=True)
+            # The writer opens its event file in a background thread, where a failure
+            # only prints a traceback: try a file here first.
+            with tempfile.TemporaryFile(dir=tb_dir):
+                pass
             purge = None if purge_after is None else purge_after + 1
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
-        except Exception:  # tensorboard not installed: JSONL is enough
-            self.tb = None
+            self.tb = SummaryWriter(str(tb_dir), purge_step=purge)
+        except Exception as exc:  # (OSError mostly; TensorBoard must not stop the run)
+            warnings.warn(
+                f"TensorBoard logging is off for this run: cannot write to {str(tb_dir)!r} "
+                f"({first_line(exc)}); metrics.jsonl and eval.jsonl are written as usual",
+                stacklevel=2,
+            )
 
     def write(self, name: str, record: dict[str, Any]) -> None:
         with open(self.run_dir / name, "a") as f:
@@ -322,6 +336,27 @@ def exclusive_run_dir(run_dir: Path) -> Iterator[None]:
         yield
 
 
+def _check_written_by_this_run(state: dict[str, Any], path: Path, cfg: TrainConfig) -> None:
+    """A checkpoint names the settings it was written under (``"config"``; checkpoints of
+    earlier mtrl versions do not, and are trusted): one copied in from another run would
+    otherwise load whenever the shapes fit and train on under that run's weights,
+    optimiser state and learning rates while ``config.json`` says otherwise."""
+    if "config" not in state:
+        return
+    try:
+        written = to_dict(from_dict(TrainConfig, state["config"]))
+    except ConfigError as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} records settings this mtrl cannot read: {exc}"
+        ) from exc
+    changed = resume_changes(written, cfg)
+    if changed:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was written by a run with other settings "
+            f"({'; '.join(changed)}): it belongs to another run, not to this run directory"
+        )
+
+
 def _train(
     cfg: TrainConfig,
     resume: bool,
@@ -347,6 +382,7 @@ def _train(
         # CPU first: tensors go where they belong below (the agent's device, the envs'
         # and generators' own places).
         state = load_checkpoint(ckpt_path, map_location="cpu", required=RESUME_KEYS)
+        _check_written_by_this_run(state, ckpt_path, cfg)
         start = int(state["step"])
         if start > cfg.total_steps:
             raise ConfigError(
@@ -363,7 +399,7 @@ def _train(
             # training left: one final evaluation, then result.json is written again)
             warnings.warn(f"{str(result_file)!r} cannot be read: evaluating the finished "
                           "run again to write it", stacklevel=2)
-    elif ckpt_path.exists():
+    elif ckpt_path.exists() or ckpt_path.is_symlink():
         raise ConfigError(
             f"run directory {str(run_dir)!r} already holds a checkpoint; "
             "resume it with --resume or choose another --run-dir"
@@ -499,7 +535,8 @@ def _train(
         (run_dir / "result.json").unlink(missing_ok=True)
         for name in ("metrics.jsonl", "eval.jsonl"):
             _truncate_jsonl(run_dir / name, start_step)
-    atomic_write_json(run_dir / "config.json", to_dict(cfg) | {"task_names": envs.task_names})
+    saved_config = to_dict(cfg)
+    atomic_write_json(run_dir / "config.json", saved_config | {"task_names": envs.task_names})
     log = _MetricsLog(run_dir, purge_after=start_step if resume else None)
     skips = _SkipCounter(device, cfg.max_consecutive_skips, skipped_total, skip_run)
 
@@ -526,6 +563,7 @@ def _train(
             rng["mps"] = torch.mps.get_rng_state()
         state: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
+            "config": saved_config,  # what this run is (checked on resume)
             "step": step,
             "agent": agent.state_dict(),
             "optim": agent.optimizer_state_dict(),

@@ -162,6 +162,14 @@ def test_a_result_shorter_than_the_run_is_not_done(tmp_path):
     assert run_state(run) == "resume" and run_state(run, 30) == "resume"
     (run / "checkpoint.pt").unlink()
     assert run_state(run) == "new"
+    # a checkpoint.pt that is not a readable file (a directory, a link to a disk that is
+    # not mounted) was taken for none: the run's logs were deleted and it started over.
+    # As "resume", the run's own error names the file and nothing is deleted.
+    (run / "checkpoint.pt").symlink_to(tmp_path / "unmounted" / "checkpoint.pt")
+    assert run_state(run) == "resume"
+    (run / "checkpoint.pt").unlink()
+    (run / "checkpoint.pt").mkdir()
+    assert run_state(run) == "resume"
 
 
 def test_a_finished_run_without_its_checkpoint_is_not_started_again(tmp_path, capsys):

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -170,11 +171,82 @@ def test_a_checkpoint_that_does_not_fit_is_a_checkpoint_error(tmp_path):
     cfg = toy_config(tmp_path, total_steps=40, checkpoint_every=20)
     train(cfg)
     (tmp_path / "run" / "config.json").unlink()  # no saved config to compare with
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    del state["config"]  # nor in the checkpoint (as from an mtrl before it recorded it)
+    torch.save(state, tmp_path / "run" / "checkpoint.pt")
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
     with pytest.raises(CheckpointError, match="does not match this run's configuration"):
         train(replace(cfg, total_steps=60, sac=SACConfig(hidden_sizes=(64, 64))), resume=True)
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path):
+    """A checkpoint copied in from another run whose shapes fit was resumed silently: the
+    cagrad run went on from the mean run's weights, and Adam at that run's learning rate
+    0.01 while config.json said 3e-4."""
+    from mtrl.checkpoint import CheckpointError
+
+    ours = toy_config(tmp_path, total_steps=40, checkpoint_every=20, balancer="cagrad")
+    other = replace(ours, balancer="mean", sac=replace(ours.sac, actor_lr=0.01),
+                    run_dir=str(tmp_path / "other"))
+    train(ours)
+    train(other)
+    run = tmp_path / "run"
+    (run / "checkpoint.pt").write_bytes((tmp_path / "other" / "checkpoint.pt").read_bytes())
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    message = (r"checkpoint '.*checkpoint\.pt' was written by a run with other settings "
+               r"\(balancer: \"mean\" -> \"cagrad\"; sac\.actor_lr: 0\.01 -> 0\.0003\): "
+               "it belongs to another run")
+    with pytest.raises(CheckpointError, match=message):
+        train(replace(ours, total_steps=60), resume=True)
+    (run / "config.json").unlink()  # no config.json: the checkpoint still says whose it is
+    del files["config.json"]
+    with pytest.raises(CheckpointError, match=message):
+        train(replace(ours, total_steps=60), resume=True)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
+    # settings that may change on resume (total_steps, log_every, ...) are no mismatch
+    own = toy_config(tmp_path, total_steps=40, checkpoint_every=20,
+                     run_dir=str(tmp_path / "own"))
+    train(own)
+    assert load_checkpoint(tmp_path / "own" / "checkpoint.pt")["config"]["total_steps"] == 40
+    assert train(replace(own, total_steps=60, log_every=10), resume=True).steps == 60
+
+
+@pytest.mark.parametrize("kind", ["dangling link", "directory"])
+def test_a_checkpoint_that_is_not_a_file_is_named_as_such(tmp_path, kind):
+    from mtrl.checkpoint import CheckpointError
+
+    cfg = toy_config(tmp_path, total_steps=40, checkpoint_every=20)
+    train(cfg)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt.unlink()
+    if kind == "directory":
+        ckpt.mkdir()
+        why = "is not a file"
+    else:
+        ckpt.symlink_to(tmp_path / "unmounted.pt")
+        why = f"is a link to '{tmp_path / 'unmounted.pt'}', which does not exist"
+    with pytest.raises(CheckpointError, match=f"checkpoint '{ckpt}' {why}"):
+        train(replace(cfg, total_steps=60), resume=True)
+    (tmp_path / "run" / "result.json").unlink()
+    with pytest.raises(ConfigError, match="already holds a checkpoint"):
+        train(cfg)  # nor is it taken for no checkpoint by a fresh run
+
+
+def test_tensorboard_that_cannot_write_is_warned_about_and_the_run_goes_on(tmp_path):
+    """tb/ replaced by a file (or not writable): TensorBoard was switched off silently."""
+    pytest.importorskip("tensorboard")
+    cfg = toy_config(tmp_path, total_steps=40, checkpoint_every=20)
+    train(cfg)
+    run = tmp_path / "run"
+    shutil.rmtree(run / "tb")
+    (run / "tb").write_text("")
+    with pytest.warns(UserWarning, match=r"TensorBoard logging is off for this run: cannot "
+                      r"write to '.*tb' \(.*File exists.*\); metrics\.jsonl and eval\.jsonl "
+                      "are written as usual"):
+        assert train(replace(cfg, total_steps=60), resume=True).steps == 60
+    assert [r["step"] for r in _jsonl(run / "metrics.jsonl")] == [20, 40, 60]
 
 
 def test_training_statistics_skip_windows_without_finished_episodes(tmp_path):
