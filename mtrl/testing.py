@@ -27,9 +27,9 @@ Properties whose truth depends on the method are declared by class attributes of
   output (the plumbing then does not copy the losses to the host).
 
 Besides those: two copies of one instance agree on the same input (random state lives in
-the balancer); NaN/Inf inputs raise ``ValueError``; the state survives ``state_dict()``
-over several calls; ``combine(grads)`` without losses works (or raises ``ValueError``);
-and the training plumbing (``select()``, then ``weights_for(gram=...)`` or
+the balancer); NaN/Inf gradients or losses raise ``ValueError``; the state survives
+``state_dict()`` over several calls; ``combine(grads)`` without losses works (or raises
+``ValueError``); and the training plumbing (``select()``, then ``weights_for(gram=...)`` or
 ``combine_rows`` on the selected rows, as :mod:`mtrl.grad` calls them) gives the same
 direction as ``combine``.
 """
@@ -37,6 +37,7 @@ direction as ``combine``.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -214,15 +215,17 @@ def check_balancer(
 
     # 6. permutation equivariance
     if getattr(proto, "permutation_equivariant", True):
-        perm = torch.randperm(k, generator=gen).to(device)
         out = run(fresh(), base, losses, "unpermuted")
-        outp = run(fresh(), base[perm], losses[perm], "permuted")
-        if not _close(out, outp, 1e-6, float(out.norm())):
-            raise _fail(
-                label,
-                f"permuting the tasks changed the output ({out} vs {outp}); set "
-                "permutation_equivariant = False if that is intended",
-            )
+        # a shift moves every task; a random draw may leave some (or all) in place
+        for perm in (torch.roll(torch.arange(k), 1), torch.randperm(k, generator=gen)):
+            perm = perm.to(device)
+            outp = run(fresh(), base[perm], losses[perm], f"permuted {perm.tolist()}")
+            if not _close(out, outp, 1e-6, float(out.norm())):
+                raise _fail(
+                    label,
+                    f"permuting the tasks by {perm.tolist()} changed the output ({out} vs "
+                    f"{outp}); set permutation_equivariant = False if that is intended",
+                )
 
     # 7. positive scaling
     degree = getattr(proto, "scale_degree", 1.0)
@@ -263,20 +266,24 @@ def check_balancer(
                 f"{w_other})",
             )
 
-    # 8. NaN / Inf input raises ValueError
-    for bad in (float("nan"), float("inf")):
-        g = base.clone()
-        g[1, 3] = bad
-        try:
-            fresh().combine(g, losses)
-        except ValueError:
-            pass
-        except Exception as exc:
-            raise _fail(
-                label, f"{bad} in grads raised {type(exc).__name__}, not ValueError"
-            ) from exc
-        else:
-            raise _fail(label, f"{bad} in grads did not raise ValueError")
+    # 8. NaN / Inf input (gradients or losses) raises ValueError
+    for where in ("grads", "losses"):
+        for bad in (float("nan"), float("inf")):
+            g, bad_losses = base.clone(), losses.clone()
+            if where == "grads":
+                g[1, 3] = bad
+            else:
+                bad_losses[2] = bad
+            try:
+                fresh().combine(g, bad_losses)
+            except ValueError:
+                pass
+            except Exception as exc:
+                raise _fail(
+                    label, f"{bad} in {where} raised {type(exc).__name__}, not ValueError"
+                ) from exc
+            else:
+                raise _fail(label, f"{bad} in {where} did not raise ValueError")
 
     # 9. state_dict round trip: a fresh instance loaded with the state after three calls
     # continues identically for three more (state kept outside buffers would not)
@@ -318,8 +325,15 @@ def check_balancer(
             "direction, or raise ValueError saying that the losses are needed",
         ) from exc
     else:
-        if out.shape != (d,) or not bool(torch.isfinite(out).all()):
-            raise _fail(label, f"combine(grads) without losses returned {out}")
+        if not isinstance(out, Tensor):
+            got = type(out).__name__
+        else:
+            finite = bool(torch.isfinite(out).all())
+            got = (f"a {'' if finite else 'non-finite '}{tuple(out.shape)} {out.dtype} "
+                   f"tensor on {out.device}")
+        if got != f"a {(d,)} {base.dtype} tensor on {base.device}":
+            raise _fail(label, f"combine(grads) without losses returned {got} (expected a "
+                        f"finite ({d},) {base.dtype} tensor on {base.device})")
 
     # 9c. the training plumbing (mtrl.grad) calls select(), then weights_for(gram=...)
     # (or, for methods with their own combine_rows / weights_for, combine_rows) on the
@@ -347,5 +361,5 @@ def check_balancer(
         if not hasattr(proto, key):
             raise _fail(label, f"hyper-parameter {key!r} is not kept as the attribute "
                         f"self.{key}, so repr and the run labels cannot show it")
-        if f"{key}=" not in text:
+        if not re.search(rf"(?<![\w.]){re.escape(key)}=", text):  # (not rho_c= for c)
             raise _fail(label, f"repr {text!r} does not show hyper-parameter {key!r}")

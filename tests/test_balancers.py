@@ -1073,12 +1073,113 @@ class _LossBlindCrashesWithoutLosses(_Uniform):
         return torch.full((k,), 1.0 / k, dtype=torch.float64)
 
 
+class _Float64Out(_Uniform):
+    """Returns float64 whatever the gradients' dtype."""
+
+    def combine(self, grads, losses=None):
+        return super().combine(grads, losses).double()
+
+
+class _NaNOnZeros(_Uniform):
+    """Normalises by the gradients' norm: 0/0 when they are all zero."""
+
+    def combine_rows(self, grads, losses=None):
+        return grads.sum(0) * (grads.norm() / grads.norm()) / grads.shape[0]
+
+
+class _NaNAboveD(_Uniform):
+    """Breaks down when there are more tasks than parameters."""
+
+    def combine_rows(self, grads, losses=None):
+        out = super().combine_rows(grads, losses)
+        return out * math.nan if grads.shape[0] > grads.shape[1] else out
+
+
+class _SumsTheRows(_Uniform):
+    """Sums instead of averaging: K = 1 is still exact, identical rows are not."""
+
+    def weights(self, gram, losses):
+        return torch.ones(gram.shape[0], dtype=torch.float64)
+
+
+class _CleansItsInput(_Uniform):
+    """Replaces NaN/Inf instead of refusing them."""
+
+    def combine(self, grads, losses=None):
+        return super().combine(grads.nan_to_num(0.0, 0.0, 0.0), losses)
+
+
+class _ChecksGradsOnly(_Uniform):
+    """Validates the gradients but lets NaN/Inf losses through to the solve."""
+
+    def combine(self, grads, losses=None):
+        if not torch.isfinite(grads).all():
+            raise ValueError("non-finite grads")
+        return self.combine_rows(grads, losses)
+
+    def weights(self, gram, losses):
+        if losses is not None and not torch.isfinite(losses).all():
+            raise FloatingPointError("non-finite losses")
+        return super().weights(gram, losses)
+
+
+class _StateSetInAfterStep(_Uniform):
+    """FAMO-like: after_step moves state that lives in a plain attribute."""
+
+    needs_losses_after_step = True
+
+    def __init__(self):
+        super().__init__()
+        self.last = None
+
+    def weights(self, gram, losses):
+        if self.last is None:
+            return super().weights(gram, losses)
+        return torch.softmax(self.last, 0)
+
+    def after_step(self, losses_after):
+        self.last = losses_after.to(torch.float64).clone()
+
+
+class _WrongShapeWithoutLosses(_Uniform):
+    def combine(self, grads, losses=None):
+        out = super().combine(grads, losses)
+        return out if losses is not None else out[:-1]
+
+
+class _Float32WithoutLosses(_Uniform):
+    def combine(self, grads, losses=None):
+        out = super().combine(grads, losses)
+        return out if losses is not None else out.float()
+
+
+class _ReprHidesC(_Uniform):
+    """Keeps ``c`` but shows only ``rho_c`` (whose text contains "c=")."""
+
+    def __init__(self, c: float = 0.5, rho_c: float = 1.0):
+        super().__init__()
+        self.c, self.rho_c = c, rho_c
+
+    def extra_repr(self):
+        return f"rho_c={self.rho_c}"
+
+
+class _RowsSoftmaxOfLosses(_Uniform):
+    """Declares reads_losses = False, but its own combine_rows weights by the losses."""
+
+    reads_losses = False
+
+    def combine_rows(self, grads, losses=None):
+        w = torch.softmax(losses.to(grads.dtype), 0)
+        return (w[:, None] * grads).sum(0)
+
+
 @pytest.mark.parametrize(("cls", "message"), [
     (_EditsItsRows, "combine_rows modified its input gradients or losses in place"),
     (_GlobalRandomSampler, "two copies of one instance gave different outputs"),
     (_LossBlindCrashesWithoutLosses, "without losses raised AttributeError"),
     (_ScaleDependent, "scaling the gradients by"),
-    (_FavoursTaskZero, "permuting the tasks changed the output"),
+    (_FavoursTaskZero, "permuting the tasks by .* changed the output"),
     (_Negated, "K=1: expected a positive multiple"),
     (_CombineDisagrees, "the training plumbing gives"),
     (_ChecksNaNOnly, "inf in grads raised FloatingPointError"),
@@ -1086,11 +1187,54 @@ class _LossBlindCrashesWithoutLosses(_Uniform):
     (_OnlyCombine, "the training plumbing .* raised NotImplementedError"),
     (_StateInAnAttribute, r"state_dict did not capture the state \(call 5\)"),
     (_BadSelect, "select.*distinct task indices"),
+    (_Float64Out, "output torch.float64/cpu != input torch.float32/cpu"),
+    (_NaNOnZeros, "all-zero: output is not finite"),
+    (_NaNAboveD, r"K=7 > D=3: output is not finite"),
+    (_SumsTheRows, "3 identical rows: expected that row"),
+    (_CleansItsInput, "nan in grads did not raise ValueError"),
+    (_ChecksGradsOnly, "nan in losses raised FloatingPointError, not ValueError"),
+    (_StateSetInAfterStep, r"state_dict did not capture the state \(call 4\)"),
+    (_WrongShapeWithoutLosses, r"combine\(grads\) without losses returned"),
+    (_Float32WithoutLosses, r"combine\(grads\) without losses returned .* \(expected a "
+                            r"finite \(12,\) torch.float64 tensor on cpu\)"),
+    (_ReprHidesC, "does not show hyper-parameter 'c'"),
+    (_RowsSoftmaxOfLosses, r"reads_losses = False, but other loss values changed the "
+                           r"direction \(combine_rows\)"),
 ])
 def test_check_balancer_catches_what_training_would_hit(cls, message):
     check_balancer(_Uniform)  # the well-formed version passes
     with pytest.raises(AssertionError, match=message):
         check_balancer(cls)
+
+
+@pytest.mark.parametrize("seed", [0, 22, 43, 53])
+def test_the_permutation_check_moves_every_task_whatever_the_seed(seed):
+    """One random permutation of 4 tasks is the identity for seeds 22, 43 and 53 (and
+    keeps task 0 in place for 13 of seeds 0-59): a balancer favouring task 0 passed."""
+    with pytest.raises(AssertionError, match=r"permuting the tasks by \[3, 0, 1, 2\] changed"):
+        check_balancer(_FavoursTaskZero, seed=seed)
+
+
+class _CountsCalls(_Uniform):
+    """Correct when fresh; its output grows with the calls it has seen (a buffer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def weights(self, gram, losses):
+        self.calls += 1
+        return super().weights(gram, losses) * (1.0 + 0.1 * float(self.calls - 1))
+
+
+def test_check_balancer_checks_fresh_copies_of_a_given_instance():
+    """Each check must start from the instance as given, not from where the last one left
+    it (the module docstring's promise)."""
+    used = _CountsCalls()
+    used.combine(torch.ones(2, 3))  # a used instance: its copies carry its state
+    check_balancer(_CountsCalls())
+    with pytest.raises(AssertionError, match="K=1: expected that row"):
+        check_balancer(used)
 
 
 def test_cagrad_small_but_nonzero_mean_gradient_is_no_fallback():
