@@ -153,8 +153,15 @@ class _MetricsLog:
             )
 
     def write(self, name: str, record: dict[str, Any]) -> None:
-        with open(self.run_dir / name, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.run_dir / name
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            if exc.filename is not None:
+                raise
+            # a failed write (a full disk) names no file: say which log it was
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         if self.tb is not None:
             step = record["step"]
             for key, value in record.items():

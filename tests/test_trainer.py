@@ -862,6 +862,27 @@ def test_a_failed_checkpoint_write_says_where_and_keeps_the_previous_one(tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+def test_a_failed_log_write_names_the_log(tmp_path, monkeypatch):
+    """A full disk while appending to metrics.jsonl printed only `error: [Errno 28] No
+    space left on device`."""
+    import errno
+    import io
+
+    import mtrl.trainer as trainer_module
+
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    log = trainer_module._MetricsLog(tmp_path)
+    monkeypatch.setattr(trainer_module, "open", lambda *a, **k: FullDisk(), raising=False)
+    with pytest.raises(OSError, match=r"\[Errno 28\] No space left on device: "
+                       r"'.*metrics\.jsonl'") as caught:
+        log.write("metrics.jsonl", {"step": 1})
+    assert caught.value.errno == errno.ENOSPC
+    log.close()
+
+
 def test_a_directory_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch):
     """An earlier `--run-dir mt10_cagrad` in the working directory made `--config
     mt10_cagrad` fail with IsADirectoryError."""
