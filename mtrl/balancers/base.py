@@ -140,6 +140,7 @@ class Balancer(nn.Module):
         products ran in as ``grads_dtype`` (the gradients' dtype, or float64 where
         :func:`gramian_and_dtype` redid it; methods pick round-off tolerances from it).
         """
+        self.info.pop("fallback", None)  # a fallback flag describes this call only
         if gram is None and self.needs_grads and grads is None:
             raise ValueError(f"balancer {self.name!r} needs the task gradients")
         if losses is None and not self.needs_grads and self.reads_losses:
@@ -169,7 +170,6 @@ class Balancer(nn.Module):
                     f"balancer {self.name!r} got a non-finite {what} (NaN/Inf task gradients "
                     "or losses); nothing was solved"
                 )
-        self.info.pop("fallback", None)  # a fallback flag describes this call only
         # copies (K×K and K numbers): a weights() that edits its inputs in place (a ridge
         # on the diagonal, losses shifted before a softmax) must not change the caller's
         # losses or the Gramian the plumbing reuses for the logged statistics
