@@ -217,18 +217,26 @@ def run_config(
     """
     data = to_dict(TrainConfig())
     preset = preset_path(benchmark, balancer)
+    preset_data = None
     if preset.is_file():
         try:
             preset_data = json.loads(preset.read_text())
         except json.JSONDecodeError as exc:
             raise ConfigError(f"preset {str(preset)!r} is not valid JSON: {exc}") from exc
+        named = preset_data.get("balancer") if isinstance(preset_data, dict) else None
+        if (isinstance(named, str) and named != balancer
+                and named.replace("-", "_") == balancer.replace("-", "_")):
+            preset_data = None  # a built-in's (nash-mtl's), not this plug-in's (nash_mtl)
+    if preset_data is not None:
         data = _merge(data, preset_data)
         if "balancer_kwargs" in preset_data:
             data["balancer_kwargs"] = dict(preset_data["balancer_kwargs"])
     else:  # (FAMO without a preset: the critic only, as its presets)
         data["balancer"] = balancer
         data["balancer_kwargs"] = {}
-        data["sac"]["balance"] = list(default_balance(balancer))
+        kwargs = (overrides or {}).get("balancer_kwargs")
+        data["sac"]["balance"] = list(default_balance(
+            balancer, kwargs if isinstance(kwargs, dict) else None))
     if data.get("balancer") != balancer:
         raise ConfigError(f"preset {str(preset)!r} is for balancer {data.get('balancer')!r}, "
                           f"not {balancer!r}")

@@ -89,6 +89,11 @@ def _train(argv: list[str]) -> None:
            "empty); --balancer naming another method drops them. "
            if base.balancer_kwargs else ""),
     )
+    # tyro reads only True/False as booleans: the JSON spelling of presets and `mtrl bench
+    # --set` (false) would reach the balancer as a non-empty, so truthy, string
+    cfg = dataclasses.replace(cfg, balancer_kwargs={
+        k: v.lower() == "true" if isinstance(v, str) and v.lower() in ("true", "false") else v
+        for k, v in cfg.balancer_kwargs.items()})
     # the preset's (or resumed run's) kwargs belong to its balancer: kept, with the
     # command line's on top, for that balancer; dropped if --balancer chose another
     kept = base.balancer_kwargs

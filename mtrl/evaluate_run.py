@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from mtrl.checkpoint import (
 )
 from mtrl.config import ConfigError, read_run_config
 from mtrl.progress import evaluation_progress, status
-from mtrl.runtime import configure_cpu
+from mtrl.runtime import configure_cpu, first_line, whole_message
 
 
 def _locate(path: str | Path) -> tuple[Path, Path]:
@@ -90,16 +91,28 @@ def evaluate_run(
         status(f"building the {cfg.env.benchmark} environments ...")
     envs = make_envs(eval_cfg)
     try:
+        agent_state = state["agent"]
+        try:
+            build(cfg.balancer, **cfg.balancer_kwargs)
+            balancer = cfg.balancer, cfg.balancer_kwargs
+        except ValueError as exc:
+            # A plug-in that trained the run but is not installed here: the evaluation uses
+            # the actor alone, so the balancers' state is left out instead.
+            warnings.warn(f"{first_line(exc)}: evaluating without the balancer's state (the "
+                          "evaluation does not use it)", stacklevel=2)
+            balancer = "mean", {}
+            agent_state = {k: v for k, v in agent_state.items()
+                           if not k.startswith("balancers.")}
         agent = MultiTaskSAC(
             envs.obs_dim, envs.act_dim, envs.num_tasks, cfg.sac,
-            lambda: build(cfg.balancer, **cfg.balancer_kwargs), device=dev,
+            lambda: build(balancer[0], **balancer[1]), device=dev,
         )
         try:
-            agent.load_state_dict(state["agent"])
+            agent.load_state_dict(agent_state)
         except (RuntimeError, KeyError) as exc:
             raise CheckpointError(
                 f"checkpoint {str(ckpt)!r} does not match the run's config: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                f"{type(exc).__name__}: {whole_message(exc)}"
             ) from exc
         # the run's own evaluation seed at this step: same protocol and episodes -> the
         # same numbers as the run's evaluation of this checkpoint

@@ -151,6 +151,15 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def whole_message(exc: BaseException, limit: int = 600) -> str:
+    """An exception's whole message on one line (its lines joined), cut at ``limit``
+    characters: for messages whose useful part is not the first line (``load_state_dict``
+    names the missing and unexpected keys after a heading)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` says memory ran out: NumPy's (``MemoryError``), torch's on an
     accelerator (``torch.OutOfMemoryError``) or on the CPU (a ``RuntimeError`` from its

@@ -355,11 +355,11 @@ def check_balancer(
         raise _fail(label, f"the training plumbing gives {out}, combine gives {ref}")
 
     # 10. hyper-parameters are visible in repr: every argument ``build`` accepts is kept
-    # as an attribute of the same name (repr, ``mtrl balancers`` and run labels read it)
+    # as an attribute of the same name (repr reads it)
     text = repr(proto)
     for key in hparam_defaults(type(proto)):
         if not hasattr(proto, key):
             raise _fail(label, f"hyper-parameter {key!r} is not kept as the attribute "
-                        f"self.{key}, so repr and the run labels cannot show it")
+                        f"self.{key}, so repr cannot show it")
         if not re.search(rf"(?<![\w.]){re.escape(key)}=", text):  # (not rho_c= for c)
             raise _fail(label, f"repr {text!r} does not show hyper-parameter {key!r}")

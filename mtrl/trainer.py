@@ -58,6 +58,7 @@ from mtrl.runtime import (
     out_of_memory,
     restore_handlers,
     run_dir_lock,
+    whole_message,
 )
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -487,7 +488,7 @@ def _train(
             envs.close()
             raise CheckpointError(
                 f"checkpoint {str(ckpt_path)!r} does not match this run's configuration: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                f"{type(exc).__name__}: {whole_message(exc)}"
             ) from exc
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if device.type == "cuda" and "cuda" in state["rng"]:

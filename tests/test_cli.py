@@ -79,6 +79,19 @@ def test_unknown_option_names_the_option(capsys):
     assert code == 2 and "--total-stepz" in err
 
 
+def test_balancer_kwargs_read_json_booleans(tmp_path, capsys):
+    """`--balancer-kwargs restart false` reached the balancer as the string 'false'
+    (truthy; tyro reads only True/False), while presets and `bench --set` give False."""
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "--env.benchmark", "toy", "--total-steps", "2",
+                            "--warmup-steps", "2", "--eval-every", "0", "--eval-episodes",
+                            "1", "--balancer", "sdmgrad", "--balancer-kwargs", "restart",
+                            "false", "--run-dir", str(run), *TINY], capsys)
+    assert code == 0, err
+    assert json.loads((run / "config.json").read_text())["balancer_kwargs"] == {
+        "restart": False}
+
+
 def test_train_resume_extends_a_toy_run(tmp_path, capsys):
     run = tmp_path / "run"
     base = ["train", "--env.benchmark", "toy", "--env.max-episode-steps", "20",

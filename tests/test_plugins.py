@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mtrl.balancers import build, get_class, names
+from mtrl.balancers.famo import FAMO
 from mtrl.testing import check_balancer
 
 PLUGIN_SOURCE = '''
@@ -354,3 +355,36 @@ class HalfCAGrad(CAGrad):
     assert hparam_defaults(cls) == {"c": 0.5}
     assert build(f"{module}:HalfCAGrad").c == 0.5
     sys.modules.pop(module, None)
+
+
+def test_a_plugin_named_like_a_builtins_preset_is_benchmarked_without_it(tmp_path,
+                                                                         monkeypatch):
+    """A plug-in `nash_mtl` (configs/mt10_nash_mtl.json is nash-mtl's preset): `mtrl bench
+    --benchmark MT10 --balancers nash_mtl` failed with "preset ... is for balancer
+    'nash-mtl', not 'nash_mtl'" although `mtrl train` accepts it."""
+    from mtrl.bench import run_config
+
+    install_plugin(tmp_path, monkeypatch, source=SHADOW_SOURCE,
+                   entry_points={"nash_mtl": "{module}:MyMean"})
+    cfg = run_config("MT10", "nash_mtl", 0, 100, "mtrl", tmp_path / "run")
+    assert (cfg.balancer, cfg.balancer_kwargs) == ("nash_mtl", {})
+    builtin = run_config("MT10", "nash-mtl", 0, 100, "mtrl", tmp_path / "run")
+    assert builtin.balancer == "nash-mtl" and builtin.balancer_kwargs  # its preset's
+
+
+class NeedsGamma(FAMO):
+    """FAMO with a required hyper-parameter: it builds only with the bench's --set."""
+
+    def __init__(self, gamma: float, lr: float = 0.025):
+        super().__init__(gamma=gamma, lr=lr)
+
+
+def test_bench_defaults_the_balanced_losses_with_the_set_kwargs(tmp_path):
+    """A balancer needing non-negative losses that builds only with its --set kwargs got
+    the general sac.balance (critic, actor, alpha) and was refused; `mtrl train` gives it
+    the critic only."""
+    from mtrl.bench import run_config
+
+    cfg = run_config("toy", f"{__name__}:NeedsGamma", 0, 100, "mtrl", tmp_path / "run",
+                     overrides={"balancer_kwargs": {"gamma": 0.01}})
+    assert cfg.sac.balance == ("critic",) and cfg.balancer_kwargs == {"gamma": 0.01}

@@ -209,6 +209,33 @@ def test_another_protocol_gets_its_own_files_and_episode_count(toy_run, tmp_path
     assert (other["episodes_per_task"], same_count["protocol"]) == (50, "metaworld-plus")
 
 
+def test_eval_without_the_plugin_that_trained_the_run(tmp_path):
+    """A run trained by a plug-in balancer that is not installed where it is evaluated:
+    `mtrl eval` failed with "unknown balancer ..." although evaluation uses the actor
+    alone. It now leaves the balancer's state out, says so, and gives the run's numbers."""
+    from mtrl.agents.sac import SACConfig
+    from mtrl.envs import EnvConfig
+    from mtrl.evaluate_run import evaluate_run
+    from mtrl.trainer import train
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(env=EnvConfig(benchmark="toy", max_episode_steps=20, seed=3),
+                      sac=SACConfig(hidden_sizes=(16, 16)), balancer="sdmgrad",
+                      total_steps=40, warmup_steps=20, batch_size=16, buffer_capacity=400,
+                      eval_every=0, eval_episodes=2, checkpoint_every=40, progress=False,
+                      run_dir=str(run), device="cpu")
+    train(cfg)
+    config = json.loads((run / "config.json").read_text())
+    config["balancer"] = "gone_package.balancers:Gone"  # (sdmgrad has state to leave out)
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="gone_package.*: evaluating without the balancer's "
+                      r"state \(the evaluation does not use it\)"):
+        record, _ = evaluate_run(run, device="cpu", out_dir=tmp_path / "out")
+    final = json.loads((run / "result.json").read_text())["final_eval"]
+    assert record["success"] == pytest.approx(final["success"])
+    assert record["return"] == pytest.approx(final["return"])
+
+
 def test_a_checkpoint_file_is_evaluated_not_the_runs_latest(toy_run, tmp_path):
     """`mtrl eval RUN/step20.pt` evaluates that file, not RUN/checkpoint.pt."""
     import torch
