@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import shutil
 import signal
@@ -65,6 +66,8 @@ PROTOCOL_TRAIN_ENV = {
     "mtrl": {"max_episode_steps": 150, "goal_mode": "fixed"},
     "metaworld-plus": {"max_episode_steps": 500, "goal_mode": "random"},
 }
+#: The smallest GPU share of a run: the local launcher runs ``1 / gpus_per_run`` per GPU.
+MIN_GPUS_PER_RUN = 0.01
 #: Keys the bench sets itself; ``--set`` may not override them (use the named option).
 BENCH_OWNED = {
     "env.benchmark": "--benchmark",
@@ -163,8 +166,6 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE (e.g. warmup_steps=100), got {item!r}")
-        if key in BENCH_OWNED:
-            raise ConfigError(f"--set {key}=... is set by the bench; use {BENCH_OWNED[key]}")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -177,6 +178,14 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
                 raise ConfigError(f"--set {key}: {part!r} is already set to a value")
             node = child
         node[parts[-1]] = value
+    for owned, option in BENCH_OWNED.items():  # (dotted, or inside an object: env={...})
+        found: Any = out
+        for part in owned.split("."):
+            if not isinstance(found, dict) or part not in found:
+                break
+            found = found[part]
+        else:
+            raise ConfigError(f"--set {owned}=... is set by the bench; use {option}")
     return out
 
 
@@ -316,8 +325,9 @@ def plan_runs(spec: BenchSpec) -> list[RunPlan]:
     _check_int("--threads-per-run", spec.threads_per_run)
     if spec.workers is not None:
         _check_int("--workers", spec.workers)
-    if not spec.gpus_per_run >= 0:
-        raise ConfigError(f"--gpus-per-run must be >= 0, got {spec.gpus_per_run!r}")
+    if not (spec.gpus_per_run == 0 or MIN_GPUS_PER_RUN <= spec.gpus_per_run < math.inf):
+        raise ConfigError(f"--gpus-per-run must be 0 (no GPU) or at least {MIN_GPUS_PER_RUN}, "
+                          f"got {spec.gpus_per_run!r}")
     if spec.launcher not in LAUNCHERS:
         raise ConfigError(f"unknown launcher {spec.launcher!r}; valid: {', '.join(LAUNCHERS)}")
     if spec.address and spec.launcher != "ray":
@@ -352,6 +362,10 @@ def plan_runs(spec: BenchSpec) -> list[RunPlan]:
                     if diff:
                         mismatched.append(f"{run_dir}: {'; '.join(diff[:4])}")
             plans.append(RunPlan(balancer, seed, run_dir, config, state))
+    if spec.launcher == "local" and plans:  # (Ray's workers may have the device this lacks)
+        from mtrl.trainer import resolve_device
+
+        resolve_device(plans[0].config["device"])  # (one --set device for every run)
     if stranded:
         raise ConfigError(
             "existing run(s) in the output directory cannot be continued, and starting them "
@@ -974,8 +988,8 @@ def _run_bench(spec: BenchSpec, plans: list[RunPlan], out: Path, progress: bool,
             report = write_report(out, reps=spec.reps, poi_reps=spec.poi_reps)
             result.report_files = report.files
             result.report_notes = [w for g in report.groups for w in g.warnings]
-        except ReportError as exc:
-            result.report_error = str(exc)
+        except (ReportError, MemoryError, OSError) as exc:  # the runs' outcomes still show
+            result.report_error = str(exc) or type(exc).__name__
     return result
 
 

@@ -89,6 +89,8 @@ def _train(argv: list[str]) -> None:
            "empty); --balancer naming another method drops them. "
            if base.balancer_kwargs else ""),
     )
+    if cfg.run_dir is not None and not cfg.run_dir.strip():
+        _fail("--run-dir was given an empty value")  # (else the default, or a dir named " ")
     # tyro reads only True/False as booleans: the JSON spelling of presets and `mtrl bench
     # --set` (false) would reach the balancer as a non-empty, so truthy, string
     cfg = dataclasses.replace(cfg, balancer_kwargs={
@@ -229,7 +231,10 @@ def _eval(argv: list[str]) -> None:
     if args.episodes_per_task is not None and args.episodes_per_task < 1:
         _fail("--episodes-per-task must be >= 1")
     # (made now only for a path that exists: a mistyped run path leaves no directory)
-    _check_out_dir("--out", args.out, create=Path(args.path).exists())
+    if not args.path.strip():
+        _fail("PATH was given an empty value")
+    # checked, not made: a refused evaluation (bad device, not a run) leaves no directory
+    _check_out_dir("--out", args.out, create=False)
 
     from mtrl.evaluate_run import evaluate_run
 
@@ -359,7 +364,7 @@ def _report(argv: list[str]) -> None:
         _fail("DIR was given an empty value")
     if not Path(args.dir).is_dir():
         _fail(f"{args.dir!r} is not a directory")
-    _check_out_dir("--out", args.out)
+    _check_out_dir("--out", args.out, create=False)  # (made by write_report)
     report = write_report(args.dir, out_dir=args.out, reps=args.reps, poi_reps=args.poi_reps,
                           plots=not args.no_plots)
     md = next(p for p in report.files if p.name == "summary.md")
@@ -367,6 +372,16 @@ def _report(argv: list[str]) -> None:
     for p in report.files:
         print(f"wrote {p}")
 
+
+#: What needs less memory, per command (the out-of-memory message's advice).
+OOM_HINTS = {
+    "train": "a run directory keeps its last checkpoint; smaller --batch-size, "
+             "--buffer-capacity, --sac.hidden-sizes or --eval-episodes need less",
+    "bench": "a run directory keeps its last checkpoint; smaller --set batch_size, "
+             "buffer_capacity, sac.hidden_sizes or eval_episodes need less",
+    "eval": "a smaller --episodes-per-task needs less",
+    "report": "smaller --reps and --poi-reps need less",
+}
 
 COMMANDS = {"train": _train, "eval": _eval, "balancers": _balancers, "bench": _bench,
             "report": _report}
@@ -435,9 +450,8 @@ def _run(command: str, rest: list[str]) -> None:
 
         if not out_of_memory(exc):
             raise
-        _fail(f"out of memory: {first_line(exc)} (a run directory keeps its last "
-              "checkpoint; smaller --batch-size, --buffer-capacity, --sac.hidden-sizes or "
-              "--eval-episodes need less)", code=1)
+        hint = OOM_HINTS.get(command, OOM_HINTS["train"])
+        _fail(f"out of memory: {first_line(exc)} ({hint})", code=1)
     except ValueError as exc:  # bad values surfacing from dataclass/env validation
         _fail(str(exc))
 

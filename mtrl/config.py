@@ -277,8 +277,9 @@ def read_run_config(path: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
 #: Settings a resumed run may change: they affect how long it runs, how it logs, evaluates
 #: and checkpoints and where it computes, not what is trained.
 RESUME_MAY_CHANGE = (
-    "total_steps", "log_every", "eval_every", "checkpoint_every", "save_buffer",
-    "max_consecutive_skips", "device", "env.device", "threads", "progress", "run_dir",
+    "total_steps", "log_every", "eval_every", "eval_episodes", "checkpoint_every",
+    "save_buffer", "max_consecutive_skips", "device", "env.device", "threads", "progress",
+    "run_dir",
 )  # (env.device is replaced by the resolved --device when the envs are built)
 
 

@@ -136,6 +136,7 @@ def evaluate_run(
     if protocol != cfg.protocol or episodes != run_episodes:
         stem += f"_{protocol}_{episodes}ep"
     json_path, csv_path = out / f"{stem}.json", out / f"{stem}.csv"
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(json_path, record)
     buf = io.StringIO()
     writer = csv.writer(buf)

@@ -1063,8 +1063,10 @@ def write_report(
     """Read every run below ``root``; write results.csv, summary.md/json and plots."""
     root = Path(root)
     out = Path(out_dir) if out_dir is not None else root
-    if reps < 1 or poi_reps < 1:
-        raise ReportError("bootstrap repetitions must be >= 1")
+    bad = [f"--{name} {value}" for name, value in (("reps", reps), ("poi-reps", poi_reps))
+           if value < 1]
+    if bad:
+        raise ReportError(f"bootstrap repetitions must be >= 1, got {', '.join(bad)}")
     runs = load_runs(root)
     if not runs:
         raise ReportError(f"no run directories (folders with config.json) below {str(root)!r}")
@@ -1108,6 +1110,7 @@ def write_report(
         groups.append(g)
 
     files: list[Path] = []
+    out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"  # the runs in the statistics (no duplicates)
     atomic_write_text(csv_path, results_csv([r for g in groups for r in g.runs]))
     files.append(csv_path)

@@ -484,7 +484,7 @@ def test_an_output_directory_that_cannot_be_one_is_refused_before_the_work(tmp_p
     cases = [
         (["eval", "/no/such/run", "--out", str(afile)], f"--out '{afile}' is a file"),
         (["eval", str(tmp_path), "--out", str(afile / "x")],
-         f"--out '{afile / 'x'}' cannot be created: Not a directory"),
+         f"--out '{afile / 'x'}' cannot be written: '{afile}' is not a writable directory"),
         (["report", str(tmp_path), "--out", str(afile)], f"--out '{afile}' is a file"),
         (["bench", "--benchmark", "toy", "--balancers", "mean", "--steps", "5", "--out",
           str(afile), "--dry-run"], f"--out '{afile}' is a file"),

@@ -77,6 +77,8 @@ def test_a_runtime_error_that_is_not_out_of_memory_is_not_reported_as_one(capsys
     assert code == 1
     assert err.startswith("error: out of memory: [enforce fail at alloc_cpu.cpp:117]")
     assert len(err.strip().splitlines()) == 1
+    # the advice names the command's own options (eval has no --batch-size)
+    assert err.rstrip().endswith("(a smaller --episodes-per-task needs less)")
 
 
 # ---------------------------------------------------------------------- balancers
@@ -105,6 +107,19 @@ def test_eval_of_a_missing_run_leaves_no_out_directory(tmp_path, capsys):
     code, _, err = run_cli(["eval", "/no/such/run", "--out", str(out_dir)], capsys)
     assert code == 2 and "neither a run directory nor a checkpoint file" in err
     assert not out_dir.exists() and not (tmp_path / "evals").exists()
+
+
+def test_empty_run_paths_are_refused(tmp_path, capsys, monkeypatch):
+    """`--run-dir ''` trained into the default directory (and ' ' made a directory named
+    a space); `mtrl eval ""` evaluated the working directory."""
+    monkeypatch.chdir(tmp_path)
+    for value in ("", " "):
+        code, _, err = run_cli(["train", "--env.benchmark", "toy", "--run-dir", value],
+                               capsys)
+        assert (code, err) == (2, "error: --run-dir was given an empty value\n")
+    code, _, err = run_cli(["eval", ""], capsys)
+    assert (code, err) == (2, "error: PATH was given an empty value\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------- bench

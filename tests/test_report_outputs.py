@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_report import CAGRAD_RUNS, MEAN_RUNS, TASKS, numbers, parse_table, write_run
 
 import mtrl.bench
@@ -251,11 +252,13 @@ def test_zero_reps_is_one_clear_error(tmp_path, capsys, option):
                   protocol="metaworld-plus")
         write_run(tmp_path / "cagrad" / f"seed{seed}", "cagrad", seed, {10: [0.5] * 4},
                   protocol="metaworld-plus")
+    out = tmp_path / "elsewhere"
     with pytest.raises(SystemExit) as exc:
-        main(["report", str(tmp_path), option, "0", "--no-plots"])
+        main(["report", str(tmp_path), option, "0", "--no-plots", "--out", str(out)])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert err == "error: bootstrap repetitions must be >= 1\n"
+    assert err == f"error: bootstrap repetitions must be >= 1, got {option} 0\n"
+    assert not out.exists()  # a refused report makes no --out directory
 
 
 # ---------------------------------------------------------------------- bench
@@ -294,6 +297,11 @@ def test_an_existing_run_may_differ_in_runtime_settings(tmp_path, key, value):
 @pytest.mark.parametrize(("args", "message"), [
     (["--set", "threads=4"], "--set threads=... is set by the bench; use --threads-per-run"),
     (["--balancers", "mean,mean"], "--balancers lists mean more than once"),
+    # inside an object too (two seeds of one bench were both seed 7)
+    (["--set", 'env={"seed": 7}'], "--set env.seed=... is set by the bench; use --seeds"),
+    (["--set", 'env={"benchmark": "MT10"}'],
+     "--set env.benchmark=... is set by the bench; use --benchmark"),
+    (["--gpus-per-run", "1e-300"], "--gpus-per-run must be 0 (no GPU) or at least 0.01"),
 ])
 def test_bench_refuses(tmp_path, capsys, args, message):
     """--set threads (the launcher's) and a balancer named twice are one clear error."""
@@ -336,3 +344,33 @@ def test_bench_json_holds_relative_paths(tmp_path):
         ("runs/mean/seed1", "runs/mean/seed1/train.log")]
     assert record["command"]["out"] == "."
     assert str(tmp_path) not in (tmp_path / "bench.json").read_text()
+
+
+def test_a_report_that_runs_out_of_memory_still_shows_the_runs(tmp_path, monkeypatch):
+    """`--reps 100000000000`: the report's MemoryError escaped run_bench after every run had
+    trained, so the table of the runs' outcomes was never printed."""
+    spec = BenchSpec(benchmark="toy", balancers=("mean",), seeds=1, steps=40, out=tmp_path)
+    for plan in plan_runs(spec):
+        plan.run_dir.mkdir(parents=True)
+        (plan.run_dir / "config.json").write_text(json.dumps(plan.config))
+        (plan.run_dir / "result.json").write_text(json.dumps({"step": 40}))
+
+    def too_big(*args, **kwargs):
+        raise MemoryError("Unable to allocate 1.46 TiB for an array")
+
+    monkeypatch.setattr(mtrl.report, "write_report", too_big)
+    result = run_bench(spec, progress=False)
+    assert [o["status"] for o in result.outcomes] == ["done"]
+    assert result.report_error == "Unable to allocate 1.46 TiB for an array"
+    assert result.exit_code == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests a machine without CUDA")
+def test_dry_run_checks_the_device_of_a_local_bench(tmp_path):
+    """`--set device=cuda` without CUDA passed --dry-run; the bench then made its
+    directories and every run failed."""
+    spec = BenchSpec(benchmark="toy", balancers=("mean",), seeds=1, steps=40,
+                     out=tmp_path / "out", overrides=("device=cuda",))
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        plan_runs(spec)
+    assert not (tmp_path / "out").exists()

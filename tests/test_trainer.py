@@ -149,6 +149,9 @@ def test_resume_refuses_other_settings_and_leaves_the_run_intact(tmp_path):
         done = train(replace(cfg, total_steps=60, log_every=10, threads=1,
                              env=replace(cfg.env, device="cuda")), resume=True)
     assert done.steps == 60 and not done.already_finished
+    # the evaluation episodes may change too (the advice after an evaluation ran out of
+    # memory was to resume with fewer, and that was refused)
+    assert train(replace(cfg, total_steps=80, eval_episodes=2), resume=True).steps == 80
 
 
 def test_resume_of_a_finished_run_runs_and_writes_nothing(tmp_path):
