@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from mtrl.runtime import first_line
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing or cannot be read; the message says which file and why."""
@@ -112,9 +114,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
             free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
         except OSError:
             free = "free space unknown"
-        what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         message = (f"could not write checkpoint {str(path)!r} ({free}; the previous "
-                   f"checkpoint, if any, is kept): {what}")
+                   f"checkpoint, if any, is kept): {first_line(exc)}")
         errno = getattr(exc, "errno", None)  # (OSError(None, m) would print "[Errno None]")
         raise (OSError(errno, message) if errno is not None else OSError(message)) from exc
     except BaseException:

@@ -454,8 +454,7 @@ def _train(
             raise ConfigError(
                 f"cannot allocate the replay buffer for buffer_capacity "
                 f"{cfg.buffer_capacity} on {device} (~{floats * 4 / 2**30:,.1f} GiB): "
-                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
-                "choose a smaller --buffer-capacity"
+                f"{first_line(exc)}; choose a smaller --buffer-capacity"
             ) from exc
     except BaseException:
         envs.close()

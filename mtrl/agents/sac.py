@@ -492,7 +492,8 @@ class MultiTaskSAC(nn.Module):
             state = balancer.state_dict()
             if state:  # stateless balancers (cagrad, mgda, ...) need no snapshot
                 self._balancer_snapshots[name] = {k: v.clone() for k, v in state.items()}
-            balancer.info.pop("fallback", None)  # (a balancer may not clear its own)
+            # (weights_for clears it; a balancer with its own combine_rows may not call it)
+            balancer.info.pop("fallback", None)
             try:
                 stats = balanced_backward_terms(
                     terms_fn, params, data, self.num_tasks, balancer,
